@@ -1,0 +1,3 @@
+from diagnostics.cli import app
+
+app(prog_name="diagnostics")

@@ -1,0 +1,1 @@
+"""The CXR data layer: harmonised labels, dataset adapters, patient-level splits, synthetic data."""

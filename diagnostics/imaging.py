@@ -1,0 +1,463 @@
+"""Decoding and preprocessing of chest radiographs. Torch-free: the clinic side runs this too.
+
+Every input (DICOM CR/DX, PNG, JPEG) decodes to the same thing: a `DecodedImage` whose `pixels`
+are a float32 array (H, W) in [0, 1] where 0 is dark (air) and 1 is bright (bone), as a radiologist
+sees a MONOCHROME2 image after windowing. `preprocess` then turns that into model input, driven by
+a `PreprocessSpec` that travels in the model metadata. There is one preprocessing, used by
+training, evaluation, ONNX export parity and serving alike.
+
+Refusals raise `ImageError` subclasses, each with a stable `code` and a message a clinic IT person
+can act on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from diagnostics.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+
+# 50 Mpx: a 7000 x 7000 detector. Larger inputs are refused before their pixels are decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+# Projection radiography storage classes: CR, DX (presentation/processing), and Secondary Capture.
+IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.7",
+)
+
+# Only these tags leave the decoder; patient identity never does.
+SAFE_DICOM_TAGS = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PatientOrientation",
+    "SOPClassUID",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "BitsAllocated",
+    "PixelRepresentation",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+)
+
+
+class ImageError(ValueError):
+    """An input that cannot be decoded. `code` is stable; the message says why in plain words."""
+
+    code = "image_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedFormatError(ImageError):
+    code = "unsupported_format"
+
+
+class NoPixelDataError(ImageError):
+    code = "no_pixel_data"
+
+
+class MultiFrameError(ImageError):
+    code = "multi_frame"
+
+
+class UnsupportedPhotometricError(ImageError):
+    code = "unsupported_photometric"
+
+
+class UnsupportedTransferSyntaxError(ImageError):
+    code = "unsupported_transfer_syntax"
+
+
+class TruncatedFileError(ImageError):
+    code = "truncated_file"
+
+
+class ImageTooLargeError(ImageError):
+    code = "image_too_large"
+
+
+class CorruptImageError(ImageError):
+    code = "corrupt_image"
+
+
+@dataclass
+class DecodedImage:
+    """A decoded grey image. `pixels`: (H, W) float32 in [0, 1], 0 = air (dark)."""
+
+    pixels: np.ndarray
+    format: str  # "dicom" | "png" | "jpeg"
+    bits_stored: int
+    photometric: str  # of the source; MONOCHROME1 has already been inverted in `pixels`
+    dicom: dict[str, Any] = field(default_factory=dict)  # SAFE_DICOM_TAGS present in the file
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+
+Source = str | os.PathLike[str] | bytes | IO[bytes]
+
+
+def _read_bytes(source: Source) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).read_bytes()
+    return source.read()
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Name the container from its first bytes: 'dicom', 'png', 'jpeg' or None."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    return None
+
+
+def decode(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode a DICOM Part 10 file, PNG or JPEG, chosen by content, not by file name."""
+    data = _read_bytes(source)
+    kind = sniff_format(data[:132])
+    if kind == "dicom":
+        return decode_dicom(data, max_pixels=max_pixels)
+    if kind in ("png", "jpeg"):
+        return decode_bitmap(data, max_pixels=max_pixels)
+    if not data:
+        raise UnsupportedFormatError("The file is empty.")
+    raise UnsupportedFormatError(
+        "The file is not a DICOM Part 10 file (no 'DICM' marker), a PNG or a JPEG."
+    )
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode a single-frame monochrome DICOM radiograph.
+
+    Order of operations (PS3.3 C.11): stored values -> Modality LUT or rescale slope/intercept ->
+    VOI LUT or window -> [0, 1]; MONOCHROME1 is then inverted so that air is dark.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    data = _read_bytes(source)
+    try:
+        # Never force=True: it turns any file into a "dataset" (PITFALLS.md). pydicom reads a file
+        # cut short without an error (a partial dataset) and only warns when an encapsulated
+        # pixel data sequence ends early, so record its warnings and check the last element.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        raise UnsupportedFormatError(f"Not a readable DICOM file: {exc}") from exc
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError("The DICOM file ends early: it was cut short.") from exc
+    except Exception as exc:  # pydicom raises a variety of errors for mangled headers
+        if "no tag to read" in str(exc).lower():  # EOF inside a sequence
+            raise TruncatedFileError("The DICOM file ends early: it was cut short.") from exc
+        raise CorruptImageError(f"The DICOM header could not be read: {exc}") from exc
+
+    if _ends_early(ds, caught):
+        raise TruncatedFileError("The DICOM file ends early: it was cut short.")
+    tags = _safe_tags(ds)
+    if "PixelData" not in ds:
+        sop = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
+        hint = " It may have been cut short." if "Rows" in ds or sop in IMAGE_SOP_CLASSES else ""
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise NoPixelDataError("The DICOM file holds float pixel data, not a radiograph.")
+        raise NoPixelDataError(f"The DICOM file has no pixel data (no image).{hint}")
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise MultiFrameError(
+            f"The DICOM file holds {frames} frames; only single-frame radiographs are accepted."
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedPhotometricError(
+            f"Photometric interpretation {photometric or '(missing)'} is not supported; "
+            "a radiograph must be MONOCHROME1 or MONOCHROME2."
+        )
+    for required in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
+        if required not in ds:
+            raise CorruptImageError(f"The DICOM file lacks the required tag {required}.")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    _check_pixel_cap(rows, cols, max_pixels)  # before any decoding
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise UnsupportedPhotometricError("A monochrome image must have one sample per pixel.")
+
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if tsyntax is None:
+        raise CorruptImageError("The DICOM file has no transfer syntax in its file meta.")
+    _check_decoder(tsyntax)
+    if not tsyntax.is_encapsulated:
+        expected = rows * cols * int(ds.BitsAllocated) // 8
+        if len(ds.PixelData) < expected:
+            raise TruncatedFileError(
+                f"The pixel data is cut short: {len(ds.PixelData)} of {expected} bytes."
+            )
+
+    try:
+        stored = ds.pixel_array
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError("The compressed pixel data ends early: cut short.") from exc
+    except Exception as exc:
+        if "end of" in str(exc).lower() or "truncat" in str(exc).lower():
+            raise TruncatedFileError(f"The pixel data is cut short: {exc}") from exc
+        raise CorruptImageError(f"The pixel data could not be decoded: {exc}") from exc
+    if stored.shape != (rows, cols):
+        raise CorruptImageError(f"Decoded shape {stored.shape} does not match {rows}x{cols}.")
+
+    pixels = dicom_to_display(stored, ds)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels  # MONOCHROME1: low values are bright; flip so air is dark
+    return DecodedImage(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        format="dicom",
+        bits_stored=int(ds.BitsStored),
+        photometric=photometric,
+        dicom=tags,
+    )
+
+
+def _ends_early(ds: Any, caught: list[warnings.WarningMessage]) -> bool:
+    """True when pydicom stopped inside an element (defined length) or an undefined-length one."""
+    if any("end of file" in str(w.message).lower() for w in caught):
+        return True
+    elements = list(ds._dict.values())  # raw elements, not yet converted: lengths as declared
+    if not elements:
+        return False
+    last = elements[-1]
+    length, value = getattr(last, "length", None), getattr(last, "value", None)
+    if length is None or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+        return False
+    return len(value) < length
+
+
+def _check_decoder(tsyntax: Any) -> None:
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"Transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded: no decoder exists for it."
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise UnsupportedTransferSyntaxError(
+            f"Transfer syntax {tsyntax.name} ({tsyntax}) needs a decoder that is not installed "
+            f"({missing})."
+        )
+
+
+def _safe_tags(ds: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in SAFE_DICOM_TAGS:
+        if name in ds:
+            value = ds.get(name)
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+                out[name] = [_plain(v) for v in value]
+            else:
+                out[name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> int | float | str:
+    """A DICOM value as a JSON-friendly scalar (DSfloat -> float, IS -> int, else str)."""
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)
+
+
+def dicom_to_display(stored: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values (H, W) -> float32 display values in [0, 1], before any MONOCHROME1 flip."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
+    values = apply_modality_lut(stored, ds).astype(np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        item = ds.VOILUTSequence[0]
+        lut_bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        out = apply_voi(stored if "ModalityLUTSequence" in ds else values, ds, index=0)
+        return np.clip(out.astype(np.float64) / (2**lut_bits - 1), 0.0, 1.0).astype(np.float32)
+    centre, width = _first_window(ds)
+    if centre is not None and width is not None and width > 0:
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
+        return window(values, centre, width, function)
+    # No VOI in the file: stretch the actual value range. Deterministic, but image-dependent.
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+def _first_window(ds: Any) -> tuple[float | None, float | None]:
+    def first(name: str) -> float | None:
+        if name not in ds or ds.get(name) in (None, ""):
+            return None
+        value = ds.get(name)
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        return float(value)
+
+    return first("WindowCenter"), first("WindowWidth")
+
+
+def window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI windowing (PS3.3 C.11.2.1.2) onto [0, 1]. Values are modality values (e.g. HU)."""
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+    elif function == "LINEAR_EXACT":
+        out = (values - centre) / width + 0.5
+    else:  # LINEAR, the default
+        if width < 1:
+            raise CorruptImageError(f"Window width {width} is below 1, which LINEAR forbids.")
+        out = (values - (centre - 0.5)) / max(width - 1.0, 1e-9) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- PNG / JPEG
+
+
+def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode PNG (8- or 16-bit) or JPEG to grey; RGB, RGBA and palette images are converted."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    data = _read_bytes(source)
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError as exc:
+        raise UnsupportedFormatError("The file is not an image Pillow can read.") from exc
+    fmt = (img.format or "").lower()
+    if fmt not in ("png", "jpeg"):
+        raise UnsupportedFormatError(f"Image format {img.format} is not accepted; use PNG or JPEG.")
+    width, height = img.size
+    _check_pixel_cap(height, width, max_pixels)  # before the pixels are decompressed
+    if getattr(img, "n_frames", 1) > 1:
+        raise MultiFrameError("The image is animated (several frames); one frame is expected.")
+    try:
+        img.load()
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise TruncatedFileError("The image file ends early: it was cut short.") from exc
+        raise CorruptImageError(f"The image could not be decoded: {exc}") from exc
+    except Exception as exc:  # zlib errors and the like, from damaged files
+        raise CorruptImageError(f"The image could not be decoded: {exc}") from exc
+    if fmt == "jpeg":
+        img = ImageOps.exif_transpose(img)  # phone photos of films carry a rotation tag
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        pixels = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+        bits = 16
+    elif mode == "I":  # 32-bit integer; Pillow's mode for some 16-bit PNGs
+        pixels = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0, 1).astype(np.float32)
+        bits = 16
+    elif mode == "F":
+        raise UnsupportedFormatError("Floating-point images are not accepted.")
+    else:
+        if mode == "P":
+            img = img.convert("RGBA")
+        if mode in ("RGBA", "LA", "PA") or img.mode in ("RGBA", "LA"):
+            img = img.convert("RGB" if img.mode == "RGBA" else "L")  # alpha is dropped
+        if img.mode != "L":
+            img = img.convert("L")  # ITU-R 601-2 luma for RGB/CMYK/YCbCr
+        pixels = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
+        bits = 8
+    return DecodedImage(pixels=pixels, format=fmt, bits_stored=bits, photometric="MONOCHROME2")
+
+
+def _check_pixel_cap(rows: int, cols: int, max_pixels: int) -> None:
+    if rows <= 0 or cols <= 0:
+        raise CorruptImageError(f"The image has no pixels ({rows}x{cols}).")
+    if rows * cols > max_pixels:
+        raise ImageTooLargeError(
+            f"The image is {cols}x{rows} = {rows * cols:,} pixels, over the limit of "
+            f"{max_pixels:,}. It was refused before decoding."
+        )
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Decoded grey image (H, W) in [0, 1] -> model input (C, S, S) float32.
+
+    Deterministic: square it (crop, letterbox or squash), resize with antialiasing (Pillow's
+    bilinear filter on float32, which widens its support when shrinking), normalise, repeat to
+    C channels.
+    """
+    from PIL import Image
+
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a grey image (H, W), got shape {pixels.shape}")
+    img = np.asarray(pixels, dtype=np.float32)
+    if not np.isfinite(img).all():
+        raise ValueError("image holds NaN or Inf")
+    img = square(img, spec.crop)
+    size = spec.size
+    if img.shape != (size, size):
+        resized = Image.fromarray(img, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+        img = np.asarray(resized, dtype=np.float32)
+    img = np.clip(img, 0.0, 1.0)  # (S, S)
+
+    out = np.repeat(img[None], spec.channels, axis=0)  # (C, S, S)
+    if spec.normalize == "imagenet":
+        mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    elif spec.normalize == "fixed":
+        mean, std = np.array(spec.mean), np.array(spec.std)
+    else:
+        return np.ascontiguousarray(out, dtype=np.float32)
+    mean = np.broadcast_to(mean, (spec.channels,)).astype(np.float32)[:, None, None]
+    std = np.broadcast_to(std, (spec.channels,)).astype(np.float32)[:, None, None]
+    return np.ascontiguousarray((out - mean) / std, dtype=np.float32)
+
+
+def square(img: np.ndarray, crop: str) -> np.ndarray:
+    """Make (H, W) square: 'center' crops the long side, 'letterbox' pads with 0, 'squash' keeps."""
+    h, w = img.shape
+    if h == w or crop == "squash":
+        return img
+    if crop == "center":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return img[top : top + side, left : left + side]
+    if crop == "letterbox":
+        side = max(h, w)
+        out = np.zeros((side, side), dtype=img.dtype)
+        top, left = (side - h) // 2, (side - w) // 2
+        out[top : top + h, left : left + w] = img
+        return out
+    raise ValueError(f"unknown crop policy {crop!r}")
+
+
+def load_for_model(
+    source: Source, spec: PreprocessSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode and preprocess in one step: file -> (C, S, S) float32."""
+    return preprocess(decode(source, max_pixels=max_pixels).pixels, spec)
