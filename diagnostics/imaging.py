@@ -303,7 +303,8 @@ def dicom_to_display(stored: np.ndarray, ds: Any) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         item = ds.VOILUTSequence[0]
         lut_bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        out = apply_voi(stored if "ModalityLUTSequence" in ds else values, ds, index=0)
+        # The VOI LUT is indexed by (integer) modality values.
+        out = apply_voi(np.rint(values).astype(np.int64), ds, index=0)
         return np.clip(out.astype(np.float64) / (2**lut_bits - 1), 0.0, 1.0).astype(np.float32)
     centre, width = _first_window(ds)
     if centre is not None and width is not None and width > 0:
@@ -350,7 +351,15 @@ def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
 
     data = _read_bytes(source)
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        with warnings.catch_warnings():
+            # Pillow warns above 89 Mpx and raises above 179 Mpx; our own cap decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            f"The image header claims a size over Pillow's hard limit ({exc}). "
+            "It was refused before decoding."
+        ) from exc
     except UnidentifiedImageError as exc:
         raise UnsupportedFormatError("The file is not an image Pillow can read.") from exc
     fmt = (img.format or "").lower()
