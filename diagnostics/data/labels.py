@@ -160,7 +160,7 @@ for _map in DATASET_MAPS.values():
             _LOOKUP.setdefault(_key(_src), _dst)
 
 
-class UnknownFindingError(KeyError):
+class UnknownFindingError(KeyError, ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
