@@ -60,7 +60,9 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
 
 @data_app.command("check")
 def data_check(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with a data: section")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config with a data: section")
+    ],
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
@@ -100,7 +102,13 @@ def data_synth_cxr(
     if bits not in (12, 16):
         raise _fail("--bits must be 12 or 16")
     manifest = write_dataset(
-        out, n, size=size, seed=seed, difficulty=difficulty, fmt=fmt, bits=bits,
+        out,
+        n,
+        size=size,
+        seed=seed,
+        difficulty=difficulty,
+        fmt=fmt,
+        bits=bits,
         photometric=photometric,  # type: ignore[arg-type]
     )
     typer.echo(f"wrote {n} images and {manifest}")

@@ -1,4 +1,4 @@
-"""YAML configs with `--set a.b=value` overrides. Torch-free; the typed models live with their users."""
+"""YAML configs with `--set a.b=value` overrides. Torch-free; typed models live with their users."""
 
 from __future__ import annotations
 

@@ -262,7 +262,8 @@ def _check_decoder(tsyntax: Any) -> None:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as exc:
         raise UnsupportedTransferSyntaxError(
-            f"Transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded: no decoder exists for it."
+            f"Transfer syntax {tsyntax.name} ({tsyntax}) cannot be decoded: "
+            "no decoder exists for it."
         ) from exc
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real third-party data lives in ../shared/data; tests that need it skip without it."""
+"""Shared fixtures. Real third-party data lives in ../shared/data; tests needing it skip without."""
 
 from __future__ import annotations
 

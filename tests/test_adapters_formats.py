@@ -24,29 +24,48 @@ def _touch(path: Path) -> None:
 
 def test_mimic_cxr_joins_study_labels_to_images(tmp_path):
     chex = pd.DataFrame(
-        {"subject_id": [10000032, 10000032, 11000011], "study_id": [50414267, 53189527, 51111111],
-         "Pneumonia": [1.0, -1.0, np.nan], "Pleural Effusion": [0.0, 1.0, np.nan],
-         "No Finding": [np.nan, np.nan, 1.0]}
+        {
+            "subject_id": [10000032, 10000032, 11000011],
+            "study_id": [50414267, 53189527, 51111111],
+            "Pneumonia": [1.0, -1.0, np.nan],
+            "Pleural Effusion": [0.0, 1.0, np.nan],
+            "No Finding": [np.nan, np.nan, 1.0],
+        }
     )
     meta = pd.DataFrame(
-        {"dicom_id": ["d1", "d2", "d3", "d4", "d5"],
-         "subject_id": [10000032, 10000032, 10000032, 11000011, 12000000],
-         "study_id": [50414267, 50414267, 53189527, 51111111, 52222222],
-         "ViewPosition": ["PA", "LATERAL", "AP", "PA", "PA"]}
+        {
+            "dicom_id": ["d1", "d2", "d3", "d4", "d5"],
+            "subject_id": [10000032, 10000032, 10000032, 11000011, 12000000],
+            "study_id": [50414267, 50414267, 53189527, 51111111, 52222222],
+            "ViewPosition": ["PA", "LATERAL", "AP", "PA", "PA"],
+        }
     )
-    split = pd.DataFrame({"dicom_id": ["d1", "d2", "d3", "d4", "d5"],
-                          "study_id": [0] * 5, "subject_id": [0] * 5,
-                          "split": ["train", "train", "train", "validate", "test"]})
+    split = pd.DataFrame(
+        {
+            "dicom_id": ["d1", "d2", "d3", "d4", "d5"],
+            "study_id": [0] * 5,
+            "subject_id": [0] * 5,
+            "split": ["train", "train", "train", "validate", "test"],
+        }
+    )
     chex.to_csv(tmp_path / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False)
     meta.to_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
     split.to_csv(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", index=False)
-    for sub, study, dicom in [(10000032, 50414267, "d1"), (10000032, 53189527, "d3"),
-                              (11000011, 51111111, "d4")]:
+    for sub, study, dicom in [
+        (10000032, 50414267, "d1"),
+        (10000032, 53189527, "d3"),
+        (11000011, 51111111, "d4"),
+    ]:
         _touch(tmp_path / f"files/p{str(sub)[:2]}/p{sub}/s{study}/{dicom}.jpg")
 
-    table = _load(source="mimic_cxr", root=str(tmp_path), views=["PA", "AP"],
-                  split_file=str(tmp_path / "mimic-cxr-2.0.0-split.csv.gz"),
-                  split={"method": "official"}, uncertain="ones")
+    table = _load(
+        source="mimic_cxr",
+        root=str(tmp_path),
+        views=["PA", "AP"],
+        split_file=str(tmp_path / "mimic-cxr-2.0.0-split.csv.gz"),
+        split={"method": "official"},
+        uncertain="ones",
+    )
     f = table.frame.set_index("image_id")
     assert list(f.index) == ["d1", "d3", "d4"]  # d2 lateral, d5 has no label row
     assert any("1 images dropped: their study has no row" in n for n in table.notes)
@@ -58,8 +77,9 @@ def test_mimic_cxr_joins_study_labels_to_images(tmp_path):
 
 def test_chexpert_paths_resolve_with_or_without_the_prefix(tmp_path):
     rel = "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
-    df = pd.DataFrame([{"Path": rel, "Sex": "Female", "Age": 68, "Frontal/Lateral": "Frontal",
-                        "AP/PA": "AP"}])
+    df = pd.DataFrame(
+        [{"Path": rel, "Sex": "Female", "Age": 68, "Frontal/Lateral": "Frontal", "AP/PA": "AP"}]
+    )
     from diagnostics.data.labels import CHEXPERT_MAP
 
     for col in CHEXPERT_MAP:
@@ -68,29 +88,50 @@ def test_chexpert_paths_resolve_with_or_without_the_prefix(tmp_path):
     df.to_csv(tmp_path / "train.csv", index=False)
     _touch(tmp_path / rel)
     above = _load(source="chexpert", root=str(tmp_path), split={"fractions": {"train": 1.0}})
-    inside = _load(source="chexpert", root=str(tmp_path / "CheXpert-v1.0-small"),
-                   labels_file=str(tmp_path / "train.csv"), split={"fractions": {"train": 1.0}})
+    inside = _load(
+        source="chexpert",
+        root=str(tmp_path / "CheXpert-v1.0-small"),
+        labels_file=str(tmp_path / "train.csv"),
+        split={"fractions": {"train": 1.0}},
+    )
     assert above.images_verified and inside.images_verified
     assert above.frame["sex"].iloc[0] == "F" and above.frame["patient_id"].iloc[0] == "patient00001"
 
 
 def test_vindr_local_and_global_labels(tmp_path):
     local = pd.DataFrame(
-        {"image_id": ["a", "a", "a", "b", "b", "b"],
-         "class_name": ["Cardiomegaly", "Cardiomegaly", "Pleural effusion", "No finding",
-                        "No finding", "Nodule/Mass"],
-         "class_id": [3, 3, 10, 14, 14, 8],
-         "rad_id": ["R1", "R2", "R3", "R1", "R2", "R3"]}
+        {
+            "image_id": ["a", "a", "a", "b", "b", "b"],
+            "class_name": [
+                "Cardiomegaly",
+                "Cardiomegaly",
+                "Pleural effusion",
+                "No finding",
+                "No finding",
+                "Nodule/Mass",
+            ],
+            "class_id": [3, 3, 10, 14, 14, 8],
+            "rad_id": ["R1", "R2", "R3", "R1", "R2", "R3"],
+        }
     )
     glob = pd.DataFrame(
-        {"image_id": ["a", "a", "a", "b", "b", "b"], "rad_ID": ["R1", "R2", "R3"] * 2,
-         "Tuberculosis": [1, 1, 0, 0, 0, 1], "Lung tumor": [0, 0, 0, 1, 0, 0],
-         "Other diseases": [1, 0, 0, 0, 0, 0], "No finding": [0, 0, 0, 0, 1, 0]}
+        {
+            "image_id": ["a", "a", "a", "b", "b", "b"],
+            "rad_ID": ["R1", "R2", "R3"] * 2,
+            "Tuberculosis": [1, 1, 0, 0, 0, 1],
+            "Lung tumor": [0, 0, 0, 1, 0, 0],
+            "Other diseases": [1, 0, 0, 0, 0, 0],
+            "No finding": [0, 0, 0, 0, 1, 0],
+        }
     )
     local.to_csv(tmp_path / "train.csv", index=False)
     glob.to_csv(tmp_path / "image_labels_train.csv", index=False)
-    common = dict(source="vindr_cxr", root=str(tmp_path), verify_images=False,
-                  global_labels_file=str(tmp_path / "image_labels_train.csv"))
+    common = dict(
+        source="vindr_cxr",
+        root=str(tmp_path),
+        verify_images=False,
+        global_labels_file=str(tmp_path / "image_labels_train.csv"),
+    )
     maj = _load(**common).frame.set_index("image_id")
     anyr = _load(**common, reader_aggregation="any").frame.set_index("image_id")
     assert maj.loc["a", "Cardiomegaly"] == 1 and maj.loc["a", "Effusion"] == 0
@@ -103,7 +144,8 @@ def test_vindr_local_and_global_labels(tmp_path):
 
 def test_vindr_unknown_class_is_refused(tmp_path):
     pd.DataFrame({"image_id": ["a"], "class_name": ["Dragon"], "rad_id": ["R1"]}).to_csv(
-        tmp_path / "train.csv", index=False)
+        tmp_path / "train.csv", index=False
+    )
     with pytest.raises(DatasetError, match="Dragon"):
         _load(source="vindr_cxr", root=str(tmp_path), verify_images=False)
 
@@ -112,17 +154,24 @@ def test_manifest_label_columns_views_and_missing(tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         _touch(tmp_path / "img" / name)
     pd.DataFrame(
-        {"path": ["img/a.png", "img/b.png", "img/c.png", "img/d.png"],
-         "patient_id": ["p1", "p1", "p2", "p3"],
-         "view": ["PA", "LATERAL", "AP", "PA"],
-         "Pleural Effusion": ["1", "0", "", "1"],
-         "label_pneumonia": ["0", "1", "1", "0"],
-         "comment": ["x", "y", "z", "w"]}
+        {
+            "path": ["img/a.png", "img/b.png", "img/c.png", "img/d.png"],
+            "patient_id": ["p1", "p1", "p2", "p3"],
+            "view": ["PA", "LATERAL", "AP", "PA"],
+            "Pleural Effusion": ["1", "0", "", "1"],
+            "label_pneumonia": ["0", "1", "1", "0"],
+            "comment": ["x", "y", "z", "w"],
+        }
     ).to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(DatasetError, match="1 of 3 labelled images are not on disk"):
         _load(source="manifest", labels_file=str(tmp_path / "m.csv"), views=["PA", "AP"])
-    table = _load(source="manifest", labels_file=str(tmp_path / "m.csv"), views=["PA", "AP"],
-                  missing_images="drop", findings=["Pneumonia", "Effusion", "Nodule"])
+    table = _load(
+        source="manifest",
+        labels_file=str(tmp_path / "m.csv"),
+        views=["PA", "AP"],
+        missing_images="drop",
+        findings=["Pneumonia", "Effusion", "Nodule"],
+    )
     f = table.frame.set_index("image_id")
     assert list(f.index) == ["img/a.png", "img/c.png"]
     assert np.isnan(f.loc["img/c.png", "Effusion"])  # blank stays unknown
@@ -150,9 +199,15 @@ def test_folders_with_explicit_class_labels(tmp_path):
             _touch(tmp_path / cls / f"pt{i}_img.png")
     with pytest.raises(DatasetError, match="not findings"):
         _load(source="folders", root=str(tmp_path))
-    table = _load(source="folders", root=str(tmp_path), patient_pattern=r"pt(\d+)_",
-                  class_labels={"normal": {"No_Finding": 1, "Pneumonia": 0},
-                                "covid": {"Pneumonia": 1, "No_Finding": 0}})
+    table = _load(
+        source="folders",
+        root=str(tmp_path),
+        patient_pattern=r"pt(\d+)_",
+        class_labels={
+            "normal": {"No_Finding": 1, "Pneumonia": 0},
+            "covid": {"Pneumonia": 1, "No_Finding": 0},
+        },
+    )
     assert int(table.frame["Pneumonia"].sum()) == 3
     assert table.frame["patient_id"].nunique() == 3  # pt0..pt2 across both folders
 

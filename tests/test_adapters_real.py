@@ -55,8 +55,13 @@ def test_nih_splits_never_share_a_patient(nih):
 
 def test_nih_unannotated_finding_is_nan_not_zero():
     path = shared("labels", "nih_chestxray14_Data_Entry_2017_v2020.csv.gz")
-    table = _load(source="nih14", labels_file=str(path), verify_images=False,
-                  findings=["Pneumonia", "Fracture"], max_images=1000)
+    table = _load(
+        source="nih14",
+        labels_file=str(path),
+        verify_images=False,
+        findings=["Pneumonia", "Fracture"],
+        max_images=1000,
+    )
     assert table.findings == ["Pneumonia", "Fracture"]
     assert table.frame["Fracture"].isna().all()
     assert any("Fracture is not annotated" in n for n in table.notes)
@@ -82,8 +87,11 @@ def test_nih_missing_images_are_an_error_by_default():
     from diagnostics.data.cxr import DatasetError
 
     with pytest.raises(DatasetError, match="not on disk"):
-        _load(source="nih14", root=str(shared("cxr", "nih_sample")),
-              labels_file=str(shared("labels", "nih_chestxray14_Data_Entry_2017_v2020.csv.gz")))
+        _load(
+            source="nih14",
+            root=str(shared("cxr", "nih_sample")),
+            labels_file=str(shared("labels", "nih_chestxray14_Data_Entry_2017_v2020.csv.gz")),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +125,23 @@ def test_chexpert_patients_views_and_frontal_filter(chexpert_raw):
     assert int(((raw["Frontal/Lateral"] == "Frontal") & ~frontal).sum()) == 17
     assert len(table.frame) == int(frontal.sum())
     assert table.frame["view"].isin(["PA", "AP"]).all()
-    expected_patients = raw.loc[frontal, "Path"].str.extract(
-        r"(patient\d+)", expand=False
-    ).nunique()
+    expected_patients = (
+        raw.loc[frontal, "Path"].str.extract(r"(patient\d+)", expand=False).nunique()
+    )
     assert table.frame["patient_id"].nunique() == expected_patients
     assert patient_overlap(table.frame) == {}
 
 
 def test_chexpert_blank_policy():
     path = shared("labels", "chexpert_train.csv.gz")
-    table = _load(source="chexpert", labels_file=str(path), verify_images=False, blank="zeros",
-                  uncertain="zeros", max_images=500)
+    table = _load(
+        source="chexpert",
+        labels_file=str(path),
+        verify_images=False,
+        blank="zeros",
+        uncertain="zeros",
+        max_images=500,
+    )
     assert not table.frame[table.findings].isna().any().any()
 
 
@@ -135,8 +149,9 @@ def test_vindr_reader_aggregation_gives_per_image_labels():
     path = shared("labels", "vindr_cxr_train.csv.gz")
     raw = pd.read_csv(path)
     major = _load(source="vindr_cxr", labels_file=str(path), verify_images=False)
-    anyr = _load(source="vindr_cxr", labels_file=str(path), verify_images=False,
-                 reader_aggregation="any")
+    anyr = _load(
+        source="vindr_cxr", labels_file=str(path), verify_images=False, reader_aggregation="any"
+    )
     n_images = raw["image_id"].nunique()
     assert len(major.frame) == len(anyr.frame) == n_images
     assert major.frame["image_id"].is_unique
@@ -166,8 +181,12 @@ def test_rsna_boxes_become_one_label_per_image():
 
 def test_kermany_class_folders_with_patient_keys():
     root = shared("cxr", "kermany224")
-    table = _load(source="folders", root=str(root), patient_pattern=r"IM-(\d+)-|person(\d+)_",
-                  split={"fractions": {"train": 0.85, "val": 0.15}})
+    table = _load(
+        source="folders",
+        root=str(root),
+        patient_pattern=r"IM-(\d+)-|person(\d+)_",
+        split={"fractions": {"train": 0.85, "val": 0.15}},
+    )
     frame = table.frame
     assert len(frame) == 5216 and table.images_verified
     assert int(frame["Pneumonia"].sum()) == 3875 and int(frame["No_Finding"].sum()) == 1341

@@ -33,8 +33,9 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
 
 def _synthetic(**changes) -> pydicom.Dataset:
     pixels = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(64, 48)
-    ds = dicom_dataset(to_stored(pixels, 12, "MONOCHROME2"), bits=12, photometric="MONOCHROME2",
-                       uid_seed="test")
+    ds = dicom_dataset(
+        to_stored(pixels, 12, "MONOCHROME2"), bits=12, photometric="MONOCHROME2", uid_seed="test"
+    )
     for key, value in changes.items():
         setattr(ds, key, value)
     return ds
@@ -80,8 +81,14 @@ def test_monochrome1_is_inverted_so_lungs_are_darker_than_mediastinum():
     h, w = px.shape
 
     def patch(r: float, c: float) -> float:
-        return float(np.median(px[int((r - 0.05) * h) : int((r + 0.05) * h),
-                                  int((c - 0.05) * w) : int((c + 0.05) * w)]))
+        return float(
+            np.median(
+                px[
+                    int((r - 0.05) * h) : int((r + 0.05) * h),
+                    int((c - 0.05) * w) : int((c + 0.05) * w),
+                ]
+            )
+        )
 
     mediastinum = patch(0.35, 0.5)
     lungs = [patch(0.35, 0.28), patch(0.35, 0.72)]

@@ -7,10 +7,7 @@ HEAVY = ("torch", "torchvision", "monai", "mlflow")
 
 
 def _loaded_after(import_line: str) -> set[str]:
-    code = (
-        f"import sys; {import_line}; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
+    code = f"import sys; {import_line}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return {m for m in out.stdout.strip().split(",") if m}
 

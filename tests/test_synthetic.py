@@ -76,7 +76,9 @@ def test_difficulty_lowers_contrast():
 
 
 def test_png_dataset_with_masks_reads_through_the_manifest_adapter(synth_png):
-    table = load_dataset(parse_dataset_config({"source": "manifest", "labels_file": str(synth_png)}))
+    table = load_dataset(
+        parse_dataset_config({"source": "manifest", "labels_file": str(synth_png)})
+    )
     assert table.findings == list(SYNTH_FINDINGS)
     assert len(table.frame) == 40 and table.images_verified
     assert table.frame["patient_id"].nunique() < 40  # some patients have several images
@@ -89,10 +91,12 @@ def test_png_dataset_with_masks_reads_through_the_manifest_adapter(synth_png):
 
 @pytest.mark.parametrize("bits", [12, 16])
 def test_dicom_monochrome1_and_2_decode_to_the_same_image(tmp_path, bits):
-    m1 = write_dataset(tmp_path / "m1", 3, size=64, seed=1, fmt="dicom", bits=bits,
-                       photometric="MONOCHROME1")
-    m2 = write_dataset(tmp_path / "m2", 3, size=64, seed=1, fmt="dicom", bits=bits,
-                       photometric="MONOCHROME2")
+    m1 = write_dataset(
+        tmp_path / "m1", 3, size=64, seed=1, fmt="dicom", bits=bits, photometric="MONOCHROME1"
+    )
+    m2 = write_dataset(
+        tmp_path / "m2", 3, size=64, seed=1, fmt="dicom", bits=bits, photometric="MONOCHROME2"
+    )
     png = write_dataset(tmp_path / "png", 3, size=64, seed=1)
     for rel in pd.read_csv(m1)["path"]:
         a = I.decode(m1.parent / rel)

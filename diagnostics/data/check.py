@@ -70,8 +70,10 @@ def render(summary: dict[str, Any]) -> str:
         add("images: verified on disk")
     else:
         add("images: NOT VERIFIED (counts come from the label file alone)")
-    add(f"rows read: {summary['rows_read']:,}   images kept: {summary['images']:,}   "
-        f"patients: {summary['patients']:,}")
+    add(
+        f"rows read: {summary['rows_read']:,}   images kept: {summary['images']:,}   "
+        f"patients: {summary['patients']:,}"
+    )
     views = ", ".join(f"{k}={v:,}" for k, v in summary["views"].items())
     add(f"views: {views}")
     add("")
@@ -89,7 +91,8 @@ def render(summary: dict[str, Any]) -> str:
         for s in names:
             p = summary["splits"][s]["prevalence"][f]
             cells.append(
-                f"{'-':>18}" if p["prevalence"] is None
+                f"{'-':>18}"
+                if p["prevalence"] is None
                 else f"{p['positive']:>8,} {100 * p['prevalence']:>7.2f}%"
             )
         nan = summary["splits"]["all"]["prevalence"][f]["nan"]

@@ -21,7 +21,9 @@ class SplitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["patient", "official"] = "patient"
-    fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
     seed: int = 0
 
     @field_validator("fractions")
@@ -74,7 +76,7 @@ class NIH14Config(_Base):
 class CheXpertConfig(_Base):
     """CheXpert `train.csv`/`valid.csv`; `Path` is resolved against `root` (with or without the
     `CheXpert-v1.0*/` prefix). -1 (uncertain) follows `uncertain`; a blank cell (not mentioned
-    in the report) follows `blank`: NaN by default, or 0 as in the CheXpert paper's U-Zeros setup."""
+    in the report) follows `blank`: NaN by default, or 0 (as in the CheXpert paper's U-Zeros)."""
 
     source: Literal["chexpert"]
     labels_file: Path | None = None  # default: train.csv under root
@@ -125,6 +127,9 @@ class ManifestConfig(_Base):
         None, description="default: the first of patient_id, patient_key, patient present"
     )
     view_column: str | None = None
+    split_column: str | None = Field(
+        None, description="a column naming each image's split; used with split.method: official"
+    )
     label_columns: dict[str, str] | None = Field(None, description="column -> finding")
 
     @field_validator("label_columns")

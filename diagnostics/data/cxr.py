@@ -215,7 +215,9 @@ def _chexpert_paths(root: Path | None, rel: pd.Series) -> pd.Series:
     root = Path(root).expanduser()
     # Path starts with "CheXpert-v1.0-small/train/..."; root may be the folder above or that one.
     first = rel.iloc[0] if len(rel) else ""
-    strip = bool(first) and not (root / first).exists() and (root / first.split("/", 1)[-1]).exists()
+    strip = (
+        bool(first) and not (root / first).exists() and (root / first.split("/", 1)[-1]).exists()
+    )
     parts = rel.str.split("/", n=1).str[-1] if strip else rel
     return (str(root) + "/" + parts).astype("string")
 
@@ -223,10 +225,15 @@ def _chexpert_paths(root: Path | None, rel: pd.Series) -> pd.Series:
 def read_mimic_cxr(cfg: MimicCXRConfig) -> _Read:
     prefix = "mimic-cxr-2.0.0-"
     labels_file = _labels_path(
-        cfg.labels_file, cfg.root, [f"{prefix}chexpert.csv.gz", f"{prefix}chexpert.csv"], "labels_file"
+        cfg.labels_file,
+        cfg.root,
+        [f"{prefix}chexpert.csv.gz", f"{prefix}chexpert.csv"],
+        "labels_file",
     )
     meta_file = _labels_path(
-        cfg.metadata_file, cfg.root, [f"{prefix}metadata.csv.gz", f"{prefix}metadata.csv"],
+        cfg.metadata_file,
+        cfg.root,
+        [f"{prefix}metadata.csv.gz", f"{prefix}metadata.csv"],
         "metadata_file",
     )
     lab = _read_csv(labels_file)
@@ -265,8 +272,16 @@ def read_mimic_cxr(cfg: MimicCXRConfig) -> _Read:
     if cfg.root is not None:
         root = str(Path(cfg.root).expanduser())
         out["path"] = (
-            root + "/files/p" + subject.str[:2] + "/p" + subject + "/s" + study + "/"
-            + out["image_id"] + ".jpg"
+            root
+            + "/files/p"
+            + subject.str[:2]
+            + "/p"
+            + subject
+            + "/s"
+            + study
+            + "/"
+            + out["image_id"]
+            + ".jpg"
         ).astype("string")
     else:
         out["path"] = pd.Series(pd.NA, index=out.index, dtype="string")
@@ -443,6 +458,9 @@ def read_manifest(cfg: ManifestConfig) -> _Read:
     for extra in ("mask_" + f for f in findings):
         if extra in df.columns:
             out[extra] = df[extra].astype("string")
+    if cfg.split_column is not None:
+        _need_columns(df, [cfg.split_column], labels_file)
+        out["official_split"] = df[cfg.split_column].astype("string")
     return _Read(out, findings, notes)
 
 
@@ -450,7 +468,12 @@ def _auto_label_columns(columns: Iterable[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for col in columns:
         name = col[len("label_") :] if col.lower().startswith("label_") else col
-        if col in BASE_COLUMNS or col in _PATIENT_COLUMNS or col.startswith("mask_"):
+        if (
+            col in BASE_COLUMNS
+            or col in _PATIENT_COLUMNS
+            or col.startswith("mask_")
+            or col == "split"
+        ):
             continue
         if L.is_finding(name):
             out[col] = L.canonical(name)

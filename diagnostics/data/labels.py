@@ -153,7 +153,9 @@ def _key(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.strip().lower())
 
 
-_LOOKUP: dict[str, str] = {_key(f): f for f in FINDINGS} | {_key(k): v for k, v in _SYNONYMS.items()}
+_LOOKUP: dict[str, str] = {_key(f): f for f in FINDINGS} | {
+    _key(k): v for k, v in _SYNONYMS.items()
+}
 for _map in DATASET_MAPS.values():
     for _src, _dst in _map.items():
         if _dst is not None:

@@ -112,7 +112,9 @@ def draw(
         for cx, sign in ((centres["R"], -1), (centres["L"], 1)):
             curve = y0 + 0.9 * (x - cx) ** 2 - 0.04 * sign * (x - cx)
             ribs += np.exp(-(((y - curve) / 0.008) ** 2)) * (np.abs(x - cx) < 0.17)
-    clavicle = np.exp(-(((y - 0.17 - 0.25 * np.abs(x - 0.5)) / 0.012) ** 2)) * (np.abs(x - 0.5) < 0.3)
+    clavicle = np.exp(-(((y - 0.17 - 0.25 * np.abs(x - 0.5)) / 0.012) ** 2)) * (
+        np.abs(x - 0.5) < 0.3
+    )
     img += 0.10 * np.clip(ribs, 0, 1) * body + 0.18 * clavicle * body
 
     masks: dict[str, np.ndarray] = {}
@@ -283,7 +285,9 @@ def write_dataset(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    spec = SynthSpec(size=size, difficulty=difficulty, prevalence=prevalence or SynthSpec().prevalence)
+    spec = SynthSpec(
+        size=size, difficulty=difficulty, prevalence=prevalence or SynthSpec().prevalence
+    )
     rows = []
     for i, (patient, image, demo) in enumerate(generate(n, spec, seed)):
         stem = f"{i:06d}"
@@ -294,7 +298,10 @@ def write_dataset(
             rel = f"images/{stem}.dcm"
             stored = to_stored(image.pixels, bits, photometric)
             ds = dicom_dataset(
-                stored, bits=bits, photometric=photometric, uid_seed=f"{seed}:{i}",
+                stored,
+                bits=bits,
+                photometric=photometric,
+                uid_seed=f"{seed}:{i}",
                 patient_id=patient,
             )
             ds.save_as(out / rel, enforce_file_format=True)
