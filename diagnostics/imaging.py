@@ -300,7 +300,8 @@ def dicom_to_display(stored: np.ndarray, ds: Any) -> np.ndarray:
     """Stored values (H, W) -> float32 display values in [0, 1], before any MONOCHROME1 flip."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
-    values = apply_modality_lut(stored, ds).astype(np.float64)
+    # float32 holds every 16-bit value exactly; float64 would double the cost for nothing.
+    values = apply_modality_lut(stored, ds).astype(np.float32)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         item = ds.VOILUTSequence[0]
         lut_bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
@@ -315,7 +316,9 @@ def dicom_to_display(stored: np.ndarray, ds: Any) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
-    return ((values - lo) / (hi - lo)).astype(np.float32)
+    values -= lo
+    values *= np.float32(1.0 / (hi - lo))
+    return values
 
 
 def _first_window(ds: Any) -> tuple[float | None, float | None]:
@@ -332,15 +335,22 @@ def _first_window(ds: Any) -> tuple[float | None, float | None]:
 
 def window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """DICOM VOI windowing (PS3.3 C.11.2.1.2) onto [0, 1]. Values are modality values (e.g. HU)."""
+    values = np.asarray(values, dtype=np.float32)
     if function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
-    elif function == "LINEAR_EXACT":
-        out = (values - centre) / width + 0.5
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - np.float32(centre)) / np.float32(width)))
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        offset, scale = centre, width
     else:  # LINEAR, the default
         if width < 1:
             raise CorruptImageError(f"Window width {width} is below 1, which LINEAR forbids.")
-        out = (values - (centre - 0.5)) / max(width - 1.0, 1e-9) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        offset, scale = centre - 0.5, max(width - 1.0, 1e-9)
+    # out = (v - offset) / scale + 0.5, as one affine map in float32
+    a = np.float32(1.0 / scale)
+    b = np.float32(0.5 - offset / scale)
+    out = values * a
+    out += b
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 # --------------------------------------------------------------------------- PNG / JPEG
