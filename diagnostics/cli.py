@@ -19,6 +19,8 @@ app.add_typer(data_app, name="data")
 
 log = logging.getLogger("diagnostics")
 
+SOURCES = ("nih14", "chexpert", "mimic_cxr", "vindr_cxr", "rsna", "manifest", "folders")
+
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a config value: a.b=value (repeatable)"),
@@ -55,7 +57,19 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
     try:
         return parse_dataset_config(section)
     except ValidationError as exc:
-        raise _fail(f"{config}: invalid data config:\n{exc}") from None
+        raise _fail(f"{config}: invalid data config:\n{format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: Any) -> str:
+    """One line per problem: `data.split.fractions: fractions must sum to 1`."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        if loc and loc[0] in SOURCES:  # pydantic prefixes the union branch: drop it
+            loc = loc[1:]
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  data.{'.'.join(loc)}: {message}" if loc else f"  data: {message}")
+    return "\n".join(lines)
 
 
 @data_app.command("check")
@@ -101,16 +115,21 @@ def data_synth_cxr(
         raise _fail("--photometric must be MONOCHROME1 or MONOCHROME2")
     if bits not in (12, 16):
         raise _fail("--bits must be 12 or 16")
-    manifest = write_dataset(
-        out,
-        n,
-        size=size,
-        seed=seed,
-        difficulty=difficulty,
-        fmt=fmt,
-        bits=bits,
-        photometric=photometric,  # type: ignore[arg-type]
-    )
+    if out.exists() and not out.is_dir():
+        raise _fail(f"{out} exists and is not a folder")
+    try:
+        manifest = write_dataset(
+            out,
+            n,
+            size=size,
+            seed=seed,
+            difficulty=difficulty,
+            fmt=fmt,
+            bits=bits,
+            photometric=photometric,  # type: ignore[arg-type]
+        )
+    except OSError as exc:
+        raise _fail(f"cannot write to {out}: {exc.strerror or exc}") from None
     typer.echo(f"wrote {n} images and {manifest}")
 
 
@@ -128,10 +147,10 @@ def demo(
     home = get_settings().home
     out = home / "demo" / "synth"
     typer.echo(f"[1/2] synthetic chest X-rays -> {out}")
-    manifest = write_dataset(out, n, size=size, seed=0)
     config = Path("configs/cxr/demo.yaml")
     if not config.is_file():
         raise _fail(f"{config} not found: run the demo from the project root")
+    manifest = write_dataset(out, n, size=size, seed=0)
     cfg = load_data_config(config, [f"data.labels_file={manifest}"])
     typer.echo(f"[2/2] data check ({config})")
     typer.echo(render(summarize(load_dataset(cfg))))

@@ -29,14 +29,6 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
-# Projection radiography storage classes: CR, DX (presentation/processing), and Secondary Capture.
-IMAGE_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.7",
-)
-
 # Only these tags leave the decoder; patient identity never does.
 SAFE_DICOM_TAGS = (
     "Modality",
@@ -182,11 +174,12 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
         raise TruncatedFileError("The DICOM file ends early: it was cut short.")
     tags = _safe_tags(ds)
     if "PixelData" not in ds:
-        sop = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
-        hint = " It may have been cut short." if "Rows" in ds or sop in IMAGE_SOP_CLASSES else ""
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise NoPixelDataError("The DICOM file holds float pixel data, not a radiograph.")
-        raise NoPixelDataError(f"The DICOM file has no pixel data (no image).{hint}")
+        raise NoPixelDataError(
+            "The DICOM file has no pixel data (no image): it holds none, or it was cut short "
+            "before the image."
+        )
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -200,7 +193,7 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
             "a radiograph must be MONOCHROME1 or MONOCHROME2."
         )
     for required in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
-        if required not in ds:
+        if ds.get(required) in (None, ""):
             raise CorruptImageError(f"The DICOM file lacks the required tag {required}.")
     rows, cols = int(ds.Rows), int(ds.Columns)
     _check_pixel_cap(rows, cols, max_pixels)  # before any decoding
@@ -297,28 +290,75 @@ def _plain(value: Any) -> int | float | str:
 
 
 def dicom_to_display(stored: np.ndarray, ds: Any) -> np.ndarray:
-    """Stored values (H, W) -> float32 display values in [0, 1], before any MONOCHROME1 flip."""
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    """Stored values (H, W) -> float32 display values in [0, 1], before any MONOCHROME1 flip.
 
+    A damaged LUT or rescale tag raises CorruptImageError, never a bare library error.
+    """
+    try:
+        return _to_display(stored, ds)
+    except ImageError:
+        raise
+    except Exception as exc:  # malformed LUT descriptors, empty rescale values, short LUT data
+        raise CorruptImageError(
+            f"The DICOM grey-level tags (LUT/rescale) are damaged: {exc}"
+        ) from exc
+
+
+def _to_display(stored: np.ndarray, ds: Any) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    for tag in ("RescaleSlope", "RescaleIntercept"):
+        if tag in ds and ds.get(tag) in (None, ""):
+            raise CorruptImageError(f"The DICOM tag {tag} is present but empty.")
     # float32 holds every 16-bit value exactly; float64 would double the cost for nothing.
     values = apply_modality_lut(stored, ds).astype(np.float32)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        item = ds.VOILUTSequence[0]
-        lut_bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        # The VOI LUT is indexed by (integer) modality values.
-        out = apply_voi(np.rint(values).astype(np.int64), ds, index=0)
-        return np.clip(out.astype(np.float64) / (2**lut_bits - 1), 0.0, 1.0).astype(np.float32)
+        return _voi_lut(values, ds.VOILUTSequence[0])
     centre, width = _first_window(ds)
-    if centre is not None and width is not None and width > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
-        return window(values, centre, width, function)
-    # No VOI in the file: stretch the actual value range. Deterministic, but image-dependent.
-    lo, hi = float(values.min()), float(values.max())
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper() or "LINEAR"
+    usable = width is not None and (width >= 1 if function == "LINEAR" else width > 0)
+    if centre is not None and usable:
+        return window(values, centre, float(width), function)  # type: ignore[arg-type]
+    # No usable VOI in the file: stretch the value range, ignoring padding outside the body.
+    # Deterministic, but image-dependent.
+    body = values
+    if ds.get("PixelPaddingValue") is not None:
+        keep = stored != ds.PixelPaddingValue
+        body = values[keep] if keep.any() else values
+    lo, hi = float(body.min()), float(body.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
     values -= lo
     values *= np.float32(1.0 / (hi - lo))
-    return values
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _voi_lut(values: np.ndarray, item: Any) -> np.ndarray:
+    """Apply a VOI LUT (PS3.3 C.11.2.1.1): entries indexed by modality value - first mapped.
+
+    Done here rather than by pydicom, whose index array wraps for LUTs with 8-bit entries.
+    """
+    descriptor = item.get("LUTDescriptor")
+    if descriptor is None or len(descriptor) != 3:
+        raise CorruptImageError("A VOI LUT has no valid LUT Descriptor.")
+    n_entries, first, bits = (int(v) for v in descriptor)
+    n_entries = n_entries or 65536  # 0 means 2**16 entries
+    if not 8 <= bits <= 16:
+        raise CorruptImageError(f"A VOI LUT declares {bits}-bit entries; 8 to 16 are allowed.")
+    raw = item.get("LUTData")
+    if raw is None:
+        raise CorruptImageError("A VOI LUT has no LUT Data.")
+    lut = (
+        np.frombuffer(raw, dtype="<u1" if bits == 8 and len(raw) == n_entries else "<u2")
+        if isinstance(raw, bytes)
+        else np.asarray(raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__len__") else [raw])
+    ).astype(np.float32)
+    if lut.size < n_entries:
+        raise CorruptImageError(f"A VOI LUT holds {lut.size} entries, not {n_entries}.")
+    index = np.clip(np.rint(values) - first, 0, n_entries - 1).astype(np.intp)
+    out = lut[:n_entries][index]
+    out *= np.float32(1.0 / (2**bits - 1))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _first_window(ds: Any) -> tuple[float | None, float | None]:

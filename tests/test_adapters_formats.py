@@ -70,7 +70,7 @@ def test_mimic_cxr_joins_study_labels_to_images(tmp_path):
     assert list(f.index) == ["d1", "d3", "d4"]  # d2 lateral, d5 has no label row
     assert any("1 images dropped: their study has no row" in n for n in table.notes)
     assert f.loc["d3", "Pneumonia"] == 1.0  # uncertain -> ones
-    assert f.loc["d3", "Effusion"] == 1.0 and np.isnan(f.loc["d4", "Effusion"])
+    assert f.loc["d3", "Effusion"] == 1.0 and f.loc["d4", "Effusion"] == 0  # blank -> 0 by default
     assert f.loc["d4", "split"] == "val"
     assert f.loc["d1", "patient_id"] == f.loc["d3", "patient_id"] == "10000032"
 
@@ -226,3 +226,29 @@ def test_missing_label_file_is_a_clear_error(tmp_path):
         _load(source="nih14", labels_file=str(tmp_path / "nope.csv"), verify_images=False)
     with pytest.raises(DatasetError, match="none of"):
         _load(source="rsna", root=str(tmp_path), verify_images=False)
+
+
+def test_manifest_blank_patient_keys_are_not_merged(tmp_path):
+    (tmp_path / "m.csv").write_text("path,patient_id,Pneumonia\na.png,,1\nb.png,,0\nc.png,p1,0\n")
+    table = _load(source="manifest", labels_file=str(tmp_path / "m.csv"), verify_images=False)
+    assert table.frame["patient_id"].nunique() == 3
+    assert any("2 rows have no patient key" in n for n in table.notes)
+
+
+def test_errors_do_not_echo_paths_or_cell_values(tmp_path):
+    # Hospital exports put record numbers in paths and, when mis-mapped, in label columns.
+    (tmp_path / "m.csv").write_text("path,patient_id,Pneumonia\nMRN0012345/x.dcm,p1,1\n")
+    with pytest.raises(DatasetError) as err:
+        _load(source="manifest", labels_file=str(tmp_path / "m.csv"))
+    assert "MRN0012345" not in str(err.value) and "1 of 1 labelled images" in str(err.value)
+    (tmp_path / "n.csv").write_text("path,Pneumonia\na.png,MRN0012345\n")
+    with pytest.raises(DatasetError) as err:
+        _load(source="manifest", labels_file=str(tmp_path / "n.csv"), verify_images=False)
+    assert "MRN0012345" not in str(err.value) and "data row 1" in str(err.value)
+
+
+def test_folders_pattern_with_an_empty_match_falls_back(tmp_path):
+    _touch(tmp_path / "PNEUMONIA" / "scan.png")
+    table = _load(source="folders", root=str(tmp_path), patient_pattern=r"(\d*)")
+    assert len(table.frame) == 1
+    assert any("did not match patient_pattern" in n for n in table.notes)

@@ -103,7 +103,9 @@ def chexpert_raw():
 def test_chexpert_uncertain_policy_changes_exactly_the_minus_one_cells(chexpert_raw):
     path, raw = chexpert_raw
     tables = {
-        p: _load(source="chexpert", labels_file=str(path), verify_images=False, uncertain=p)
+        p: _load(
+            source="chexpert", labels_file=str(path), verify_images=False, uncertain=p, blank="nan"
+        )
         for p in ("ignore", "zeros", "ones")
     }
     for src, dst in L.CHEXPERT_MAP.items():
@@ -138,11 +140,19 @@ def test_chexpert_blank_policy():
         source="chexpert",
         labels_file=str(path),
         verify_images=False,
-        blank="zeros",
         uncertain="zeros",
         max_images=500,
-    )
+    )  # blank: zeros is the default
     assert not table.frame[table.findings].isna().any().any()
+    assert 0 < table.frame["No_Finding"].mean() < 0.5
+    # With blank: nan, CheXpert's No Finding has no negatives at all: the check warns.
+    from diagnostics.data.check import summarize
+
+    nan = _load(
+        source="chexpert", labels_file=str(path), verify_images=False, blank="nan", max_images=2000
+    )
+    notes = summarize(nan)["notes"]
+    assert any(n.startswith("No_Finding: no negative") for n in notes), notes
 
 
 def test_vindr_reader_aggregation_gives_per_image_labels():
@@ -165,8 +175,14 @@ def test_vindr_reader_aggregation_gives_per_image_labels():
     boxed = raw[raw["class_name"] == "Cardiomegaly"].groupby("image_id")["rad_id"].nunique()
     expected = (boxed.reindex(readers.index, fill_value=0) * 2 > readers).sum()
     assert int(m["Cardiomegaly"].sum()) == int(expected)
-    # No_Finding is 1 exactly when nothing is positive.
-    assert ((m["No_Finding"] == 1) == (m[findings].sum(axis=1) == 0)).all()
+    # No_Finding comes from the readers' own verdicts: with "any", it is 1 exactly for images
+    # every reader called normal; with "majority", never alongside a positive finding.
+    all_normal = raw.groupby("image_id")["class_name"].agg(lambda s: (s == "No finding").all())
+    assert int(a["No_Finding"].sum()) == int(all_normal.sum())
+    assert ((m["No_Finding"] == 1) & (m[findings].sum(axis=1) > 0)).sum() == 0
+    # Images whose three readers each saw something different are not called normal.
+    disagree = (m["No_Finding"] == 0) & (m[findings].sum(axis=1) == 0)
+    assert disagree.sum() > 0 and not all_normal.loc[disagree[disagree].index].any()
     # Findings VinDr's train.csv does not annotate stay unknown.
     assert "Edema" not in major.findings
 

@@ -74,6 +74,18 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "not found" in out.stderr
     out = run("data", "synth-cxr", str(tmp_path), "--format", "tiff")
     assert out.returncode == 2 and "png or dicom" in out.stderr
+    cfg.write_text(
+        "data:\n  source: folders\n  root: /tmp\n  patient_pattern: '(unclosed'\n"
+        "  class_labels: {a: {pneumonai: 1}}\n  split: {fractions: {train: 0.5}}\n"
+    )
+    out = run("data", "check", "--config", str(cfg))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "data.patient_pattern: patient_pattern is not a valid regular expression" in out.stderr
+    assert "unknown finding 'pneumonai'" in out.stderr
+    assert "data.split.fractions: fractions must sum to 1" in out.stderr
+    (tmp_path / "file").write_text("x")
+    out = run("data", "synth-cxr", str(tmp_path / "file"), "--n", "1")
+    assert out.returncode == 2 and "not a folder" in out.stderr
 
 
 def test_overlap_is_reported_and_fails_the_check(tmp_path):

@@ -255,6 +255,63 @@ def test_voi_lut_sequence_is_applied():
     np.testing.assert_allclose(out[0], np.array([0, 255, 128, 64]) / 255, atol=1e-6)
 
 
+def test_large_voi_lut_with_8bit_entries():
+    # 12-bit stored values through a 4096-entry LUT with 8-bit output (a common CR export).
+    stored = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    ds = _synthetic(Rows=64, Columns=64)
+    ds.PixelData = stored.astype("<u2").tobytes()
+    lut = (np.arange(4096) // 16).astype(np.uint16)  # ramp 0..255
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.add_new(0x00283006, "US", lut.tolist())
+    ds.VOILUTSequence = [item]
+    del ds.WindowCenter, ds.WindowWidth
+    out = I.decode(_bytes(ds)).pixels
+    np.testing.assert_allclose(out, (stored // 16) / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty_slope", "empty_rows", "lut_no_descriptor", "lut_20bit", "lut_short", "modality_lut_12"],
+)
+def test_damaged_grey_level_tags_are_refused_cleanly(damage):
+    ds = _synthetic()
+    item = pydicom.Dataset()
+    if damage == "empty_slope":
+        ds.RescaleSlope = None
+    elif damage == "empty_rows":
+        ds.Rows = None
+    elif damage == "lut_no_descriptor":
+        item.add_new(0x00283006, "US", [0, 1, 2])
+        ds.VOILUTSequence = [item]
+    elif damage == "lut_20bit":
+        item.LUTDescriptor = [3, 0, 20]  # the standard allows 8 to 16
+        item.add_new(0x00283006, "US", [0, 1, 2])
+        ds.VOILUTSequence = [item]
+    elif damage == "lut_short":
+        item.LUTDescriptor = [4096, 0, 12]
+        item.add_new(0x00283006, "US", [0, 1, 2])
+        ds.VOILUTSequence = [item]
+    elif damage == "modality_lut_12":
+        item.LUTDescriptor = [3, 0, 12]
+        item.ModalityLUTType = "US"
+        item.add_new(0x00283006, "US", [0, 1, 2])
+        ds.ModalityLUTSequence = [item]
+    with pytest.raises(I.CorruptImageError):
+        I.decode(_bytes(ds))
+
+
+def test_pixel_padding_is_ignored_by_the_range_stretch():
+    stored = np.full((8, 8), 4095, dtype=np.uint16)  # padding outside the body
+    stored[2:6, 2:6] = np.arange(100, 116).reshape(4, 4)
+    ds = _synthetic(Rows=8, Columns=8)
+    ds.PixelData = stored.astype("<u2").tobytes()
+    ds.PixelPaddingValue = 4095
+    del ds.WindowCenter, ds.WindowWidth
+    out = I.decode(_bytes(ds)).pixels
+    assert out[2, 2] == 0.0 and out[5, 5] == pytest.approx(1.0)
+
+
 def test_no_voi_stretches_the_value_range():
     ds = _synthetic()
     del ds.WindowCenter, ds.WindowWidth

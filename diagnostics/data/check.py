@@ -39,6 +39,15 @@ def summarize(table: CXRTable) -> dict[str, Any]:
             "prevalence": prevalence,
         }
     overlap = patient_overlap(frame)
+    warnings = []
+    for f in table.findings:
+        p = per_split["all"]["prevalence"][f]
+        if p["annotated"] and p["positive"] == p["annotated"]:
+            warnings.append(f"{f}: no negative among {p['annotated']:,} annotated images")
+        elif p["annotated"] and p["positive"] == 0:
+            warnings.append(f"{f}: no positive among {p['annotated']:,} annotated images")
+        elif not p["annotated"]:
+            warnings.append(f"{f}: not annotated for any image")
     return {
         "source": table.source,
         "images_verified": table.images_verified,
@@ -52,7 +61,7 @@ def summarize(table: CXRTable) -> dict[str, Any]:
             ("unknown" if pd.isna(k) else str(k)): int(v)
             for k, v in frame["view"].value_counts(dropna=False).items()
         },
-        "notes": list(table.notes),
+        "notes": list(table.notes) + warnings,
     }
 
 

@@ -7,6 +7,7 @@ directory (the project root when run from the README).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -75,13 +76,15 @@ class NIH14Config(_Base):
 
 class CheXpertConfig(_Base):
     """CheXpert `train.csv`/`valid.csv`; `Path` is resolved against `root` (with or without the
-    `CheXpert-v1.0*/` prefix). -1 (uncertain) follows `uncertain`; a blank cell (not mentioned
-    in the report) follows `blank`: NaN by default, or 0 (as in the CheXpert paper's U-Zeros)."""
+    `CheXpert-v1.0*/` prefix). -1 (uncertain) follows `uncertain`. A blank cell means the report
+    did not mention the observation; `blank: zeros` (the default, as in the CheXpert paper) reads
+    it as negative. `nan` leaves it unknown, but then most findings have no negatives at all (the
+    labeller writes 0 only for explicit negations, and never for No Finding)."""
 
     source: Literal["chexpert"]
     labels_file: Path | None = None  # default: train.csv under root
     uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
-    blank: Literal["nan", "zeros"] = "nan"
+    blank: Literal["nan", "zeros"] = "zeros"
 
 
 class MimicCXRConfig(_Base):
@@ -93,7 +96,7 @@ class MimicCXRConfig(_Base):
     metadata_file: Path | None = None  # default: mimic-cxr-2.0.0-metadata.csv(.gz) under root
     split_file: Path | None = None
     uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
-    blank: Literal["nan", "zeros"] = "nan"
+    blank: Literal["nan", "zeros"] = "zeros"
 
 
 class VinDrCXRConfig(_Base):
@@ -152,6 +155,32 @@ class FoldersConfig(_Base):
         "Without it each image is its own patient.",
     )
     extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".dcm"])
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(
+                    f"patient_pattern is not a valid regular expression: {exc}"
+                ) from exc
+        return v
+
+    @field_validator("class_labels")
+    @classmethod
+    def _canonical_classes(
+        cls, v: dict[str, dict[str, float]] | None
+    ) -> dict[str, dict[str, float]] | None:
+        if v is None:
+            return None
+        out = {}
+        for folder, labels in v.items():
+            if any(value not in (0, 1) for value in labels.values()):
+                raise ValueError(f"class_labels[{folder}]: values must be 0 or 1")
+            out[folder] = {canonical(f): float(value) for f, value in labels.items()}
+        return out
 
     @model_validator(mode="after")
     def _root_required(self) -> FoldersConfig:

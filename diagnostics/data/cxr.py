@@ -301,7 +301,11 @@ def read_vindr_cxr(cfg: VinDrCXRConfig) -> _Read:
 
     For each image, a reader is positive for a finding when they marked it (a box in train.csv, a 1
     in the global file). `majority`: positive when more than half of the image's readers are;
-    `any`: when at least one is. No_Finding is 1 exactly when no annotated finding is positive.
+    `any`: when at least one is. No_Finding comes from each reader's own verdict: a reader is
+    normal when they marked "No finding" and nothing else (unharmonised labels such as
+    "Enlarged PA" count as abnormal). `majority`: No_Finding = 1 when more than half of the readers
+    are normal; `any` (any abnormal reader makes the image abnormal): when all of them are. An image
+    whose readers disagree can thus have every finding 0 and No_Finding 0.
     VinDr-CXR gives no patient key, so each image is its own patient.
     """
     defaults = ("annotations/annotations_train.csv", "train.csv", "annotations_train.csv")
@@ -314,6 +318,8 @@ def read_vindr_cxr(cfg: VinDrCXRConfig) -> _Read:
     local = local.assign(finding=local["class_name"].map(L.VINDR_LOCAL_MAP))
     marks = local.loc[local["finding"].notna(), ["image_id", "rad_id", "finding"]]
     readers = local[["image_id", "rad_id"]]
+    said_normal = local.loc[local["class_name"] == "No finding", ["image_id", "rad_id"]]
+    said_abnormal = local.loc[local["class_name"] != "No finding", ["image_id", "rad_id"]]
     annotated = {L.VINDR_LOCAL_MAP[c] for c in L.VINDR_TRAIN_CSV_CLASSES} | set(marks["finding"])
 
     notes = [f"readers aggregated per image: '{cfg.reader_aggregation}'"]
@@ -325,9 +331,15 @@ def read_vindr_cxr(cfg: VinDrCXRConfig) -> _Read:
         gcols = [c for c in glob.columns if c in L.VINDR_LOCAL_MAP or c in L.VINDR_GLOBAL_MAP]
         long = glob.melt(id_vars=["image_id", reader_col], value_vars=gcols, var_name="label")
         long = long[pd.to_numeric(long["value"], errors="coerce") > 0]
+        long = long.rename(columns={reader_col: "rad_id"})
+        said_normal = pd.concat(
+            [said_normal, long.loc[long["label"] == "No finding", ["image_id", "rad_id"]]]
+        )
+        said_abnormal = pd.concat(
+            [said_abnormal, long.loc[long["label"] != "No finding", ["image_id", "rad_id"]]]
+        )
         mapping = L.VINDR_LOCAL_MAP | L.VINDR_GLOBAL_MAP
         long = long.assign(finding=long["label"].map(mapping)).dropna(subset=["finding"])
-        long = long.rename(columns={reader_col: "rad_id"})
         marks = pd.concat([marks, long[["image_id", "rad_id", "finding"]]], ignore_index=True)
         readers = pd.concat(
             [readers, glob[["image_id", reader_col]].rename(columns={reader_col: "rad_id"})]
@@ -355,7 +367,16 @@ def read_vindr_cxr(cfg: VinDrCXRConfig) -> _Read:
     ).reset_index(drop=True)
     for f in findings:
         out[f] = positive[f].to_numpy(dtype=np.float32)
-    out["No_Finding"] = (~positive[findings].any(axis=1)).to_numpy(dtype=np.float32)
+    normal = said_normal.drop_duplicates().merge(
+        said_abnormal.drop_duplicates(), how="left", indicator=True
+    )
+    normal = normal[normal["_merge"] == "left_only"]
+    n_normal = normal.groupby("image_id")["rad_id"].nunique().reindex(n_readers.index, fill_value=0)
+    if cfg.reader_aggregation == "majority":
+        no_finding = n_normal.mul(2).gt(n_readers)
+    else:
+        no_finding = n_normal.eq(n_readers)
+    out["No_Finding"] = no_finding.to_numpy(dtype=np.float32)
     findings.append("No_Finding")
     notes.append("VinDr-CXR has no patient key: each image is treated as its own patient")
     out["path"] = _locate_by_stem(cfg.root, out["image_id"], tuple(cfg.image_extensions))
@@ -427,7 +448,13 @@ def read_manifest(cfg: ManifestConfig) -> _Read:
         notes.append("no patient column: each image is its own patient (splits may leak patients)")
     else:
         _need_columns(df, [patient_col], labels_file)
-        patients = df[patient_col].astype(str)
+        blank = df[patient_col].isna() | (df[patient_col].astype(str).str.strip() == "")
+        patients = df[patient_col].astype(str).where(~blank, "__row__" + df.index.astype(str))
+        if blank.any():
+            notes.append(
+                f"{int(blank.sum())} rows have no patient key: each is its own patient "
+                "(splits may leak patients)"
+            )
     view_col = cfg.view_column or next((c for c in _VIEW_COLUMNS if c in df.columns), None)
     root = Path(cfg.root).expanduser() if cfg.root is not None else labels_file.parent
     paths = df[cfg.path_column].astype(str)
@@ -448,8 +475,9 @@ def read_manifest(cfg: ManifestConfig) -> _Read:
         bad = df[col].notna() & (values.isna() | ~values.isin([0, 1]))
         if bad.any():
             raise DatasetError(
+                # The row number, not the value: a mis-mapped column may hold identifiers.
                 f"{labels_file}: column {col!r} has {int(bad.sum())} values that are not 0, 1 or "
-                f"blank (e.g. {df.loc[bad, col].iloc[0]!r})"
+                f"blank (first at data row {int(np.flatnonzero(bad.to_numpy())[0]) + 1})"
             )
         if finding in findings:
             raise DatasetError(f"{labels_file}: two columns map to {finding}")
@@ -516,8 +544,9 @@ def read_folders(cfg: FoldersConfig) -> _Read:
             if pattern is not None:
                 m = pattern.search(entry.name)
                 if m is not None:
-                    idx, value = next((i, g) for i, g in enumerate(m.groups() or (m[0],)) if g)
-                    patient = f"{idx}:{value}"
+                    hit = next(((i, g) for i, g in enumerate(m.groups() or (m[0],)) if g), None)
+                    if hit is not None:
+                        patient = f"{hit[0]}:{hit[1]}"
             if patient is None:
                 unmatched += pattern is not None
                 patient = f"{c}/{entry.name}"
@@ -585,9 +614,11 @@ def load_dataset(cfg: Any) -> CXRTable:
         exists = np.array([isinstance(p, str) and os.path.isfile(p) for p in frame["path"]])
         missing = int((~exists).sum())
         if missing and cfg.missing_images == "error":
-            example = frame.loc[~exists, "path"].iloc[0]
+            # No example path: image paths often carry patient keys (MIMIC, hospital exports).
+            root = cfg.root if cfg.root is not None else getattr(cfg, "labels_file", None)
+            where = f" under {root}" if root is not None else ""
             raise DatasetError(
-                f"{missing} of {len(frame)} labelled images are not on disk (e.g. {example}); "
+                f"{missing} of {len(frame)} labelled images are not on disk{where}; "
                 "fix root, set missing_images: drop, or verify_images: false"
             )
         if missing:
