@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from diagnostics.data import labels as L
+from diagnostics.imaging import decode
 from diagnostics.data.config import parse_dataset_config
 from diagnostics.data.cxr import load_dataset
 from diagnostics.data.splits import patient_overlap
@@ -81,6 +82,8 @@ def test_nih_sample_images_with_official_labels():
     assert (frame["Pneumonia"] == sample.loc[frame.index, "label_pneumonia"]).all()
     assert (frame["view"] == sample.loc[frame.index, "view"]).all()
     assert patient_overlap(table.frame) == {}
+    for path in table.frame["path"].iloc[:3]:  # the listed files really are the images
+        assert decode(path).shape == (1024, 1024)
 
 
 def test_nih_missing_images_are_an_error_by_default():
@@ -213,6 +216,8 @@ def test_kermany_class_folders_with_patient_keys():
     assert pairs.groupby("ours")["ref"].nunique().max() == 1
     assert pairs.groupby("ref")["ours"].nunique().max() == 1
     assert patient_overlap(frame) == {}
+    for path in frame.groupby("Pneumonia")["path"].first():
+        assert decode(path).shape == (224, 224)
     val_share = (frame["split"] == "val").mean()
     assert 0.12 < val_share < 0.18
 
