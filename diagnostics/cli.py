@@ -47,6 +47,9 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
     from diagnostics.configio import ConfigError, apply_overrides, load_yaml
     from diagnostics.data.config import parse_dataset_config
 
+    outside = [o for o in overrides or [] if not o.strip().startswith("data.")]
+    if outside:
+        raise _fail(f"--set {outside[0]}: this command reads only the data: section; use data.KEY")
     try:
         raw = apply_overrides(load_yaml(config), overrides or [])
     except ConfigError as exc:
@@ -57,7 +60,8 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
     try:
         return parse_dataset_config(section)
     except ValidationError as exc:
-        raise _fail(f"{config}: invalid data config:\n{format_validation_error(exc)}") from None
+        source = f"{config} with --set overrides" if overrides else str(config)
+        raise _fail(f"{source}: invalid data config:\n{format_validation_error(exc)}") from None
 
 
 def format_validation_error(exc: Any) -> str:
@@ -68,6 +72,8 @@ def format_validation_error(exc: Any) -> str:
         if loc and loc[0] in SOURCES:  # pydantic prefixes the union branch: drop it
             loc = loc[1:]
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}"
         lines.append(f"  data.{'.'.join(loc)}: {message}" if loc else f"  data: {message}")
     return "\n".join(lines)
 

@@ -252,3 +252,17 @@ def test_folders_pattern_with_an_empty_match_falls_back(tmp_path):
     table = _load(source="folders", root=str(tmp_path), patient_pattern=r"(\d*)")
     assert len(table.frame) == 1
     assert any("did not match patient_pattern" in n for n in table.notes)
+
+
+def test_manifest_misspelled_label_column_is_an_error(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label_pneumonai,label_effusion,comment\na.png,1,0,x\n")
+    with pytest.raises(DatasetError, match="pneumonai"):
+        _load(source="manifest", labels_file=str(tmp_path / "m.csv"), verify_images=False)
+    (tmp_path / "n.csv").write_text("path,Pneumonia,comment\na.png,1,x\n")
+    table = _load(source="manifest", labels_file=str(tmp_path / "n.csv"), verify_images=False)
+    assert any("columns not used as labels: comment" in n for n in table.notes)
+
+
+def test_missing_root_is_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"root .* does not exist"):
+        _load(source="chexpert", root=str(tmp_path / "nowhere"), verify_images=False)

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from diagnostics.data import labels as L
-from diagnostics.imaging import decode
 from diagnostics.data.config import parse_dataset_config
 from diagnostics.data.cxr import load_dataset
 from diagnostics.data.splits import patient_overlap
+from diagnostics.imaging import decode
 from tests.conftest import shared
 
 
@@ -76,7 +76,7 @@ def test_nih_sample_images_with_official_labels():
         missing_images="drop",
     )
     assert len(table.frame) == 60 and table.images_verified
-    assert any("112060 labelled images not on disk" in n for n in table.notes)
+    assert any("112,060 labelled images not on disk" in n for n in table.notes)
     sample = pd.read_csv(shared("cxr", "nih_sample", "labels.csv")).set_index("filename")
     frame = table.frame.set_index("image_id")
     assert (frame["Pneumonia"] == sample.loc[frame.index, "label_pneumonia"]).all()

@@ -70,6 +70,10 @@ def test_bad_config_is_a_clear_error(tmp_path):
     cfg.write_text("data:\n  source: manifest\n  labels_file: x.csv\n  colour: blue\n")
     out = run("data", "check", "--config", str(cfg))
     assert out.returncode == 2 and "colour" in out.stderr and "Traceback" not in out.stderr
+    out = run("data", "check", "--config", str(cfg), "--set", "root=/tmp")
+    assert out.returncode == 2 and "use data.KEY" in out.stderr
+    out = run("data", "check", "--config", str(cfg), "--set", "data.rooot=/tmp")
+    assert "with --set overrides" in out.stderr and "data.rooot: unknown key 'rooot'" in out.stderr
     out = run("data", "check", "--config", str(tmp_path / "none.yaml"))
     assert out.returncode == 2 and "not found" in out.stderr
     out = run("data", "synth-cxr", str(tmp_path), "--format", "tiff")
@@ -111,7 +115,7 @@ def test_overlap_is_reported_and_fails_the_check(tmp_path):
     ("config", "expect"),
     [
         ("kermany.yaml", ["images kept: 5,216", "patients: 2,635"]),
-        ("nih_sample.yaml", ["images kept: 60", "112060 labelled images not on disk"]),
+        ("nih_sample.yaml", ["images kept: 60", "112,060 labelled images not on disk"]),
         ("nih14_labels_only.yaml", ["images kept: 112,120", "patients: 30,805", "NOT VERIFIED"]),
     ],
 )

@@ -83,6 +83,11 @@ def _require(path: Path | None, what: str) -> Path:
 def _find_default(root: Path | None, names: Iterable[str], what: str) -> Path:
     """The first of `names` (relative to root) that exists: official files at their usual place."""
     names = list(names)
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise DatasetError(
+            f"root {root} does not exist (resolved to {Path(root).expanduser().resolve()}); "
+            "set it with --set data.root=PATH"
+        )
     if root is None:
         raise DatasetError(f"{what} is not set, and there is no root to look for {names[0]} in")
     for name in names:
@@ -247,7 +252,7 @@ def read_mimic_cxr(cfg: MimicCXRConfig) -> _Read:
     unlabelled = int((merged["_merge"] == "left_only").sum())
     notes = [f"uncertain (-1) labels: '{cfg.uncertain}'; blank (not mentioned): '{cfg.blank}'"]
     if unlabelled:
-        notes.append(f"{unlabelled} images dropped: their study has no row in the label file")
+        notes.append(f"{unlabelled:,} images dropped: their study has no row in the label file")
         merged = merged[merged["_merge"] == "both"]
     subject = merged["subject_id"].astype(int).astype(str)
     study = merged["study_id"].astype(int).astype(str)
@@ -417,7 +422,7 @@ def read_rsna(cfg: RSNAConfig) -> _Read:
     ).reset_index(drop=True)
     out["path"] = _locate_by_stem(cfg.root, out["image_id"], (".dcm",))
     notes = [
-        f"{len(df)} box rows -> {len(out)} images; Target = pneumonia-like opacity",
+        f"{len(df):,} box rows -> {len(out):,} images; Target = pneumonia-like opacity",
         "RSNA's patientId names one image; images are treated as independent patients",
     ]
     return _Read(out, ["Pneumonia"], notes)
@@ -434,7 +439,10 @@ def read_manifest(cfg: ManifestConfig) -> _Read:
     labels_file = _require(cfg.labels_file, "labels_file")
     df = _read_csv(labels_file, dtype=str, keep_default_na=False, na_values=[""])
     _need_columns(df, [cfg.path_column], labels_file)
-    label_columns = cfg.label_columns or _auto_label_columns(df.columns)
+    try:
+        label_columns = cfg.label_columns or _auto_label_columns(df.columns)
+    except L.UnknownFindingError as exc:
+        raise DatasetError(f"{labels_file}: a label_ column names no finding: {exc}") from None
     if not label_columns:
         raise DatasetError(
             f"{labels_file}: no label columns; name them after findings (e.g. Pneumonia or "
@@ -442,6 +450,11 @@ def read_manifest(cfg: ManifestConfig) -> _Read:
         )
     _need_columns(df, label_columns, labels_file)
     notes: list[str] = []
+    used = {cfg.path_column, cfg.patient_column, cfg.view_column, cfg.split_column, *label_columns}
+    known = {*BASE_COLUMNS, *_PATIENT_COLUMNS, *_VIEW_COLUMNS, "split"}
+    ignored = [c for c in df.columns if c not in used | known and not c.startswith("mask_")]
+    if ignored:
+        notes.append(f"columns not used as labels: {', '.join(ignored)}")
     patient_col = cfg.patient_column or next((c for c in _PATIENT_COLUMNS if c in df.columns), None)
     if patient_col is None:
         patients = df[cfg.path_column].astype(str)
@@ -493,6 +506,7 @@ def read_manifest(cfg: ManifestConfig) -> _Read:
 
 
 def _auto_label_columns(columns: Iterable[str]) -> dict[str, str]:
+    """Columns named after findings. A `label_` column that names no finding is an error."""
     out: dict[str, str] = {}
     for col in columns:
         name = col[len("label_") :] if col.lower().startswith("label_") else col
@@ -505,6 +519,8 @@ def _auto_label_columns(columns: Iterable[str]) -> dict[str, str]:
             continue
         if L.is_finding(name):
             out[col] = L.canonical(name)
+        elif col.lower().startswith("label_"):
+            L.canonical(name)  # raises UnknownFindingError listing the valid names
     return out
 
 
@@ -596,15 +612,17 @@ def load_dataset(cfg: Any) -> CXRTable:
     if cfg.views is not None:
         known = frame["view"].notna()
         keep = ~known | frame["view"].isin(cfg.views)
-        dropped = int((~keep).sum())
-        notes.append(
-            f"views {cfg.views}: {dropped} images of other views dropped"
-            + (f", {int((~known).sum())} of unknown view kept" if (~known).any() else "")
-        )
+        dropped, unknown = int((~keep).sum()), int((~known).sum())
+        if dropped:
+            notes.append(f"views {', '.join(cfg.views)}: {dropped:,} images of other views dropped")
+        if unknown:
+            notes.append(f"views {', '.join(cfg.views)}: {unknown:,} images of unknown view kept")
         frame = frame[keep]
 
     if cfg.max_images is not None and len(frame) > cfg.max_images:
-        notes.append(f"max_images={cfg.max_images}: {len(frame) - cfg.max_images} images left out")
+        notes.append(
+            f"max_images={cfg.max_images}: {len(frame) - cfg.max_images:,} images left out"
+        )
         frame = frame.iloc[: cfg.max_images]
 
     verified = False
@@ -615,14 +633,15 @@ def load_dataset(cfg: Any) -> CXRTable:
         missing = int((~exists).sum())
         if missing and cfg.missing_images == "error":
             # No example path: image paths often carry patient keys (MIMIC, hospital exports).
-            root = cfg.root if cfg.root is not None else getattr(cfg, "labels_file", None)
-            where = f" under {root}" if root is not None else ""
+            # The folder searched comes from the config, so it is safe to show.
+            folder = cfg.root if cfg.root is not None else Path(cfg.labels_file).parent
             raise DatasetError(
-                f"{missing} of {len(frame)} labelled images are not on disk{where}; "
+                f"{missing:,} of {len(frame):,} labelled images are not on disk under "
+                f"{folder} (resolved to {Path(folder).expanduser().resolve()}); "
                 "fix root, set missing_images: drop, or verify_images: false"
             )
         if missing:
-            notes.append(f"{missing} labelled images not on disk: dropped (missing_images: drop)")
+            notes.append(f"{missing:,} labelled images not on disk: dropped (missing_images: drop)")
             frame = frame[exists]
         verified = True
     if frame.empty:
