@@ -116,3 +116,12 @@ def test_spec_validation():
         SynthSpec(difficulty=2)
     with pytest.raises(ValueError):
         SynthSpec(prevalence={"Gout": 0.5})
+
+
+def test_rewriting_a_folder_replaces_the_previous_dataset(tmp_path):
+    write_dataset(tmp_path, 6, size=40, seed=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    write_dataset(tmp_path, 2, size=40, seed=1)
+    assert len(list((tmp_path / "images").iterdir())) == 2
+    assert len(pd.read_csv(tmp_path / "manifest.csv")) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # files it did not write are kept

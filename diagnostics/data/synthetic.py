@@ -283,6 +283,7 @@ def write_dataset(
     if bits not in (12, 16):
         raise ValueError("bits must be 12 or 16")
     out = Path(out)
+    _remove_previous(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     spec = SynthSpec(
@@ -317,6 +318,20 @@ def write_dataset(
         rows.append(row)
     pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
     return out / "manifest.csv"
+
+
+def _remove_previous(out: Path) -> None:
+    """Delete the images and masks a previous run listed in out/manifest.csv (and nothing else)."""
+    manifest = out / "manifest.csv"
+    if not manifest.is_file():
+        return
+    old = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    columns = [c for c in old.columns if c == "path" or c.startswith("mask_")]
+    for rel in old[columns].to_numpy().ravel():
+        target = (out / rel).resolve() if rel else None
+        if target is not None and target.is_file() and out.resolve() in target.parents:
+            target.unlink()
+    manifest.unlink()
 
 
 def digest(path: str | Path) -> str:
