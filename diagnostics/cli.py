@@ -16,6 +16,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets: synthetic data, checks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(
+    help="Train models (tracked in MLflow, exported to ONNX).", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
 
 log = logging.getLogger("diagnostics")
 
@@ -139,12 +143,112 @@ def data_synth_cxr(
     typer.echo(f"wrote {n} images and {manifest}")
 
 
+def _load_train_config(config: Path, overrides: list[str] | None) -> Any:
+    from diagnostics.configio import ConfigError
+    from diagnostics.train.config import load_train_config
+
+    try:
+        return load_train_config(config, overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _summary_table(result: Any) -> str:
+    lines = [
+        f"{'finding':<16}{'val AUROC':>10}{'95% CI':>16}{'threshold':>11}{'sens':>7}{'spec':>7}"
+        f"{'temp':>7}"
+    ]
+    for f, r in result.val.items():
+        ci = f"{r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}"
+        lines.append(
+            f"{f:<16}{r['auroc']:>10.4f}{ci:>16}{r['threshold']:>11.3f}{r['sensitivity']:>7.3f}"
+            f"{r['specificity']:>7.3f}{r['temperature']:>7.2f}"
+        )
+    lines.append(f"mean val AUROC {result.mean_val_auroc:.4f}")
+    lines.append(
+        f"trained {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device} "
+        f"({result.precision}); ONNX parity max |dp| {result.parity:.1e}"
+    )
+    lines.append(f"ONNX   {result.onnx_path}")
+    lines.append(f"sha256 {result.sha256}")
+    if result.run_id:
+        version = f", registered version {result.model_version}" if result.model_version else ""
+        lines.append(f"MLflow run {result.run_id}{version}")
+    return "\n".join(lines)
+
+
+def _mlflow_ui_hint() -> str:
+    from diagnostics.settings import get_settings
+
+    settings = get_settings()
+    uri = settings.mlflow_uri()
+    if uri.startswith("sqlite:"):
+        return (
+            f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} "
+            f"--default-artifact-root {settings.artifact_root.resolve().as_uri()} --port 5000"
+        )
+    return f"open the MLflow UI of {uri}"
+
+
+@train_app.command("cxr")
+def train_cxr_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config")],
+    set_: SetOption = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="run folder to resume, or 'last' for this config's latest run"),
+    ] = None,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="do not log to MLflow")] = False,
+) -> None:
+    """Train, calibrate, evaluate, export to ONNX, log to MLflow and register the model."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.cxr import train_cxr
+
+    cfg = _load_train_config(config, set_)
+    try:
+        result = train_cxr(cfg, resume=resume, log_to_mlflow=not no_mlflow)
+    except (DatasetError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(_summary_table(result))
+    if not no_mlflow:
+        typer.echo(_mlflow_ui_hint())
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="model.onnx or models:/NAME@ALIAS")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config with a data: section")
+    ],
+    split: Annotated[str, typer.Option(help="split to score, or 'all' for every image")] = "val",
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option(help="where to write metrics.json")] = Path("metrics.json"),
+    bootstrap: Annotated[int, typer.Option(min=0, help="resamples for the 95% CIs")] = 1000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "cpu",
+) -> None:
+    """Score a dataset with an exported ONNX model (ONNX Runtime, clinic preprocessing)."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.evaluate import evaluate as run_eval
+    from diagnostics.train.evaluate import render_report
+
+    cfg = load_data_config(config, set_)
+    try:
+        result = run_eval(model, cfg, split=split, n_boot=bootstrap, device=device)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    typer.echo(render_report(result))
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def demo(
-    n: Annotated[int, typer.Option("--n", min=10)] = 300,
+    n: Annotated[int, typer.Option("--n", min=10)] = 1200,
     size: Annotated[int, typer.Option("--size", min=32)] = 128,
+    train: Annotated[bool, typer.Option(help="train after checking the data")] = True,
 ) -> None:
-    """End to end on built-in synthetic data: generate a dataset, then check it."""
+    """End to end on built-in synthetic data: generate, check, train, evaluate, export, register."""
     from diagnostics.data.check import render, summarize
     from diagnostics.data.cxr import load_dataset
     from diagnostics.data.synthetic import write_dataset
@@ -152,11 +256,28 @@ def demo(
 
     home = get_settings().home
     out = home / "demo" / "synth"
-    typer.echo(f"[1/2] synthetic chest X-rays -> {out}")
     config = Path("configs/cxr/demo.yaml")
     if not config.is_file():
         raise _fail(f"{config} not found: run the demo from the project root")
+    typer.echo(f"[1/4] synthetic chest X-rays: {n} images at {size} px -> {out}")
     manifest = write_dataset(out, n, size=size, seed=0)
-    cfg = load_data_config(config, [f"data.labels_file={manifest}"])
-    typer.echo(f"[2/2] data check ({config})")
+    overrides = [f"data.labels_file={manifest}", f"preprocess.size={size}"]
+    cfg = load_data_config(config, [o for o in overrides if o.startswith("data.")])
+    typer.echo(f"[2/4] data check ({config})")
     typer.echo(render(summarize(load_dataset(cfg))))
+    if not train:
+        return
+    from diagnostics.train.cxr import train_cxr
+    from diagnostics.train.evaluate import evaluate as run_eval
+
+    typer.echo("[3/4] train, calibrate, export to ONNX, log and register in MLflow")
+    result = train_cxr(_load_train_config(config, overrides))
+    typer.echo(_summary_table(result))
+    typer.echo("[4/4] evaluate the exported ONNX file on the test split (ONNX Runtime)")
+    report = run_eval(result.onnx_path, cfg, split="test", n_boot=200, progress=False)
+    typer.echo(
+        "test AUROC: "
+        + ", ".join(f"{f} {r['auroc']:.3f}" for f, r in report["findings"].items())
+        + f"; mean {report['mean_auroc']:.4f}"
+    )
+    typer.echo(_mlflow_ui_hint())

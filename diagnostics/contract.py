@@ -48,3 +48,83 @@ class PreprocessSpec(BaseModel):
         if self.normalize == "imagenet" and self.channels != 3:
             raise ValueError("imagenet normalisation needs channels=3")
         return self
+
+
+# --------------------------------------------------------------------------- model metadata
+
+SCHEMA_VERSION = "1"
+METADATA_KEY = "diagnostics"  # ONNX metadata_props key holding ModelMetadata as JSON
+
+
+class Threshold(BaseModel):
+    """The operating point of one finding, on the calibrated probability."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: float = Field(ge=0.0, le=1.0)
+    policy: str  # e.g. "youden", "sensitivity>=0.9"
+    sensitivity: float | None = None  # on the validation split, at this threshold
+    specificity: float | None = None
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "image"
+    shape: list[int | str]  # e.g. ["batch", 1, 224, 224]
+    dtype: str = "float32"
+
+
+class ModelMetadata(BaseModel):
+    """Everything a clinic needs to run and trust a model file, stored inside the ONNX file.
+
+    Outputs: `logits` (B, F) in label order, and optionally `cam` (B, F, h, w) in logit units.
+    Calibrated probability of finding i = sigmoid(logits[:, i] / temperature[i]).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: str = SCHEMA_VERSION
+    task: Literal["cxr", "risk"]
+    name: str  # registered model name, e.g. "cxr-pneumonia"
+    architecture: str  # e.g. "resnet18"
+    labels: list[str]
+    temperature: list[float]  # one per label; 1.0 = uncalibrated
+    thresholds: dict[str, Threshold]
+    preprocessing: PreprocessSpec
+    input: InputSpec
+    outputs: list[str] = Field(default_factory=lambda: ["logits", "cam"])
+    # Provenance
+    run_id: str | None = None
+    dataset_digest: str | None = None
+    dataset_name: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)  # validation, flat names
+    created: str  # ISO 8601, UTC
+    package_version: str
+    intended_use: str = ""
+    limitations: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelMetadata:
+        if len(self.temperature) != len(self.labels):
+            raise ValueError("temperature needs one value per label")
+        if any(t <= 0 for t in self.temperature):
+            raise ValueError("temperatures must be > 0")
+        missing = set(self.labels) - set(self.thresholds)
+        if missing:
+            raise ValueError(f"thresholds missing for {sorted(missing)}")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        return cls.model_validate_json(text)
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
+        """From ONNX metadata_props (or ORT's custom_metadata_map)."""
+        if METADATA_KEY not in props:
+            raise ValueError(f"the model file has no '{METADATA_KEY}' metadata: not exported here")
+        return cls.from_json(props[METADATA_KEY])

@@ -470,8 +470,13 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
     Deterministic: square it (crop, letterbox or squash), resize with antialiasing (Pillow's
     bilinear filter on float32, which widens its support when shrinking), normalise, repeat to
-    C channels.
+    C channels. Equal to `normalize(resize_square(pixels, spec), spec)`.
     """
+    return normalize(resize_square(pixels, spec), spec)
+
+
+def resize_square(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The geometric half of `preprocess`: (H, W) in [0, 1] -> (S, S) float32 in [0, 1]."""
     from PIL import Image
 
     if pixels.ndim != 2:
@@ -484,9 +489,12 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if img.shape != (size, size):
         resized = Image.fromarray(img, mode="F").resize((size, size), Image.Resampling.BILINEAR)
         img = np.asarray(resized, dtype=np.float32)
-    img = np.clip(img, 0.0, 1.0)  # (S, S)
+    return np.clip(img, 0.0, 1.0)  # (S, S)
 
-    out = np.repeat(img[None], spec.channels, axis=0)  # (C, S, S)
+
+def normalize(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The intensity half of `preprocess`: (..., S, S) in [0, 1] -> (..., C, S, S) float32."""
+    out = np.repeat(np.asarray(img, dtype=np.float32)[..., None, :, :], spec.channels, axis=-3)
     if spec.normalize == "imagenet":
         mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     elif spec.normalize == "fixed":

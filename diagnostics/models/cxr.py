@@ -1,0 +1,224 @@
+"""CXR networks: torchvision and MONAI backbones behind one head that also yields a CAM.
+
+Every network is `features -> 1x1 conv -> CAM (B, F, h, w) -> spatial mean -> logits (B, F)`.
+A 1x1 convolution followed by global average pooling equals global average pooling followed by
+a linear layer, so the logits are those of the usual classifier, and the class activation map
+(Zhou et al. 2016) comes out of the same graph: it exports to ONNX, and a clinic needs no torch
+to draw heatmaps.
+
+Backbones take 1 or 3 input channels. ImageNet weights are optional and off by default; with one
+input channel the first convolution's pretrained weights are summed over RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diagnostics.models.registry import register_model
+
+
+class CAMClassifier(nn.Module):
+    """features (B, C, h, w) -> CAM (B, F, h, w) and logits (B, F) = CAM averaged over h, w."""
+
+    def __init__(
+        self, features: nn.Module, n_features: int, num_classes: int, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.features = features
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Conv2d(n_features, num_classes, kernel_size=1)
+        self.num_classes = num_classes
+
+    def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cam = self.head(self.dropout(self.features(x)))  # (B, F, h, w), logit units
+        return cam.mean(dim=(2, 3)), cam  # (B, F), (B, F, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_cam(x)[0]
+
+
+class WithCAM(nn.Module):
+    """Export wrapper: outputs (logits, cam)."""
+
+    def __init__(self, model: CAMClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_cam(x)
+
+
+def adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """The same convolution for `in_channels` inputs; pretrained RGB weights are summed."""
+    if conv.in_channels == in_channels:
+        return conv
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        if in_channels == 1:
+            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        else:
+            new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)  # type: ignore[union-attr]
+    return new
+
+
+def _torchvision(
+    builder: Callable[..., nn.Module], pretrained: bool, weights_path: str | Path | None
+) -> nn.Module:
+    """A torchvision model: random, ImageNet (downloaded once to TORCH_HOME) or local weights."""
+    if weights_path is not None:
+        model = builder(weights=None)
+        state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model
+    return builder(weights="DEFAULT" if pretrained else None)
+
+
+def _check(in_channels: int, num_classes: int) -> None:
+    if in_channels not in (1, 3):
+        raise ValueError("in_channels must be 1 or 3")
+    if num_classes < 1:
+        raise ValueError("num_classes must be >= 1")
+
+
+@register_model("densenet121")
+def densenet121(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+) -> CAMClassifier:
+    """DenseNet-121, the CheXNet architecture (Rajpurkar et al. 2017)."""
+    from torchvision.models import densenet121 as tv
+
+    _check(in_channels, num_classes)
+    net: Any = _torchvision(tv, pretrained, weights_path)
+    net.features.conv0 = adapt_first_conv(net.features.conv0, in_channels)
+    features = nn.Sequential(net.features, nn.ReLU(inplace=False))  # torchvision applies ReLU
+    return CAMClassifier(features, net.classifier.in_features, num_classes, dropout)
+
+
+def _resnet(
+    builder: Callable[..., nn.Module], in_channels, num_classes, pretrained, weights_path, dropout
+) -> CAMClassifier:
+    _check(in_channels, num_classes)
+    net: Any = _torchvision(builder, pretrained, weights_path)
+    net.conv1 = adapt_first_conv(net.conv1, in_channels)
+    features = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+    return CAMClassifier(features, net.fc.in_features, num_classes, dropout)
+
+
+@register_model("resnet18")
+def resnet18(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+) -> CAMClassifier:
+    from torchvision.models import resnet18 as tv
+
+    return _resnet(tv, in_channels, num_classes, pretrained, weights_path, dropout)
+
+
+@register_model("resnet50")
+def resnet50(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+) -> CAMClassifier:
+    from torchvision.models import resnet50 as tv
+
+    return _resnet(tv, in_channels, num_classes, pretrained, weights_path, dropout)
+
+
+@register_model("efficientnet_b0")
+def efficientnet_b0(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+) -> CAMClassifier:
+    from torchvision.models import efficientnet_b0 as tv
+
+    _check(in_channels, num_classes)
+    net: Any = _torchvision(tv, pretrained, weights_path)
+    net.features[0][0] = adapt_first_conv(net.features[0][0], in_channels)
+    return CAMClassifier(net.features, net.classifier[1].in_features, num_classes, dropout)
+
+
+@register_model("monai_densenet121")
+def monai_densenet121(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+) -> CAMClassifier:
+    """MONAI's DenseNet121 (2D). MONAI ships no ImageNet weights for it: `weights_path` loads a
+    state dict saved from the same MONAI network."""
+    from monai.networks.nets import DenseNet121
+
+    _check(in_channels, num_classes)
+    if pretrained and weights_path is None:
+        raise ValueError("monai_densenet121 has no downloadable ImageNet weights; set weights_path")
+    net = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+    if weights_path is not None:
+        net.load_state_dict(torch.load(Path(weights_path), map_location="cpu", weights_only=True))
+    n_features = net.class_layers.out.in_features
+    features = nn.Sequential(net.features, nn.ReLU(inplace=False))  # class_layers start with ReLU
+    return CAMClassifier(features, n_features, num_classes, dropout)
+
+
+@register_model("tiny_cnn")
+def tiny_cnn(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+    width: int = 16,
+    blocks: int = 4,
+) -> CAMClassifier:
+    """A small CNN for tests and the demo: `blocks` x (conv3x3-BN-ReLU, conv3x3-BN-ReLU, pool)."""
+    _check(in_channels, num_classes)
+    if pretrained:
+        raise ValueError("tiny_cnn has no pretrained weights")
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for i in range(blocks):
+        c_out = width * 2**i
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
+        if i < blocks - 1:
+            layers.append(nn.MaxPool2d(2))
+        c_in = c_out
+    model = CAMClassifier(nn.Sequential(*layers), c_in, num_classes, dropout)
+    if weights_path is not None:
+        model.load_state_dict(torch.load(Path(weights_path), map_location="cpu", weights_only=True))
+    return model

@@ -1,0 +1,619 @@
+"""`diagnostics train cxr`: train, calibrate, evaluate, export and track a CXR model.
+
+The steps, each in its own module: data (`data.cxr`, `data.cache`, `data.augment`), network
+(`models`), metrics and calibration (`train.metrics`, `train.calibrate`), export (`train.export`)
+and MLflow (`train.tracking`). This file is the loop that ties them together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from diagnostics import __version__
+from diagnostics.contract import InputSpec, ModelMetadata, PreprocessSpec, Threshold
+from diagnostics.data.augment import CXRAugment
+from diagnostics.data.cache import build_cache, from_uint16
+from diagnostics.data.cxr import CXRTable, DatasetError, load_dataset
+from diagnostics.imaging import load_for_model
+from diagnostics.models.registry import create_model
+from diagnostics.settings import get_settings
+from diagnostics.train import tracking
+from diagnostics.train.calibrate import choose_threshold, fit_temperature, sigmoid
+from diagnostics.train.config import CXRTrainConfig
+from diagnostics.train.export import check_parity, export_onnx
+from diagnostics.train.metrics import auroc, finding_report, mean_auroc
+from diagnostics.train.plots import save_plots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    run_id: str | None
+    onnx_path: Path
+    sha256: str
+    model_version: str | None
+    findings: list[str]
+    val: dict[str, dict[str, float]]
+    test: dict[str, dict[str, float]] | None
+    mean_val_auroc: float
+    parity: float
+    seconds: float
+    epochs_run: int
+    device: str
+    precision: str
+    metadata: ModelMetadata
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX-BF16 (Linux /proc/cpuinfo); elsewhere False, so fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def select_device(requested: str) -> torch.device:
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        log.warning("CUDA was requested but is not available: training on CPU")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """fp16 AMP on CUDA, bf16 on CPUs with bf16 units, else None (fp32)."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def normalize_torch(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 1] -> (B, C, S, S); the torch twin of `imaging.normalize`."""
+    from diagnostics.contract import IMAGENET_MEAN, IMAGENET_STD
+
+    x = x.expand(-1, spec.channels, -1, -1)
+    if spec.normalize == "unit":
+        return x.contiguous()
+    mean, std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if spec.normalize == "imagenet" else (spec.mean, spec.std)
+    )
+    m = torch.tensor(np.broadcast_to(mean, (spec.channels,)), dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(np.broadcast_to(std, (spec.channels,)), dtype=x.dtype).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def masked_bce(
+    logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy over known labels only: NaN targets add nothing to loss or gradient."""
+    known = ~torch.isnan(targets)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(targets, nan=0.0), pos_weight=pos_weight, reduction="none"
+    )
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def _batch(
+    cache: np.ndarray, idx: np.ndarray, spec: PreprocessSpec, augment: CXRAugment | None
+) -> torch.Tensor:
+    x = torch.from_numpy(from_uint16(cache[idx]))[:, None]  # (B, 1, S, S) in [0, 1]
+    if augment is not None:
+        x = augment(x)
+    return normalize_torch(x, spec)
+
+
+def predict_logits(
+    model: torch.nn.Module,
+    cache: np.ndarray,
+    idx: np.ndarray,
+    spec: PreprocessSpec,
+    device: torch.device,
+    batch_size: int,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """(N, F) float64 logits for cached images `idx`, in eval mode."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(idx), batch_size):
+            x = _batch(cache, idx[start : start + batch_size], spec, None).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _run_dir(cfg: CXRTrainConfig, resume: str | Path | None) -> Path:
+    runs = get_settings().runs_dir
+    if resume in (None, ""):
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        return runs / f"{cfg.name}-{stamp}"
+    if str(resume) == "last":
+        candidates = sorted(runs.glob(f"{cfg.name}-*/checkpoints/last.pt"))
+        if not candidates:
+            raise FileNotFoundError(f"no run of {cfg.name!r} to resume under {runs}")
+        return candidates[-1].parent.parent
+    path = Path(resume)  # type: ignore[arg-type]
+    if not (path / "checkpoints" / "last.pt").is_file():
+        raise FileNotFoundError(f"{path} has no checkpoints/last.pt to resume from")
+    return path
+
+
+def _splits(table: CXRTable) -> dict[str, np.ndarray]:
+    split = table.frame["split"].to_numpy()
+    out = {name: np.flatnonzero(split == name) for name in np.unique(split)}
+    for needed in ("train", "val"):
+        if needed not in out or len(out[needed]) == 0:
+            raise DatasetError(
+                f"training needs a '{needed}' split; this config gives {sorted(out)}. "
+                "Set data.split.fractions with train and val."
+            )
+    return out
+
+
+def train_cxr(
+    cfg: CXRTrainConfig,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    log_to_mlflow: bool = True,
+) -> TrainResult:
+    """Train, calibrate, evaluate, export and (optionally) track. Returns what it measured."""
+    t_start = time.perf_counter()
+    settings = get_settings()
+    run_dir = _run_dir(cfg, resume)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
+
+    loop = cfg.train
+    torch.manual_seed(loop.seed)
+    np_rng = np.random.default_rng(loop.seed)
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    device = select_device(loop.device)
+    amp = autocast_dtype(device, loop.mixed_precision)
+    precision = {None: "fp32", torch.float16: "fp16-amp", torch.bfloat16: "bf16-autocast"}[amp]
+    channels_last = loop.channels_last
+
+    table = load_dataset(cfg.data)
+    findings = list(table.findings)
+    idx = _splits(table)
+    labels = table.labels().astype(np.float32)  # (N, F), NaN = unknown
+    spec = cfg.preprocess
+    cache = build_cache(table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress)
+
+    model = create_model(
+        cfg.model.name,
+        in_channels=spec.channels,
+        num_classes=len(findings),
+        pretrained=cfg.model.pretrained,
+        weights_path=cfg.model.weights_path,
+        dropout=cfg.model.dropout,
+        **cfg.model.options,
+    ).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_idx = idx["train"]
+    steps = math.ceil(len(train_idx) / loop.batch_size)
+    if loop.max_steps_per_epoch:
+        steps = min(steps, loop.max_steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(loop.epochs * steps, int(loop.warmup_epochs * steps))
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    pos_weight = None
+    if loop.pos_weight == "balanced":
+        y = labels[train_idx]
+        pos = np.nansum(y, axis=0)
+        neg = np.sum(~np.isnan(y), axis=0) - pos
+        pos_weight = torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), device=device)
+    augment = (
+        CXRAugment(**cfg.augment.model_dump(exclude={"enabled"})) if cfg.augment.enabled else None
+    )
+
+    start_epoch, best, bad, run_id, history = 0, -1.0, 0, None, []
+    last = ckpt_dir / "last.pt"
+    if resume not in (None, "") and last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        np_rng.bit_generator.state = state["numpy_rng"]
+        start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
+        run_id, history = state.get("run_id"), state.get("history", [])
+        log.info("resuming %s at epoch %d", run_dir.name, start_epoch + 1)
+
+    digest = tracking.dataset_digest(table.frame, findings)
+    mlflow = None
+    if log_to_mlflow:
+        import mlflow
+
+        exp_id = tracking.setup(
+            settings.mlflow_uri(), cfg.tracking.experiment, settings.artifact_root
+        )
+        mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_dir.name)
+        run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+        if start_epoch == 0:
+            mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+            mlflow.log_params(
+                {"device": device.type, "precision": precision, "findings": ",".join(findings)}
+            )
+            mlflow.set_tags(tracking.standard_tags(f"{device.type}:{precision}"))
+            tracking.log_dataset(table.frame, findings, f"{cfg.name}:{cfg.data.source}", digest)
+
+    epochs_run = start_epoch
+    try:
+        for epoch in range(start_epoch, loop.epochs):
+            epochs_run = epoch + 1
+            model.train()
+            order = np_rng.permutation(train_idx)
+            losses, seen, t0 = [], 0, time.perf_counter()
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(
+                    total=steps * loop.batch_size,
+                    desc=f"epoch {epoch + 1}/{loop.epochs}",
+                    unit="img",
+                    leave=False,
+                    disable=None,
+                )
+            for step in range(steps):
+                batch_idx = order[step * loop.batch_size : (step + 1) * loop.batch_size]
+                if len(batch_idx) == 0:
+                    break
+                x = _batch(cache, batch_idx, spec, augment).to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = torch.from_numpy(labels[batch_idx]).to(device)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = model(x)
+                loss = masked_bce(logits.float(), y, pos_weight)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if loop.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                losses.append(loss.item())
+                seen += len(batch_idx)
+                if bar is not None:
+                    bar.update(len(batch_idx))
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if bar is not None:
+                bar.close()
+            speed = seen / max(time.perf_counter() - t0, 1e-9)
+            val_logits = predict_logits(
+                model, cache, idx["val"], spec, device, loop.batch_size * 2, amp, channels_last
+            )
+            val_auc = mean_auroc(labels[idx["val"]], sigmoid(val_logits))
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "val_mean_auroc": val_auc,
+                "images_per_s": speed,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            for i, f in enumerate(findings):
+                row[f"val_auroc_{f}"] = auroc(labels[idx["val"], i], val_logits[:, i])
+            history.append(row)
+            log.info(
+                "epoch %d: loss %.4f, val mean AUROC %.4f, %.1f img/s",
+                epoch + 1,
+                row["train_loss"],
+                val_auc,
+                speed,
+            )
+            if mlflow is not None:
+                mlflow.log_metrics(
+                    {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)},
+                    step=epoch + 1,
+                )
+            improved = np.isfinite(val_auc) and val_auc > best
+            if improved or best < 0:
+                best, bad = (val_auc if np.isfinite(val_auc) else best), 0
+                torch.save(model.state_dict(), ckpt_dir / "best.pt")
+            else:
+                bad += 1
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": np_rng.bit_generator.state,
+                    "epoch": epoch,
+                    "best": best,
+                    "bad": bad,
+                    "run_id": run_id,
+                    "history": history,
+                },
+                last,
+            )
+            if bad >= loop.patience:
+                log.info("early stop: no better val mean AUROC for %d epochs", bad)
+                break
+
+        model.load_state_dict(
+            torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=True)
+        )
+        result = _finish(
+            cfg,
+            model,
+            table,
+            findings,
+            idx,
+            labels,
+            cache,
+            device,
+            run_dir,
+            digest,
+            run_id,
+            mlflow,
+            history,
+        )
+    finally:
+        if mlflow is not None:
+            mlflow.end_run()
+    result.seconds = time.perf_counter() - t_start
+    result.epochs_run = epochs_run
+    result.device, result.precision = device.type, precision
+    return result
+
+
+def _finish(
+    cfg: CXRTrainConfig,
+    model: Any,
+    table: CXRTable,
+    findings: list[str],
+    idx: dict[str, np.ndarray],
+    labels: np.ndarray,
+    cache: np.ndarray,
+    device: torch.device,
+    run_dir: Path,
+    digest: str,
+    run_id: str | None,
+    mlflow: Any,
+    history: list[dict[str, float]],
+) -> TrainResult:
+    """Calibrate and choose thresholds on val, report val/test, export, check parity, log."""
+    spec, ev = cfg.preprocess, cfg.eval
+    model = model.float().to(memory_format=torch.contiguous_format)
+    bs = cfg.train.batch_size * 2
+    val_logits = predict_logits(model, cache, idx["val"], spec, device, bs)  # fp32, as exported
+    y_val = labels[idx["val"]]
+    temps = [
+        fit_temperature(val_logits[:, i], y_val[:, i]) if ev.calibrate else 1.0
+        for i in range(len(findings))
+    ]
+    p_val = sigmoid(val_logits / np.asarray(temps))
+    thresholds: dict[str, Threshold] = {}
+    val_report: dict[str, dict[str, float]] = {}
+    for i, f in enumerate(findings):
+        t = choose_threshold(y_val[:, i], p_val[:, i], ev.threshold_policy)
+        val_report[f] = finding_report(
+            y_val[:, i], p_val[:, i], t, n_boot=ev.bootstrap, ece_bins=ev.ece_bins
+        )
+        val_report[f]["temperature"] = temps[i]
+        thresholds[f] = Threshold(
+            value=t,
+            policy=ev.threshold_policy,
+            sensitivity=_finite(val_report[f]["sensitivity"]),
+            specificity=_finite(val_report[f]["specificity"]),
+        )
+    test_report = None
+    plots_dir = run_dir / "plots"
+    for i, f in enumerate(findings):
+        save_plots(y_val[:, i], p_val[:, i], f"val_{f}", plots_dir, ev.ece_bins)
+    if "test" in idx and len(idx["test"]):
+        p_test = sigmoid(
+            predict_logits(model, cache, idx["test"], spec, device, bs) / np.asarray(temps)
+        )
+        y_test = labels[idx["test"]]
+        test_report = {
+            f: finding_report(
+                y_test[:, i],
+                p_test[:, i],
+                thresholds[f].value,
+                n_boot=ev.bootstrap,
+                ece_bins=ev.ece_bins,
+            )
+            for i, f in enumerate(findings)
+        }
+        for i, f in enumerate(findings):
+            save_plots(y_test[:, i], p_test[:, i], f"test_{f}", plots_dir, ev.ece_bins)
+
+    mean_val = float(np.nanmean([r["auroc"] for r in val_report.values()]))
+    flat = {
+        f"val.{f}.{k}": float(v)
+        for f, r in val_report.items()
+        for k, v in r.items()
+        if np.isfinite(v)
+    }
+    flat["val.mean_auroc"] = mean_val
+    metadata = ModelMetadata(
+        task="cxr",
+        name=cfg.tracking.registered_model or cfg.name,
+        architecture=cfg.model.name,
+        labels=findings,
+        temperature=temps,
+        thresholds=thresholds,
+        preprocessing=spec,
+        input=InputSpec(shape=["batch", spec.channels, spec.size, spec.size]),
+        run_id=run_id,
+        dataset_digest=digest,
+        dataset_name=f"{cfg.name}:{cfg.data.source}",
+        metrics=flat,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        package_version=__version__,
+        intended_use=cfg.intended_use,
+        limitations=cfg.limitations,
+    )
+    onnx_path = export_onnx(model.cpu(), metadata, run_dir / "model.onnx")
+    # Parity on real images, through the exact numpy preprocessing the clinic uses.
+    paths = table.frame["path"].to_numpy()[idx["val"][: ev.parity_images]]
+    inputs = np.stack([load_for_model(p, spec) for p in paths])
+    parity = check_parity(model, onnx_path, inputs)
+    from diagnostics.serve.runner import file_sha256
+
+    sha = file_sha256(onnx_path)
+    metrics_doc = {
+        "findings": findings,
+        "val": val_report,
+        "test": test_report,
+        "mean_val_auroc": mean_val,
+        "onnx_parity_max_abs_diff": parity,
+        "sha256": sha,
+        "history": history,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=float))
+    (run_dir / "model_card.md").write_text(
+        model_card(metadata, val_report, test_report, table, sha)
+    )
+
+    version = None
+    if mlflow is not None:
+        mlflow.log_metrics(flat)
+        mlflow.log_metric("onnx_parity_max_abs_diff", parity)
+        if test_report:
+            mlflow.log_metrics(
+                {
+                    f"test.{f}.{k}": float(v)
+                    for f, r in test_report.items()
+                    for k, v in r.items()
+                    if np.isfinite(v)
+                }
+            )
+        mlflow.set_tag("onnx_sha256", sha)
+        for name in ("config.yaml", "metrics.json", "model_card.md"):
+            mlflow.log_artifact(str(run_dir / name))
+        mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+        _, version = tracking.log_onnx_model(onnx_path, inputs[:1], cfg.tracking.registered_model)
+    return TrainResult(
+        run_dir=run_dir,
+        run_id=run_id,
+        onnx_path=onnx_path,
+        sha256=sha,
+        model_version=version,
+        findings=findings,
+        val=val_report,
+        test=test_report,
+        mean_val_auroc=mean_val,
+        parity=parity,
+        seconds=0.0,
+        epochs_run=0,
+        device="",
+        precision="",
+        metadata=metadata,
+        history=history,
+    )
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def model_card(
+    meta: ModelMetadata,
+    val: dict[str, dict[str, float]],
+    test: dict[str, dict[str, float]] | None,
+    table: CXRTable,
+    sha: str,
+) -> str:
+    """A short model card in markdown: intended use, data, metrics with CIs, thresholds, limits."""
+    counts = table.frame["split"].value_counts().to_dict()
+    lines = [
+        f"# {meta.name}: {meta.architecture}",
+        "",
+        f"- ONNX sha256: `{sha}`",
+        f"- Created: {meta.created} (diagnostics {meta.package_version})",
+        f"- MLflow run: {meta.run_id}",
+        "",
+        "## Intended use",
+        meta.intended_use or "-",
+        "",
+        "## Data",
+        f"- Dataset: {meta.dataset_name}; digest `{(meta.dataset_digest or '')[:16]}`",
+        f"- Images per split: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}",
+        f"- Input: {meta.preprocessing.size} px, {meta.preprocessing.channels} channel(s), "
+        f"crop {meta.preprocessing.crop}, normalisation {meta.preprocessing.normalize}",
+        "",
+        "## Performance",
+    ]
+    for name, report in (("validation", val), ("test", test)):
+        if not report:
+            continue
+        lines += [
+            f"### {name}",
+            "",
+            "| finding | n | AUROC (95% CI) | threshold | sensitivity | specificity | ECE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for f, r in report.items():
+            lines.append(
+                f"| {f} | {int(r['n'])} "
+                f"| {r['auroc']:.3f} ({r['auroc_lo']:.3f}-{r['auroc_hi']:.3f})"
+                f" | {r['threshold']:.3f} | {r['sensitivity']:.3f} | {r['specificity']:.3f}"
+                f" | {r['ece']:.3f} |"
+            )
+        lines.append("")
+    lines += [
+        f"Thresholds were chosen on validation by `{next(iter(meta.thresholds.values())).policy}`;"
+        " temperatures were fitted on validation.",
+        "",
+        "## Limitations",
+        meta.limitations
+        or "Validated only on the splits above. Re-check calibration and "
+        "thresholds on each site's own data before use.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""`diagnostics evaluate`: any exported ONNX model on any dataset config, through ONNX Runtime.
+
+Images go through the same `imaging.load_for_model` preprocessing the clinic uses; thresholds
+and temperatures come from the model's own metadata. A model trained elsewhere can thus be
+validated on a site's data. Findings the model has but the dataset does not annotate are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diagnostics.data.cxr import load_dataset
+from diagnostics.imaging import load_for_model
+from diagnostics.train.metrics import finding_report
+
+
+def resolve_model(model: str) -> Path:
+    """A local .onnx path, or an MLflow registry URI (models:/name@alias) downloaded to a file."""
+    if model.startswith("models:/"):
+        import mlflow
+
+        from diagnostics.settings import get_settings
+
+        mlflow.set_tracking_uri(get_settings().mlflow_uri())
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+        if not found:
+            raise FileNotFoundError(f"{model} holds no .onnx file")
+        return found[0]
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {model}")
+    return path
+
+
+def evaluate(
+    model: str | Path,
+    data_cfg: Any,
+    *,
+    split: str = "val",
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    from diagnostics.serve.runner import OnnxModel
+
+    runner = OnnxModel(resolve_model(str(model)), device=device)
+    meta = runner.metadata
+    table = load_dataset(data_cfg)
+    frame = table.frame if split == "all" else table.frame[table.frame["split"] == split]
+    if frame.empty:
+        raise ValueError(
+            f"split {split!r} is empty; splits here: {sorted(table.frame['split'].unique())}"
+        )
+    shared = [f for f in meta.labels if f in table.findings]
+    if not shared:
+        raise ValueError(f"the dataset annotates none of the model's findings {meta.labels}")
+    paths = frame["path"].tolist()
+    probs = np.zeros((len(paths), len(meta.labels)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="evaluate", unit="img", leave=False, disable=None)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        batch = np.stack([load_for_model(p, meta.preprocessing) for p in chunk])
+        probs[start : start + len(chunk)] = runner.predict(batch).probabilities
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    report = {}
+    for f in shared:
+        i = meta.labels.index(f)
+        y = frame[f].to_numpy(dtype=np.float64)
+        report[f] = finding_report(y, probs[:, i], meta.thresholds[f].value, n_boot=n_boot)
+    aurocs = [r["auroc"] for r in report.values() if np.isfinite(r["auroc"])]
+    return {
+        "model": {
+            "name": meta.name,
+            "architecture": meta.architecture,
+            "sha256": runner.sha256,
+            "run_id": meta.run_id,
+            "provider": runner.provider,
+        },
+        "dataset": {"source": table.source, "split": split, "images": len(frame)},
+        "findings": report,
+        "mean_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+        "skipped_findings": [f for f in meta.labels if f not in shared],
+    }
+
+
+def render_report(result: dict[str, Any]) -> str:
+    lines = [
+        f"model {result['model']['name']} ({result['model']['architecture']}), "
+        f"sha256 {result['model']['sha256'][:16]}..., provider {result['model']['provider']}",
+        f"dataset {result['dataset']['source']}, split {result['dataset']['split']}: "
+        f"{result['dataset']['images']:,} images",
+        "",
+        f"{'finding':<22}{'n':>7}{'AUROC':>8}{'95% CI':>16}{'AUPRC':>8}{'thr':>7}"
+        f"{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'ECE':>7}",
+    ]
+    for f, r in result["findings"].items():
+        ci = f"{r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}"
+        lines.append(
+            f"{f:<22}{int(r['n']):>7}{r['auroc']:>8.3f}{ci:>16}"
+            f"{r['auprc']:>8.3f}{r['threshold']:>7.3f}{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
+            f"{r['ppv']:>7.3f}{r['npv']:>7.3f}{r['ece']:>7.3f}"
+        )
+    lines.append(f"mean AUROC {result['mean_auroc']:.4f}")
+    if result["skipped_findings"]:
+        lines.append(f"not annotated here, skipped: {', '.join(result['skipped_findings'])}")
+    return "\n".join(lines)

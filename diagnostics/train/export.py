@@ -1,0 +1,82 @@
+"""ONNX export of a trained CXR network, checked and self-describing.
+
+The graph takes `image` (batch, C, S, S) float32 and returns `logits` (batch, F) and `cam`
+(batch, F, h, w). `ModelMetadata` goes into metadata_props. Parity with torch is checked on real
+images through the shared numpy preprocessing; a mismatch fails the export.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diagnostics.contract import METADATA_KEY, ModelMetadata
+from diagnostics.models.cxr import CAMClassifier, WithCAM
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # max |p_torch - p_onnx| on probabilities
+
+
+class ExportParityError(RuntimeError):
+    pass
+
+
+def export_onnx(
+    model: CAMClassifier, metadata: ModelMetadata, path: str | Path, *, opset: int = 17
+) -> Path:
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = metadata.preprocessing
+    model = model.float().eval().to(memory_format=torch.contiguous_format).cpu()
+    dummy = torch.zeros(1, spec.channels, spec.size, spec.size)
+    torch.onnx.export(
+        WithCAM(model),
+        (dummy,),
+        str(path),
+        input_names=[metadata.input.name],
+        output_names=["logits", "cam"],
+        dynamic_axes={
+            metadata.input.name: {0: "batch"},
+            "logits": {0: "batch"},
+            "cam": {0: "batch"},
+        },
+        opset_version=opset,
+        dynamo=False,
+    )
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata.to_json()
+    proto.producer_name = "diagnostics"
+    proto.doc_string = f"{metadata.name}: {metadata.architecture} for {', '.join(metadata.labels)}"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def check_parity(model: CAMClassifier, onnx_path: str | Path, inputs: np.ndarray) -> float:
+    """Max |probability| difference between torch (fp32) and ONNX Runtime on `inputs`.
+
+    Raises ExportParityError above PARITY_TOLERANCE.
+    """
+    from diagnostics.serve.runner import OnnxModel
+
+    runner = OnnxModel(onnx_path, device="cpu")
+    model = model.float().eval().cpu()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(inputs, np.float32))).double().numpy()
+    temp = np.asarray(runner.metadata.temperature)
+    p_torch = 1.0 / (1.0 + np.exp(-np.clip(logits / temp, -60, 60)))
+    p_onnx = runner.predict(inputs).probabilities
+    diff = float(np.abs(p_torch - p_onnx).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportParityError(
+            f"ONNX Runtime and torch disagree: max probability difference {diff:.2e} > "
+            f"{PARITY_TOLERANCE:.0e}"
+        )
+    return diff

@@ -1,0 +1,105 @@
+"""MLflow runs, dataset inputs, artefacts and the model registry.
+
+The default store is SQLite with local artefacts under the project home (`settings.mlflow_uri()`);
+MLFLOW_TRACKING_URI or DIAGNOSTICS_TRACKING_URI points elsewhere. Nothing identifying a patient
+is logged: the dataset input holds labels and split only, and its digest is a hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from diagnostics import __version__
+
+log = logging.getLogger(__name__)
+
+
+def setup(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
+    """Point MLflow at the store and return the experiment ID (created if new)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        location = (artifact_root / experiment).resolve().as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=location)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.lr": "0.001", ...} for mlflow.log_params."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value, default=str) if not isinstance(value, str) else value
+            out[name] = text[:6000]
+    return out
+
+
+def dataset_digest(frame: pd.DataFrame, findings: list[str]) -> str:
+    """sha256 over image keys, labels and splits: changes when the data or its labels change."""
+    h = hashlib.sha256()
+    cols = ["image_id", *findings, "split"]
+    h.update(",".join(cols).encode())
+    h.update(pd.util.hash_pandas_object(frame[cols].astype(str), index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def log_dataset(frame: pd.DataFrame, findings: list[str], name: str, digest: str) -> None:
+    """An MLflow dataset input with labels and split only (no paths, no patient keys)."""
+    import mlflow
+
+    safe = frame[[*findings, "split"]].reset_index(drop=True)
+    dataset = mlflow.data.from_pandas(safe, name=name, digest=digest[:32])
+    mlflow.log_input(dataset, context="training")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def standard_tags(device: str) -> dict[str, str]:
+    return {"git_commit": git_commit(), "package_version": __version__, "device": device}
+
+
+def log_onnx_model(
+    onnx_path: Path, example: np.ndarray, registered_model: str | None
+) -> tuple[str | None, str | None]:
+    """Log the ONNX file with a signature; register a new version. Returns (model_uri, version)."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    proto = onnx.load(str(onnx_path))
+    signature = infer_signature(example.astype(np.float32))
+    info = mlflow.onnx.log_model(
+        proto,
+        name="model",
+        signature=signature,
+        registered_model_name=registered_model,
+        save_as_external_data=False,  # one file, as the clinic needs it
+        await_registration_for=60,
+    )
+    version = getattr(info, "registered_model_version", None)
+    return info.model_uri, (str(version) if version is not None else None)
