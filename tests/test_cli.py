@@ -138,3 +138,64 @@ def test_demo_runs_in_a_fresh_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "patient overlap between splits: none" in out.stdout
     assert (tmp_path / "home" / "demo" / "synth" / "manifest.csv").is_file()
+
+
+def test_train_then_evaluate_from_the_command_line(tmp_path):
+    import os
+
+    env = dict(os.environ, DIAGNOSTICS_HOME=str(tmp_path / "home"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = run("data", "synth-cxr", str(tmp_path / "s"), "--n", "40", "--size", "32", env=env)
+    assert out.returncode == 0, out.stderr
+    manifest = tmp_path / "s" / "manifest.csv"
+    sets = [
+        f"data.labels_file={manifest}",
+        "preprocess.size=32",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "model.options={width: 4, blocks: 2}",
+        "eval.bootstrap=10",
+        "eval.parity_images=2",
+    ]
+    args = ["train", "cxr", "--config", "configs/cxr/demo.yaml", "--no-mlflow"]
+    for s in sets:
+        args += ["--set", s]
+    out = run(*args, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "sha256" in out.stdout and "mean val AUROC" in out.stdout
+    onnx_path = next((tmp_path / "home" / "runs").glob("demo-*/model.onnx"))
+    metrics = tmp_path / "m.json"
+    out = run(
+        "evaluate",
+        "--model",
+        str(onnx_path),
+        "--config",
+        "configs/cxr/demo.yaml",
+        "--set",
+        f"data.labels_file={manifest}",
+        "--split",
+        "all",
+        "--bootstrap",
+        "0",
+        "--out",
+        str(metrics),
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(metrics.read_text())
+    assert result["dataset"]["images"] == 40 and set(result["findings"]) == {
+        "Pneumonia",
+        "Effusion",
+        "Cardiomegaly",
+        "Nodule",
+        "Pneumothorax",
+    }
+    out = run(
+        "evaluate",
+        "--model",
+        str(tmp_path / "none.onnx"),
+        "--config",
+        "configs/cxr/demo.yaml",
+        env=env,
+    )
+    assert out.returncode == 2 and "not found" in out.stderr

@@ -171,3 +171,15 @@ def test_training_needs_train_and_val(home, synth_png):
     cfg.data.split.fractions = {"train": 1.0}
     with pytest.raises(DatasetError, match="'val' split"):
         train_cxr(cfg, progress=False, log_to_mlflow=False)
+
+
+def test_device_selection_falls_back_to_cpu():
+    from diagnostics.train.cxr import autocast_dtype, cpu_has_bf16, select_device
+
+    if not torch.cuda.is_available():
+        assert select_device("cuda").type == "cpu"  # asked for CUDA, none here: CPU, with a warning
+        assert select_device("auto").type == "cpu"
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, False) is None
+    assert autocast_dtype(cpu, True) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert autocast_dtype(torch.device("cuda"), True) == torch.float16

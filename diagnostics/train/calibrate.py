@@ -41,6 +41,8 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, policy: str) -> float:
     - `sensitivity>=x`: the highest threshold whose sensitivity is at least x (the most specific
       such point).
     - `specificity>=x`: the lowest threshold whose specificity is at least x.
+    Candidate thresholds lie midway between consecutive distinct scores, so a threshold never
+    sits on a validation score and ties resolve to the middle of the gap.
     Falls back to 0.5 when the validation split has only one class.
     """
     y = np.asarray(y, dtype=np.float64)
@@ -49,7 +51,10 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, policy: str) -> float:
     y, p = y[keep], p[keep]
     if len(y) == 0 or y.min() == y.max():
         return 0.5
-    candidates = np.unique(p)[::-1]  # high to low: sensitivity rises, specificity falls
+    u = np.unique(p)
+    # high to low: sensitivity rises, specificity falls
+    candidates = np.concatenate([[np.nextafter(u[-1], np.inf)], (u[:-1] + u[1:]) / 2, [u[0]]])[::-1]
+    candidates = np.sort(candidates)[::-1]
     stats = [at_threshold(y, p, float(c)) for c in candidates]
     sens = np.array([s["sensitivity"] for s in stats])
     spec = np.array([s["specificity"] for s in stats])

@@ -1,0 +1,96 @@
+"""Batch-1 and batch-8 latency: the exported ONNX model in ONNX Runtime versus torch eager.
+
+Both run the same inputs on the CPU with the same thread count, measured in one run; the ratio
+is what to read (absolute times drift about 10% between runs). Latency does not depend on the
+weights, so the torch twin is built from the ONNX metadata with random weights.
+
+    .venv/bin/python benchmarks/infer_cpu.py                       # ResNet-18, 1 x 224 x 224
+    .venv/bin/python benchmarks/infer_cpu.py --model path/to/model.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diagnostics import __version__
+from diagnostics.contract import InputSpec, ModelMetadata, PreprocessSpec, Threshold
+from diagnostics.models.registry import create_model
+from diagnostics.serve.runner import OnnxModel
+from diagnostics.train.export import export_onnx
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def random_export(arch: str, size: int, labels: list[str], out: Path) -> Path:
+    model = create_model(arch, in_channels=1, num_classes=len(labels)).eval()
+    meta = ModelMetadata(
+        task="cxr",
+        name="bench",
+        architecture=arch,
+        labels=labels,
+        temperature=[1.0] * len(labels),
+        thresholds={f: Threshold(value=0.5, policy="fixed") for f in labels},
+        preprocessing=PreprocessSpec(size=size),
+        input=InputSpec(shape=["batch", 1, size, size]),
+        created=datetime.now(UTC).isoformat(),
+        package_version=__version__,
+    )
+    return export_onnx(model, meta, out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an exported .onnx file (default: ResNet-18)")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or random_export(
+            args.arch, args.size, ["Pneumonia"], Path(tmp) / "m.onnx"
+        )
+        runner = OnnxModel(path, threads=args.threads)
+        meta = runner.metadata
+        spec = meta.preprocessing
+        twin = create_model(
+            meta.architecture, in_channels=spec.channels, num_classes=len(meta.labels)
+        ).eval()
+        print(
+            f"{meta.architecture}, {spec.channels} x {spec.size} x {spec.size}, "
+            f"{args.threads} threads, median of {args.repeat}; torch {torch.__version__}"
+        )
+        print(f"{'batch':>6}{'torch eager ms':>16}{'ORT ms':>10}{'ORT speed-up':>14}")
+        for batch in (1, 8):
+            x = np.random.default_rng(0).random((batch, spec.channels, spec.size, spec.size))
+            x = x.astype(np.float32)
+            xt = torch.from_numpy(x)
+            with torch.inference_mode():
+                t_torch = median_ms(lambda xt=xt: twin(xt), args.repeat)
+            t_ort = median_ms(lambda x=x: runner.predict(x), args.repeat)
+            print(f"{batch:>6}{t_torch:>16.1f}{t_ort:>10.1f}{t_torch / t_ort:>13.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
