@@ -6,6 +6,7 @@ weights, so the torch twin is built from the ONNX metadata with random weights.
 
     .venv/bin/python benchmarks/infer_cpu.py                       # ResNet-18, 1 x 224 x 224
     .venv/bin/python benchmarks/infer_cpu.py --model path/to/model.onnx
+        (a model.int8.onnx beside it, written by `eval.int8: true`, is timed too)
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ def main() -> int:
             f"{meta.architecture}, {spec.channels} x {spec.size} x {spec.size}, "
             f"{args.threads} threads, median of {args.repeat}; torch {torch.__version__}"
         )
-        print(f"{'batch':>6}{'torch eager ms':>16}{'ORT ms':>10}{'ORT speed-up':>14}")
+        int8_path = Path(path).with_name("model.int8.onnx")
+        q8 = OnnxModel(int8_path, threads=args.threads) if int8_path.is_file() else None
+        head = f"{'batch':>6}{'torch eager ms':>16}{'ORT fp32 ms':>13}{'speed-up':>10}"
+        if q8 is not None:
+            head += f"{'ORT int8 ms':>13}{'speed-up':>10}"
+        print(head)
         for batch in (1, 8):
             x = np.random.default_rng(0).random((batch, spec.channels, spec.size, spec.size))
             x = x.astype(np.float32)
@@ -88,7 +94,11 @@ def main() -> int:
             with torch.inference_mode():
                 t_torch = median_ms(lambda xt=xt: twin(xt), args.repeat)
             t_ort = median_ms(lambda x=x: runner.predict(x), args.repeat)
-            print(f"{batch:>6}{t_torch:>16.1f}{t_ort:>10.1f}{t_torch / t_ort:>13.2f}x")
+            line = f"{batch:>6}{t_torch:>16.1f}{t_ort:>13.1f}{t_torch / t_ort:>9.2f}x"
+            if q8 is not None:
+                t_q8 = median_ms(lambda x=x: q8.predict(x), args.repeat)
+                line += f"{t_q8:>13.1f}{t_torch / t_q8:>9.2f}x"
+            print(line)
     return 0
 
 

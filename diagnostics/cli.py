@@ -171,6 +171,13 @@ def _summary_table(result: Any) -> str:
     )
     lines.append(f"ONNX   {result.onnx_path}")
     lines.append(f"sha256 {result.sha256}")
+    if result.int8:
+        deltas = [v for k, v in result.int8.items() if k.endswith("auroc_delta")]
+        lines.append(
+            f"int8   {result.int8['path']} (max |dp| vs fp32 {result.int8['max_prob_diff']:.3f}, "
+            f"val AUROC change {min(deltas):+.4f})"
+        )
+        lines.append(f"sha256 {result.int8['sha256']}")
     if result.run_id:
         version = f", registered version {result.model_version}" if result.model_version else ""
         lines.append(f"MLflow run {result.run_id}{version}")
@@ -246,6 +253,7 @@ def evaluate(
 def demo(
     n: Annotated[int, typer.Option("--n", min=10)] = 1200,
     size: Annotated[int, typer.Option("--size", min=32)] = 128,
+    difficulty: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
     train: Annotated[bool, typer.Option(help="train after checking the data")] = True,
 ) -> None:
     """End to end on built-in synthetic data: generate, check, train, evaluate, export, register."""
@@ -259,8 +267,10 @@ def demo(
     config = Path("configs/cxr/demo.yaml")
     if not config.is_file():
         raise _fail(f"{config} not found: run the demo from the project root")
-    typer.echo(f"[1/4] synthetic chest X-rays: {n} images at {size} px -> {out}")
-    manifest = write_dataset(out, n, size=size, seed=0)
+    typer.echo(
+        f"[1/4] synthetic chest X-rays: {n} images at {size} px, difficulty {difficulty} -> {out}"
+    )
+    manifest = write_dataset(out, n, size=size, seed=0, difficulty=difficulty)
     overrides = [f"data.labels_file={manifest}", f"preprocess.size={size}"]
     cfg = load_data_config(config, [o for o in overrides if o.startswith("data.")])
     typer.echo(f"[2/4] data check ({config})")

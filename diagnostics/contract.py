@@ -94,6 +94,7 @@ class ModelMetadata(BaseModel):
     preprocessing: PreprocessSpec
     input: InputSpec
     outputs: list[str] = Field(default_factory=lambda: ["logits", "cam"])
+    quantization: str | None = None  # e.g. "int8-static-qdq-per-channel"; None = fp32
     # Provenance
     run_id: str | None = None
     dataset_digest: str | None = None

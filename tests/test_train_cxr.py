@@ -43,7 +43,12 @@ def tiny_config(manifest, **train) -> CXRTrainConfig:
                 "threads": 2,
                 **train,
             },
-            "eval": {"bootstrap": 20, "parity_images": 4},
+            "eval": {
+                "bootstrap": 20,
+                "parity_images": 4,
+                "int8": True,
+                "int8_calibration_images": 8,
+            },
             "tracking": {"experiment": "test", "registered_model": "cxr-test"},
         }
     )
@@ -113,6 +118,11 @@ def test_train_track_export_evaluate_resume(home, synth_png):
     assert runner.metadata.run_id == result.run_id
     assert runner.sha256 == result.sha256 == file_sha256(result.onnx_path)
     assert set(runner.output_names) == {"logits", "cam"}
+    # The optional int8 file: same metadata, says it is quantised, checked against fp32.
+    q8 = OnnxModel(result.int8["path"])
+    assert q8.metadata.quantization == "int8-static-qdq-per-channel"
+    assert q8.metadata.labels == result.findings and q8.sha256 == result.int8["sha256"]
+    assert 0 <= result.int8["max_prob_diff"] < 1
     batch = np.zeros((3, 1, 32, 32), np.float32)  # dynamic batch
     pred = runner.predict(batch, cam=True)
     assert pred.probabilities.shape == (3, 5) and pred.cam.shape[:2] == (3, 5)
@@ -126,7 +136,7 @@ def test_train_track_export_evaluate_resume(home, synth_png):
     assert run.data.tags["onnx_sha256"] == result.sha256
     assert {"git_commit", "package_version", "device"} <= set(run.data.tags)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "metrics.json", "model_card.md", "plots"} <= artifacts
+    assert {"config.yaml", "metrics.json", "model_card.md", "plots", "int8"} <= artifacts
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
     version = client.get_model_version("cxr-test", result.model_version)
     assert version.run_id == result.run_id

@@ -62,6 +62,10 @@ class EvalConfig(_Strict):
     calibrate: bool = True
     ece_bins: int = Field(10, ge=2)
     parity_images: int = Field(16, ge=1, description="real images for the ONNX parity check")
+    int8: bool = Field(
+        False, description="also export a static int8 model (model.int8.onnx), checked on val"
+    )
+    int8_calibration_images: int = Field(64, ge=1)
 
     @field_validator("threshold_policy")
     @classmethod

@@ -56,6 +56,7 @@ class TrainResult:
     precision: str
     metadata: ModelMetadata
     history: list[dict[str, float]] = field(default_factory=list)
+    int8: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- devices
@@ -506,6 +507,7 @@ def _finish(
     from diagnostics.serve.runner import file_sha256
 
     sha = file_sha256(onnx_path)
+    int8 = _int8_variant(cfg, metadata, onnx_path, cache, idx, labels) if ev.int8 else None
     metrics_doc = {
         "findings": findings,
         "val": val_report,
@@ -513,6 +515,7 @@ def _finish(
         "mean_val_auroc": mean_val,
         "onnx_parity_max_abs_diff": parity,
         "sha256": sha,
+        "int8": int8,
         "history": history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=float))
@@ -534,11 +537,16 @@ def _finish(
                 }
             )
         mlflow.set_tag("onnx_sha256", sha)
+        if int8 is not None:
+            mlflow.log_metrics({f"int8.{k}": v for k, v in int8.items() if isinstance(v, float)})
+            mlflow.log_artifact(int8["path"], artifact_path="int8")
+            mlflow.set_tag("onnx_int8_sha256", int8["sha256"])
         for name in ("config.yaml", "metrics.json", "model_card.md"):
             mlflow.log_artifact(str(run_dir / name))
         mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         _, version = tracking.log_onnx_model(onnx_path, inputs[:1], cfg.tracking.registered_model)
     return TrainResult(
+        int8=int8,
         run_dir=run_dir,
         run_id=run_id,
         onnx_path=onnx_path,
@@ -556,6 +564,48 @@ def _finish(
         metadata=metadata,
         history=history,
     )
+
+
+def _int8_variant(
+    cfg: CXRTrainConfig,
+    metadata: ModelMetadata,
+    fp32_path: Path,
+    cache: np.ndarray,
+    idx: dict[str, np.ndarray],
+    labels: np.ndarray,
+) -> dict[str, Any]:
+    """Static int8 model calibrated on training images, checked against fp32 on validation."""
+    from diagnostics.imaging import normalize
+    from diagnostics.serve.runner import OnnxModel, file_sha256
+    from diagnostics.train.export import quantize_int8
+
+    spec = cfg.preprocess
+    calib_idx = np.sort(idx["train"][: cfg.eval.int8_calibration_images])
+    calibration = normalize(from_uint16(cache[calib_idx]), spec)
+    meta = metadata.model_copy(update={"quantization": "int8-static-qdq-per-channel"})
+    path = quantize_int8(fp32_path, fp32_path.with_name("model.int8.onnx"), calibration, meta)
+    fp32, q8 = OnnxModel(fp32_path), OnnxModel(path)
+    p32, p8 = [], []
+    val = idx["val"]
+    for start in range(0, len(val), 32):
+        x = normalize(from_uint16(cache[val[start : start + 32]]), spec)
+        p32.append(fp32.predict(x).probabilities)
+        p8.append(q8.predict(x).probabilities)
+    a, b = np.concatenate(p32), np.concatenate(p8)
+    y = labels[val]
+    out: dict[str, Any] = {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "max_prob_diff": float(np.abs(a - b).max()),
+    }
+    out["mean_prob_diff"] = float(np.abs(a - b).mean())
+    for i, f in enumerate(metadata.labels):
+        out[f"val.{f}.auroc"] = auroc(y[:, i], b[:, i])
+        out[f"val.{f}.auroc_delta"] = out[f"val.{f}.auroc"] - auroc(y[:, i], a[:, i])
+        thr = metadata.thresholds[f].value
+        # validation images whose positive/negative call differs between fp32 and int8
+        out[f"val.{f}.decision_flips"] = float(((a[:, i] >= thr) != (b[:, i] >= thr)).sum())
+    return out
 
 
 def _finite(x: float) -> float | None:
