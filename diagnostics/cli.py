@@ -172,10 +172,10 @@ def _summary_table(result: Any) -> str:
     lines.append(f"ONNX   {result.onnx_path}")
     lines.append(f"sha256 {result.sha256}")
     if result.int8:
-        deltas = [v for k, v in result.int8.items() if k.endswith("auroc_delta")]
+        deltas = [v for k, v in result.int8.items() if k.endswith("auroc_delta") and v == v]
         lines.append(
             f"int8   {result.int8['path']} (max |dp| vs fp32 {result.int8['max_prob_diff']:.3f}, "
-            f"val AUROC change {min(deltas):+.4f})"
+            f"val AUROC change {min(deltas, default=0.0):+.4f})"
         )
         lines.append(f"sha256 {result.int8['sha256']}")
     if result.run_id:
@@ -208,13 +208,18 @@ def train_cxr_cmd(
     no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="do not log to MLflow")] = False,
 ) -> None:
     """Train, calibrate, evaluate, export to ONNX, log to MLflow and register the model."""
+    from diagnostics.data.cache import CacheBuildError
     from diagnostics.data.cxr import DatasetError
+    from diagnostics.models.registry import UnknownModelError
     from diagnostics.train.cxr import train_cxr
+    from diagnostics.train.export import ExportParityError
 
     cfg = _load_train_config(config, set_)
     try:
         result = train_cxr(cfg, resume=resume, log_to_mlflow=not no_mlflow)
-    except (DatasetError, FileNotFoundError) as exc:
+    except (DatasetError, FileNotFoundError, ValueError, CacheBuildError, ExportParityError) as exc:
+        raise _fail(str(exc)) from None
+    except UnknownModelError as exc:
         raise _fail(str(exc)) from None
     typer.echo(_summary_table(result))
     if not no_mlflow:
@@ -236,7 +241,7 @@ def evaluate(
     """Score a dataset with an exported ONNX model (ONNX Runtime, clinic preprocessing)."""
     from diagnostics.data.cxr import DatasetError
     from diagnostics.train.evaluate import evaluate as run_eval
-    from diagnostics.train.evaluate import render_report
+    from diagnostics.train.evaluate import json_safe, render_report
 
     cfg = load_data_config(config, set_)
     try:
@@ -244,7 +249,7 @@ def evaluate(
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float))
+    out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     typer.echo(render_report(result))
     typer.echo(f"wrote {out}")
 
@@ -288,6 +293,6 @@ def demo(
     typer.echo(
         "test AUROC: "
         + ", ".join(f"{f} {r['auroc']:.3f}" for f, r in report["findings"].items())
-        + f"; mean {report['mean_auroc']:.4f}"
+        + f"; mean {report['mean_auroc'] or float('nan'):.4f}"
     )
     typer.echo(_mlflow_ui_hint())

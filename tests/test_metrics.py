@@ -76,3 +76,15 @@ def test_threshold_policies(scores):
     youden = lambda t: sum(M.at_threshold(y, p, t)[k] for k in ("sensitivity", "specificity"))  # noqa: E731
     assert all(youden(t_y) >= youden(t) - 1e-12 for t in np.unique(p))
     assert choose_threshold(np.ones(4), np.linspace(0, 1, 4), "youden") == 0.5
+
+
+def test_auprc_does_not_depend_on_the_order_of_ties():
+    assert M.auprc(np.array([0, 1.0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert M.auprc(np.array([1, 0.0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+
+
+def test_thresholds_stay_in_the_unit_interval():
+    y = np.array([0, 1, 0, 1.0])
+    p = np.array([1.0, 0.9, 0.2, 0.1])  # the top score is a negative
+    for policy in ("youden", "specificity>=1.0", "sensitivity>=0", "sensitivity>=1.0"):
+        assert 0.0 <= choose_threshold(y, p, policy) <= 1.0

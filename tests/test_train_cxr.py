@@ -99,17 +99,39 @@ def test_shipped_configs_validate():
             load_train_config(path)
 
 
-def test_train_track_export_evaluate_resume(home, synth_png):
+def test_train_track_export_evaluate_resume(home, synth_png, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
+    import diagnostics.train.cxr as C
     from diagnostics.data.config import parse_dataset_config
     from diagnostics.serve.runner import OnnxModel, file_sha256
     from diagnostics.train.cxr import train_cxr
     from diagnostics.train.evaluate import evaluate
 
-    cfg = tiny_config(synth_png)
-    result = train_cxr(cfg, progress=False)
+    cfg = tiny_config(synth_png, epochs=2)
+    # The machine dies during epoch 2's validation: the run is FAILED, epoch 1 is checkpointed.
+    real, calls = C.predict_logits, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "predict_logits", dying)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_cxr(cfg, progress=False)
+    monkeypatch.setattr(C, "predict_logits", real)
+    (run_dir,) = (home / "runs").iterdir()
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'var' / 'mlflow.db'}")
+    (failed,) = client.search_runs(client.get_experiment_by_name("test").experiment_id)
+    assert failed.info.status == "FAILED"
+
+    # Resume: epoch 2 only, on the same MLflow run, then calibrate, export, register.
+    result = train_cxr(cfg, resume=run_dir, progress=False)
+    assert result.run_id == failed.info.run_id and result.epochs_run == 2
+    assert [h["epoch"] for h in result.history] == [1, 2]
 
     # Export: parity, metadata, identity.
     assert result.parity <= 1e-4
@@ -129,8 +151,8 @@ def test_train_track_export_evaluate_resume(home, synth_png):
 
     # Tracking: a real SQLite store under the home folder, artefacts and a registered version.
     assert (home / "var" / "mlflow.db").is_file()
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'var' / 'mlflow.db'}")
     run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
     assert "val.mean_auroc" in run.data.metrics and "train_loss" in run.data.metrics
     assert run.data.params["model.name"] == "tiny_cnn"
     assert run.data.tags["onnx_sha256"] == result.sha256
@@ -166,11 +188,15 @@ def test_train_track_export_evaluate_resume(home, synth_png):
         a, b = report["findings"][f]["auroc"], result.val[f]["auroc"]
         assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 0.005, (f, a, b)
 
-    # Resume: one more epoch on the same run.
-    cfg2 = tiny_config(synth_png, epochs=2)
-    resumed = train_cxr(cfg2, resume=result.run_dir, progress=False)
-    assert resumed.run_id == result.run_id and resumed.epochs_run == 2
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert len(client.search_model_versions("name='cxr-test'")) == 1
+    # A finished run is not resumed again (it would register a duplicate version) ...
+    with pytest.raises(ValueError, match="has finished"):
+        train_cxr(tiny_config(synth_png, epochs=3), resume=run_dir, progress=False)
+    # ... and a resume with other data or another network is refused.
+    other = tiny_config(synth_png, epochs=3)
+    other.model.options = {"width": 8, "blocks": 2}
+    with pytest.raises(ValueError, match="'model' config differs"):
+        train_cxr(other, resume=run_dir, progress=False)
 
 
 def test_training_needs_train_and_val(home, synth_png):
@@ -193,3 +219,16 @@ def test_device_selection_falls_back_to_cpu():
     assert autocast_dtype(cpu, False) is None
     assert autocast_dtype(cpu, True) == (torch.bfloat16 if cpu_has_bf16() else None)
     assert autocast_dtype(torch.device("cuda"), True) == torch.float16
+
+
+def test_resume_last_picks_this_config_only(home):
+    from diagnostics.train.cxr import _run_dir
+
+    runs = home / "runs"
+    for name in ("t-20260101-000000", "t-other-20990101-000000", "t-20260102-000000"):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.pt").write_bytes(b"x")
+    cfg = CXRTrainConfig.model_validate(
+        {"name": "t", "data": {"source": "manifest", "labels_file": "x.csv"}}
+    )
+    assert _run_dir(cfg, "last").name == "t-20260102-000000"

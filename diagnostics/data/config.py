@@ -53,7 +53,9 @@ class _Base(BaseModel):
     missing_images: Literal["error", "drop"] = Field(
         "error", description="what to do when a labelled image is not on disk (drops are reported)"
     )
-    max_images: int | None = Field(None, ge=1, description="keep the first N images (for tests)")
+    max_images: int | None = Field(
+        None, ge=1, description="keep N images, sampled with split.seed (quick runs, tests)"
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
 
     @field_validator("findings")

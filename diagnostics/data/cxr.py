@@ -623,7 +623,8 @@ def load_dataset(cfg: Any) -> CXRTable:
         notes.append(
             f"max_images={cfg.max_images}: {len(frame) - cfg.max_images:,} images left out"
         )
-        frame = frame.iloc[: cfg.max_images]
+        # A seeded sample, not the first rows: files are often ordered by class or patient.
+        frame = frame.sample(n=cfg.max_images, random_state=cfg.split.seed).sort_index()
 
     verified = False
     if cfg.verify_images:

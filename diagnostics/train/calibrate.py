@@ -54,7 +54,7 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, policy: str) -> float:
     u = np.unique(p)
     # high to low: sensitivity rises, specificity falls
     candidates = np.concatenate([[np.nextafter(u[-1], np.inf)], (u[:-1] + u[1:]) / 2, [u[0]]])[::-1]
-    candidates = np.sort(candidates)[::-1]
+    candidates = np.clip(np.sort(candidates)[::-1], 0.0, 1.0)
     stats = [at_threshold(y, p, float(c)) for c in candidates]
     sens = np.array([s["sensitivity"] for s in stats])
     spec = np.array([s["specificity"] for s in stats])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -168,14 +170,37 @@ def _run_dir(cfg: CXRTrainConfig, resume: str | Path | None) -> Path:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         return runs / f"{cfg.name}-{stamp}"
     if str(resume) == "last":
-        candidates = sorted(runs.glob(f"{cfg.name}-*/checkpoints/last.pt"))
+        pattern = re.compile(rf"^{re.escape(cfg.name)}-\d{{8}}-\d{{6}}$")  # not "name-other-..."
+        candidates = sorted(
+            p.parent.parent
+            for p in runs.glob("*/checkpoints/last.pt")
+            if pattern.match(p.parent.parent.name)
+        )
         if not candidates:
             raise FileNotFoundError(f"no run of {cfg.name!r} to resume under {runs}")
-        return candidates[-1].parent.parent
+        return candidates[-1]
     path = Path(resume)  # type: ignore[arg-type]
     if not (path / "checkpoints" / "last.pt").is_file():
         raise FileNotFoundError(f"{path} has no checkpoints/last.pt to resume from")
     return path
+
+
+def _check_resumable(run_dir: Path, cfg: CXRTrainConfig) -> None:
+    """Refuse to resume with other data, network or preprocessing (epochs may change)."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now = cfg.model_dump(mode="json")
+    for key in ("data", "model", "preprocess"):
+        if saved.get(key) != now.get(key):
+            raise ValueError(
+                f"cannot resume {run_dir.name}: its '{key}' config differs from this one"
+            )
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file: a crash mid-write never corrupts the resume point."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _splits(table: CXRTable) -> dict[str, np.ndarray]:
@@ -203,9 +228,11 @@ def train_cxr(
     run_dir = _run_dir(cfg, resume)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    )
+    if resume in (None, ""):
+        config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        (run_dir / "config.yaml").write_text(config_text)
+    else:
+        _check_resumable(run_dir, cfg)
 
     loop = cfg.train
     torch.manual_seed(loop.seed)
@@ -222,9 +249,7 @@ def train_cxr(
     idx = _splits(table)
     labels = table.labels().astype(np.float32)  # (N, F), NaN = unknown
     spec = cfg.preprocess
-    cache = build_cache(table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress)
-
-    model = create_model(
+    model = create_model(  # before the cache: a bad model name fails before hours of decoding
         cfg.model.name,
         in_channels=spec.channels,
         num_classes=len(findings),
@@ -235,6 +260,7 @@ def train_cxr(
     ).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    cache = build_cache(table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress)
 
     train_idx = idx["train"]
     steps = math.ceil(len(train_idx) / loop.batch_size)
@@ -255,19 +281,26 @@ def train_cxr(
         CXRAugment(**cfg.augment.model_dump(exclude={"enabled"})) if cfg.augment.enabled else None
     )
 
-    start_epoch, best, bad, run_id, history = 0, -1.0, 0, None, []
+    start_epoch, best, bad, run_id, history, stopped = 0, -1.0, 0, None, [], False
     last = ckpt_dir / "last.pt"
     if resume not in (None, "") and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
+        # Load on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if state.get("finished"):
+            raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run began without fp16 AMP
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         np_rng.bit_generator.state = state["numpy_rng"]
         start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
         run_id, history = state.get("run_id"), state.get("history", [])
-        log.info("resuming %s at epoch %d", run_dir.name, start_epoch + 1)
+        stopped = bool(state.get("stopped"))  # early-stopped: only the final steps remain
+        log.info("resuming %s after epoch %d", run_dir.name, start_epoch)
 
     digest = tracking.dataset_digest(table.frame, findings)
     mlflow = None
@@ -277,9 +310,10 @@ def train_cxr(
         exp_id = tracking.setup(
             settings.mlflow_uri(), cfg.tracking.experiment, settings.artifact_root
         )
+        fresh = run_id is None
         mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_dir.name)
         run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-        if start_epoch == 0:
+        if fresh:
             mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
             mlflow.log_params(
                 {"device": device.type, "precision": precision, "findings": ",".join(findings)}
@@ -288,8 +322,9 @@ def train_cxr(
             tracking.log_dataset(table.frame, findings, f"{cfg.name}:{cfg.data.source}", digest)
 
     epochs_run = start_epoch
+    status = "FAILED"
     try:
-        for epoch in range(start_epoch, loop.epochs):
+        for epoch in range(start_epoch, start_epoch if stopped else loop.epochs):
             epochs_run = epoch + 1
             model.train()
             order = np_rng.permutation(train_idx)
@@ -361,10 +396,11 @@ def train_cxr(
             improved = np.isfinite(val_auc) and val_auc > best
             if improved or best < 0:
                 best, bad = (val_auc if np.isfinite(val_auc) else best), 0
-                torch.save(model.state_dict(), ckpt_dir / "best.pt")
+                _save(model.state_dict(), ckpt_dir / "best.pt")
             else:
                 bad += 1
-            torch.save(
+            stopped = bad >= loop.patience
+            _save(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -377,10 +413,12 @@ def train_cxr(
                     "bad": bad,
                     "run_id": run_id,
                     "history": history,
+                    "stopped": stopped,
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 },
                 last,
             )
-            if bad >= loop.patience:
+            if stopped:
                 log.info("early stop: no better val mean AUROC for %d epochs", bad)
                 break
 
@@ -402,9 +440,13 @@ def train_cxr(
             mlflow,
             history,
         )
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        state["finished"] = True  # a resume of this run would register the model twice
+        _save(state, last)
+        status = "FINISHED"
     finally:
         if mlflow is not None:
-            mlflow.end_run()
+            mlflow.end_run(status=status)
     result.seconds = time.perf_counter() - t_start
     result.epochs_run = epochs_run
     result.device, result.precision = device.type, precision
@@ -429,6 +471,9 @@ def _finish(
     """Calibrate and choose thresholds on val, report val/test, export, check parity, log."""
     spec, ev = cfg.preprocess, cfg.eval
     model = model.float().to(memory_format=torch.contiguous_format)
+    if device.type == "cuda":  # true fp32, as ONNX Runtime computes: no TF32
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     bs = cfg.train.batch_size * 2
     val_logits = predict_logits(model, cache, idx["val"], spec, device, bs)  # fp32, as exported
     y_val = labels[idx["val"]]
@@ -473,14 +518,16 @@ def _finish(
         for i, f in enumerate(findings):
             save_plots(y_test[:, i], p_test[:, i], f"test_{f}", plots_dir, ev.ece_bins)
 
-    mean_val = float(np.nanmean([r["auroc"] for r in val_report.values()]))
+    finite = [r["auroc"] for r in val_report.values() if np.isfinite(r["auroc"])]
+    mean_val = float(np.mean(finite)) if finite else float("nan")
     flat = {
         f"val.{f}.{k}": float(v)
         for f, r in val_report.items()
         for k, v in r.items()
         if np.isfinite(v)
     }
-    flat["val.mean_auroc"] = mean_val
+    if np.isfinite(mean_val):  # metadata holds finite numbers only
+        flat["val.mean_auroc"] = mean_val
     metadata = ModelMetadata(
         task="cxr",
         name=cfg.tracking.registered_model or cfg.name,
@@ -580,7 +627,9 @@ def _int8_variant(
     from diagnostics.train.export import quantize_int8
 
     spec = cfg.preprocess
-    calib_idx = np.sort(idx["train"][: cfg.eval.int8_calibration_images])
+    rng = np.random.default_rng(cfg.train.seed)  # a sample of every class, not the first rows
+    n = min(cfg.eval.int8_calibration_images, len(idx["train"]))
+    calib_idx = np.sort(rng.choice(idx["train"], n, replace=False))
     calibration = normalize(from_uint16(cache[calib_idx]), spec)
     meta = metadata.model_copy(update={"quantization": "int8-static-qdq-per-channel"})
     path = quantize_int8(fp32_path, fp32_path.with_name("model.int8.onnx"), calibration, meta)

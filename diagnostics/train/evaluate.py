@@ -90,9 +90,20 @@ def evaluate(
         },
         "dataset": {"source": table.source, "split": split, "images": len(frame)},
         "findings": report,
-        "mean_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+        "mean_auroc": float(np.mean(aurocs)) if aurocs else None,
         "skipped_findings": [f for f in meta.labels if f not in shared],
     }
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/Inf -> None, so the report is valid JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def render_report(result: dict[str, Any]) -> str:
@@ -112,7 +123,8 @@ def render_report(result: dict[str, Any]) -> str:
             f"{r['auprc']:>8.3f}{r['threshold']:>7.3f}{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
             f"{r['ppv']:>7.3f}{r['npv']:>7.3f}{r['ece']:>7.3f}"
         )
-    lines.append(f"mean AUROC {result['mean_auroc']:.4f}")
+    mean = result["mean_auroc"]
+    lines.append(f"mean AUROC {mean:.4f}" if mean is not None else "mean AUROC: n/a (one class)")
     if result["skipped_findings"]:
         lines.append(f"not annotated here, skipped: {', '.join(result['skipped_findings'])}")
     return "\n".join(lines)

@@ -19,10 +19,9 @@ def _figure():
 
 
 def _roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-p, kind="mergesort")
-    y = y[order]
-    tpr = np.concatenate([[0], np.cumsum(y) / max(y.sum(), 1)])
-    fpr = np.concatenate([[0], np.cumsum(1 - y) / max((1 - y).sum(), 1)])
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, p)  # one point per distinct score: ties never depend on order
     return fpr, tpr
 
 
@@ -46,11 +45,10 @@ def save_plots(
     paths.append(out_dir / f"roc_{finding}.png")
     fig.savefig(paths[-1], bbox_inches="tight")
 
+    from sklearn.metrics import precision_recall_curve
+
     fig, ax = _figure()
-    order = np.argsort(-p, kind="mergesort")
-    tp = np.cumsum(y[order])
-    precision = tp / np.arange(1, len(y) + 1)
-    recall = tp / y.sum()
+    precision, recall, _ = precision_recall_curve(y, p)
     ax.step(recall, precision, where="post", lw=1.5)
     ax.axhline(y.mean(), ls="--", c="grey", lw=0.8)
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"PR: {finding}")
