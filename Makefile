@@ -22,12 +22,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check diagnostics tests
-	$(BIN)/ruff format --check diagnostics tests
+	$(BIN)/ruff check diagnostics tests benchmarks
+	$(BIN)/ruff format --check diagnostics tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff format diagnostics tests
-	$(BIN)/ruff check --fix diagnostics tests
+	$(BIN)/ruff format diagnostics tests benchmarks
+	$(BIN)/ruff check --fix diagnostics tests benchmarks
 
 clean:
 	rm -rf $(VENV) .diagnostics .pytest_cache .ruff_cache build *.egg-info
