@@ -226,6 +226,54 @@ def train_cxr_cmd(
         typer.echo(_mlflow_ui_hint())
 
 
+@train_app.command("risk")
+def train_risk_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML risk config with schema")],
+    set_: SetOption = None,
+    no_mlflow: Annotated[bool, typer.Option("--no-mlflow", help="do not log to MLflow")] = False,
+) -> None:
+    """Train a calibrated risk model on a table, report governance metrics, export ONNX."""
+    from diagnostics.configio import ConfigError
+    from diagnostics.data.clinical import SchemaError
+    from diagnostics.train.risk import load_risk_config, train_risk
+
+    try:
+        cfg = load_risk_config(config, set_)
+        result = train_risk(cfg, log_to_mlflow=not no_mlflow)
+    except (ConfigError, SchemaError, ValueError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(_risk_summary(result))
+    if not no_mlflow:
+        typer.echo(_mlflow_ui_hint())
+
+
+def _risk_summary(result: Any) -> str:
+    cv, te = result.cv, result.test
+    ci = {n: f"{r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}" for n, r in (("cv", cv), ("test", te))}
+    return "\n".join(
+        [
+            result.table.summary(),
+            f"{'':<6}{'AUROC':>8}{'95% CI':>16}{'AUPRC':>8}{'Brier':>8}{'slope':>8}{'ECE':>7}"
+            f"{'sens':>7}{'spec':>7}",
+            *[
+                f"{name:<6}{r['auroc']:>8.3f}{ci[name]:>16}"
+                f"{r['auprc']:>8.3f}{r['brier']:>8.3f}{r['calibration_slope']:>8.2f}{r['ece']:>7.3f}"
+                f"{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
+                for name, r in (("cv", cv), ("test", te))
+            ],
+            f"threshold {te['threshold']:.3f}; ONNX parity max |dp| {result.parity:.1e}; "
+            f"{result.seconds:.0f} s",
+            f"ONNX   {result.onnx_path}",
+            f"sha256 {result.sha256}",
+            *(
+                [f"MLflow run {result.run_id}, registered version {result.model_version}"]
+                if result.run_id
+                else []
+            ),
+        ]
+    )
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="model.onnx or models:/NAME@ALIAS")],

@@ -7,7 +7,7 @@ evaluation, ONNX export parity and serving all run the same numpy preprocessing
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -91,8 +91,9 @@ class ModelMetadata(BaseModel):
     labels: list[str]
     temperature: list[float]  # one per label; 1.0 = uncalibrated
     thresholds: dict[str, Threshold]
-    preprocessing: PreprocessSpec
-    input: InputSpec
+    preprocessing: PreprocessSpec | None = None  # CXR models
+    input: InputSpec | None = None  # CXR models; risk models take one named input per feature
+    table_schema: dict[str, Any] | None = None  # risk models: the validated table schema
     outputs: list[str] = Field(default_factory=lambda: ["logits", "cam"])
     quantization: str | None = None  # e.g. "int8-static-qdq-per-channel"; None = fp32
     # Provenance

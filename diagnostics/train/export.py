@@ -33,6 +33,8 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = metadata.preprocessing
+    if spec is None or metadata.input is None:
+        raise ValueError("a CXR export needs preprocessing and input in its metadata")
     model = model.float().eval().to(memory_format=torch.contiguous_format).cpu()
     dummy = torch.zeros(1, spec.channels, spec.size, spec.size)
     torch.onnx.export(

@@ -84,7 +84,7 @@ def standard_tags(device: str) -> dict[str, str]:
 
 
 def log_onnx_model(
-    onnx_path: Path, example: np.ndarray, registered_model: str | None
+    onnx_path: Path, example: np.ndarray | None, registered_model: str | None
 ) -> tuple[str | None, str | None]:
     """Log the ONNX file with a signature; register a new version. Returns (model_uri, version)."""
     import mlflow
@@ -92,7 +92,7 @@ def log_onnx_model(
     from mlflow.models import infer_signature
 
     proto = onnx.load(str(onnx_path))
-    signature = infer_signature(example.astype(np.float32))
+    signature = infer_signature(example.astype(np.float32)) if example is not None else None
     info = mlflow.onnx.log_model(
         proto,
         name="model",

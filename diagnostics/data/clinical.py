@@ -1,0 +1,243 @@
+"""Clinical tables: a YAML schema per table, and loading that validates every row against it.
+
+The schema gives, per feature, its type, unit, plausible range (outside it: an error, or
+missing), the values that mean "missing" (Pima's zeros) and the allowed categories; then the
+outcome and the rule that makes it binary (`num > 0`), subgroup columns and an optional site
+column. Loading never crashes on bad rows and never drops a row silently: every problem is
+counted by column and reason, and rejected rows are counted and listed by row number.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_OPS = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+_RULE = re.compile(r"^\s*([A-Za-z_][\w]*)?\s*(>=|<=|==|!=|>|<)\s*(-?\d+(\.\d+)?)\s*$")
+
+
+class Feature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    type: Literal["numeric", "categorical", "binary"]
+    unit: str = ""
+    description: str = ""
+    range: tuple[float, float] | None = Field(None, description="plausible [low, high]")
+    out_of_range: Literal["error", "missing"] = "error"
+    missing_values: list[float | str] = Field(default_factory=list)
+    categories: list[float | str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Feature:
+        if self.type == "categorical" and not self.categories:
+            raise ValueError(f"{self.name}: a categorical feature needs categories")
+        if self.type == "binary" and self.categories is None:
+            self.categories = [0.0, 1.0]
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError(f"{self.name}: range low > high")
+        return self
+
+
+class Outcome(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    column: str
+    rule: str = Field("== 1", description="makes the outcome binary, e.g. 'num > 0'")
+    label: str = Field("risk", description="name of the predicted finding")
+    description: str = ""
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        if not _RULE.match(v):
+            raise ValueError("rule must look like '> 0', '== 1' or 'num > 0'")
+        return v
+
+    def apply(self, values: pd.Series) -> pd.Series:
+        """1.0 / 0.0 by the rule; NaN where the outcome is missing."""
+        m = _RULE.match(self.rule)
+        assert m is not None
+        op, threshold = _OPS[m.group(2)], float(m.group(3))
+        numeric = pd.to_numeric(values, errors="coerce")
+        return op(numeric, threshold).astype(float).where(numeric.notna())
+
+
+class Subgroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    column: str
+    labels: dict[str, str] | None = Field(None, description="value -> name, e.g. {0: female}")
+    bins: list[float] | None = Field(None, description="edges for numeric columns (age bands)")
+
+
+class TableSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    features: list[Feature]
+    outcome: Outcome
+    subgroups: dict[str, Subgroup] = Field(default_factory=dict)
+    site_column: str | None = None
+    patient_column: str | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> TableSchema:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        if self.outcome.column in names:
+            raise ValueError("the outcome column cannot also be a feature")
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+
+@dataclass
+class ValidatedTable:
+    """Features (NaN = missing), the binary outcome, subgroup labels, and what was found."""
+
+    X: pd.DataFrame
+    y: np.ndarray
+    groups: pd.DataFrame  # one column per subgroup (string labels)
+    site: pd.Series | None
+    patient: pd.Series | None
+    rows_read: int
+    rejected: dict[int, list[str]] = field(default_factory=dict)  # row number -> reasons
+    problems: dict[tuple[str, str], int] = field(default_factory=dict)  # (column, reason) -> n
+
+    def summary(self) -> str:
+        lines = [
+            f"rows read {self.rows_read:,}; kept {len(self.y):,}; rejected {len(self.rejected):,}"
+        ]
+        for (col, reason), n in sorted(self.problems.items()):
+            lines.append(f"  {col}: {reason}: {n:,}")
+        return "\n".join(lines)
+
+
+class SchemaError(ValueError):
+    """The table cannot be read against the schema at all (for example a missing column)."""
+
+
+def validate_records(
+    df: pd.DataFrame, schema: TableSchema, *, require_outcome: bool = True
+) -> ValidatedTable:
+    """Check every row. Rows with an error (or a missing outcome) are rejected, with reasons."""
+    needed = schema.feature_names + ([schema.outcome.column] if require_outcome else [])
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise SchemaError(f"missing column(s) {missing}; the table has {list(df.columns)}")
+    df = df.reset_index(drop=True)
+    rejected: dict[int, list[str]] = {}
+    problems: dict[tuple[str, str], int] = {}
+
+    def note(col: str, reason: str, rows: np.ndarray, reject: bool) -> None:
+        if len(rows) == 0:
+            return
+        problems[(col, reason)] = problems.get((col, reason), 0) + len(rows)
+        if reject:
+            for r in rows:
+                rejected.setdefault(int(r), []).append(f"{col}: {reason}")
+
+    X = pd.DataFrame(index=df.index)
+    for f in schema.features:
+        raw = df[f.name]
+        blank = raw.isna() | (raw.astype(str).str.strip() == "")
+        marker = raw.isin(f.missing_values) | raw.astype(str).isin(
+            [str(v) for v in f.missing_values]
+        )
+        note(f.name, "missing (blank)", np.flatnonzero(blank), False)
+        note(f.name, "missing (marker value)", np.flatnonzero(marker & ~blank), False)
+        if f.type == "numeric":
+            values = pd.to_numeric(raw.where(~(blank | marker)), errors="coerce")
+            bad = values.isna() & ~(blank | marker)
+            note(f.name, "not a number", np.flatnonzero(bad), True)
+            if f.range is not None:
+                out = values.notna() & ((values < f.range[0]) | (values > f.range[1]))
+                reason = f"outside {f.range[0]:g}..{f.range[1]:g}"
+                if f.out_of_range == "missing":
+                    note(f.name, reason + " (set missing)", np.flatnonzero(out), False)
+                    values = values.where(~out)
+                else:
+                    note(f.name, reason, np.flatnonzero(out), True)
+            X[f.name] = values.astype(float)
+        else:
+            allowed = {str(_norm(c)) for c in f.categories or []}
+            text = raw.map(lambda v: str(_norm(v)))  # str per value: dtype inference would undo it
+            bad = ~(blank | marker) & ~text.isin(allowed)
+            note(f.name, f"not one of {sorted(allowed)}", np.flatnonzero(bad), True)
+            if f.type == "binary":
+                X[f.name] = pd.to_numeric(text.where(~(blank | marker | bad)), errors="coerce")
+            else:  # categories as strings; "" is missing (what the ONNX string input carries)
+                X[f.name] = text.where(~(blank | marker | bad), "").astype(object)
+    y = pd.Series(np.nan, index=df.index)
+    if require_outcome:
+        y = schema.outcome.apply(df[schema.outcome.column])
+        note(schema.outcome.column, "outcome missing", np.flatnonzero(y.isna()), True)
+    keep = np.array([i not in rejected for i in range(len(df))], dtype=bool)
+    groups = pd.DataFrame(index=df.index)
+    for name, g in schema.subgroups.items():
+        if g.column not in df.columns:
+            raise SchemaError(f"subgroup {name}: column {g.column!r} not in the table")
+        col = df[g.column]
+        if g.bins:
+            labels = [f"{g.bins[i]:g}-{g.bins[i + 1]:g}" for i in range(len(g.bins) - 1)]
+            groups[name] = pd.cut(
+                pd.to_numeric(col, errors="coerce"), g.bins, labels=labels, right=False
+            ).astype(str)
+        elif g.labels:
+            names = {str(_norm(k)): v for k, v in g.labels.items()}
+            groups[name] = col.map(lambda v, names=names: names.get(str(_norm(v)), "unknown"))
+        else:
+            groups[name] = col.astype(str)
+    site = df[schema.site_column].astype(str) if schema.site_column else None
+    patient = df[schema.patient_column].astype(str) if schema.patient_column else None
+    return ValidatedTable(
+        X=X[keep].reset_index(drop=True),
+        y=y[keep].to_numpy(dtype=float),
+        groups=groups[keep].reset_index(drop=True),
+        site=site[keep].reset_index(drop=True) if site is not None else None,
+        patient=patient[keep].reset_index(drop=True) if patient is not None else None,
+        rows_read=len(df),
+        rejected=rejected,
+        problems=problems,
+    )
+
+
+def _norm(value: Any) -> Any:
+    """1.0 -> 1 so that '1', 1 and 1.0 name the same category."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            f = float(value)
+            return int(f) if f.is_integer() else f
+        except ValueError:
+            return value.strip()
+    return value
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"table not found: {path}")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path)
