@@ -199,3 +199,49 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
         env=env,
     )
     assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_risk_train_score_and_evaluate_from_the_command_line(tmp_path):
+    import os
+
+    import pandas as pd
+
+    env = dict(os.environ, DIAGNOSTICS_HOME=str(tmp_path / "home"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cfg = "configs/risk/breast_cancer_demo.yaml"
+    out = run(
+        "train", "risk", "--config", cfg, "--set", "eval.bootstrap=10", "--no-mlflow", env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ONNX parity" in out.stdout and "cv" in out.stdout
+    model = next((tmp_path / "home" / "runs").glob("breast_cancer_demo-*/model.onnx"))
+    records = tmp_path / "records.csv"
+    from sklearn.datasets import load_breast_cancer
+
+    df = load_breast_cancer(as_frame=True).frame.rename(columns=lambda c: c.replace(" ", "_"))
+    df = df.head(3).drop(columns="target")
+    df.loc[0, "worst_radius"] = -1
+    df.to_csv(records, index=False)
+    scores = tmp_path / "scores.csv"
+    out = run("score-risk", str(records), "--model", str(model), "--out", str(scores), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "2 of 3 records scored, 1 rejected" in out.stdout
+    result = pd.read_csv(scores)
+    assert result.loc[0, "status"] == "rejected" and "worst_radius" in result.loc[0, "reasons"]
+    out = run("score-risk", str(records), "--model", str(tmp_path / "nope.onnx"), env=env)
+    assert out.returncode == 2
+    metrics = tmp_path / "m.json"
+    out = run(
+        "evaluate",
+        "--model",
+        str(model),
+        "--config",
+        cfg,
+        "--bootstrap",
+        "0",
+        "--out",
+        str(metrics),
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(metrics.read_text())["findings"]["malignant"]["auroc"] > 0.95

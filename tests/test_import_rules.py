@@ -15,6 +15,7 @@ def _loaded_after(import_line: str) -> set[str]:
 def test_serve_imports_no_training_libraries():
     assert _loaded_after("import diagnostics.serve") == set()
     assert _loaded_after("import diagnostics.serve.runner") == set()
+    assert _loaded_after("import diagnostics.serve.risk") == set()
 
 
 def test_torch_free_modules_stay_torch_free():

@@ -140,6 +140,19 @@ def test_demo_trains_exports_with_parity_and_registers(home):
     assert "cv.auroc" in run.data.metrics and "cv.calibration_slope" in run.data.metrics
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"metrics.json", "schema.yaml", "model_card.md", "plots"} <= names
+    # Score records at the clinic: bad rows are refused with reasons, never given a default.
+    from diagnostics.data.clinical import read_table  # noqa: F401  (the CLI path reads CSVs)
+    from diagnostics.serve.risk import RiskModel
+    from diagnostics.train.risk import load_source
+
+    records = load_source("sklearn:breast_cancer").drop(columns="malignant").head(4)
+    records.loc[1, "mean_radius"] = 500  # implausible
+    records.loc[2, "mean_texture"] = None  # missing: imputed, and said so
+    scored = RiskModel(result.onnx_path).score(records)
+    assert list(scored["status"]) == ["scored", "rejected", "scored", "scored"]
+    assert np.isnan(scored.loc[1, "risk"]) and "mean_radius: outside" in scored.loc[1, "reasons"]
+    assert scored.loc[2, "imputed"] == "mean_texture"
+    assert scored.loc[0, "category"] in ("high", "low")
     card = (result.run_dir / "model_card.md").read_text()
     for heading in (
         "Source of data",

@@ -121,6 +121,7 @@ class ValidatedTable:
     patient: pd.Series | None
     rows_read: int
     rejected: dict[int, list[str]] = field(default_factory=dict)  # row number -> reasons
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # input row of each kept row
     problems: dict[tuple[str, str], int] = field(default_factory=dict)  # (column, reason) -> n
 
     def summary(self) -> str:
@@ -218,6 +219,7 @@ def validate_records(
         rows_read=len(df),
         rejected=rejected,
         problems=problems,
+        rows=np.flatnonzero(keep),
     )
 
 

@@ -95,6 +95,49 @@ def evaluate(
     }
 
 
+def model_task(model: str) -> str:
+    """'cxr' or 'risk', read from the model file's metadata."""
+    import onnxruntime as ort
+
+    from diagnostics.contract import ModelMetadata
+
+    sess = ort.InferenceSession(str(resolve_model(model)), providers=["CPUExecutionProvider"])
+    return ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map).task
+
+
+def evaluate_risk(model: str, config: Path, overrides: list[str], n_boot: int = 1000) -> dict:
+    """A risk model on every valid row of a risk config's table (schema from the model file)."""
+    from diagnostics.data.clinical import validate_records
+    from diagnostics.serve.risk import RiskModel
+    from diagnostics.train.risk import calibration_slope_intercept, load_risk_config, load_source
+
+    scorer = RiskModel(resolve_model(model))
+    cfg = load_risk_config(config, overrides)
+    schema = scorer.schema.model_copy(update={"outcome": cfg.table_schema.outcome})
+    vt = validate_records(load_source(cfg.table), schema)
+    p = scorer.predict(vt.X)
+    r = finding_report(vt.y, p, scorer.threshold, n_boot=n_boot)
+    r["calibration_slope"], r["calibration_intercept"] = calibration_slope_intercept(vt.y, p)
+    return {
+        "model": {
+            "name": scorer.metadata.name,
+            "architecture": scorer.metadata.architecture,
+            "sha256": scorer.sha256,
+            "run_id": scorer.metadata.run_id,
+            "provider": "CPU",
+        },
+        "dataset": {
+            "source": cfg.table,
+            "split": "all",
+            "images": len(vt.y),
+            "rejected_rows": len(vt.rejected),
+        },
+        "findings": {scorer.label: r},
+        "mean_auroc": r["auroc"],
+        "skipped_findings": [],
+    }
+
+
 def json_safe(obj: Any) -> Any:
     """NaN/Inf -> None, so the report is valid JSON."""
     if isinstance(obj, dict):

@@ -1,0 +1,87 @@
+"""Scoring clinical records with an exported risk model. Torch-free, and without sklearn.
+
+Each record is validated against the schema inside the model file before scoring. A record that
+fails is written with its reasons and no risk: there is never a silent default. Missing values
+that the schema allows are imputed by the model, and the output names them per row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diagnostics.contract import ModelMetadata
+from diagnostics.data.clinical import TableSchema, validate_records
+from diagnostics.serve.runner import file_sha256
+
+
+class RiskModel:
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.path = Path(path)
+        self.sha256 = file_sha256(self.path)
+        self.session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
+        if self.metadata.task != "risk" or self.metadata.table_schema is None:
+            raise ValueError(f"{self.path.name} is not a risk model (task {self.metadata.task})")
+        self.schema = TableSchema.model_validate(self.metadata.table_schema)
+        self.label = self.metadata.labels[0]
+        self.threshold = self.metadata.thresholds[self.label].value
+
+    def feed(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Validated features -> one (N, 1) input per feature, as the ONNX graph names them."""
+        out: dict[str, np.ndarray] = {}
+        for f in self.schema.features:
+            col = X[f.name]
+            if f.type == "categorical":
+                out[f.name] = (
+                    col.astype(object)
+                    .where(col.notna(), "")
+                    .astype(str)
+                    .to_numpy(dtype=object)[:, None]
+                )
+            else:
+                out[f.name] = col.astype(np.float32).to_numpy()[:, None]
+        return out
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """Risk (probability of the outcome) for validated feature rows."""
+        if len(X) == 0:
+            return np.zeros(0)
+        probs = self.session.run(None, self.feed(X))[1]
+        return np.asarray(probs, dtype=np.float64)[:, 1]
+
+    def score(self, records: pd.DataFrame) -> pd.DataFrame:
+        """One output row per input row: risk, category, imputed features, or rejection reasons."""
+        vt = validate_records(records, self.schema, require_outcome=False)
+        risk = self.predict(vt.X)
+        if not np.isfinite(risk).all():
+            raise ValueError("the model produced a non-finite risk; nothing was written")
+        out = pd.DataFrame(
+            {
+                "row": np.arange(len(records)),
+                "status": "rejected",
+                "risk": np.nan,
+                "category": "",
+                "imputed": "",
+                "reasons": "",
+            }
+        )
+        for i, reasons in vt.rejected.items():
+            out.loc[i, "reasons"] = "; ".join(reasons)
+        missing = vt.X.isna() | (vt.X == "")
+        for k, i in enumerate(vt.rows):
+            out.loc[i, ["status", "risk"]] = ["scored", round(float(risk[k]), 6)]
+            out.loc[i, "category"] = "high" if risk[k] >= self.threshold else "low"
+            out.loc[i, "imputed"] = ", ".join(c for c in vt.X.columns if missing.iloc[k][c])
+        out["threshold"] = self.threshold
+        out["model_sha256"] = self.sha256
+        return out
