@@ -330,6 +330,11 @@ def evaluate(
 
     try:
         if model_task(model) == "risk":
+            if split not in ("val", "all"):
+                raise ValueError(
+                    "risk models are evaluated on every row of the table: give a held-out "
+                    "table in the config (or --split all)"
+                )
             result = evaluate_risk(model, config, set_ or [], n_boot=bootstrap)
         else:
             result = run_eval(

@@ -152,10 +152,14 @@ def validate_records(
     def note(col: str, reason: str, rows: np.ndarray, reject: bool) -> None:
         if len(rows) == 0:
             return
+        if reject:
+            reason += " (row rejected)"
         problems[(col, reason)] = problems.get((col, reason), 0) + len(rows)
         if reject:
             for r in rows:
-                rejected.setdefault(int(r), []).append(f"{col}: {reason}")
+                rejected.setdefault(int(r), []).append(
+                    f"{col}: {reason.removesuffix(' (row rejected)')}"
+                )
 
     X = pd.DataFrame(index=df.index)
     for f in schema.features:

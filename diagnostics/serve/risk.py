@@ -65,16 +65,12 @@ class RiskModel:
         risk = self.predict(vt.X)
         if not np.isfinite(risk).all():
             raise ValueError("the model produced a non-finite risk; nothing was written")
-        out = pd.DataFrame(
-            {
-                "row": np.arange(len(records)),
-                "status": "rejected",
-                "risk": np.nan,
-                "category": "",
-                "imputed": "",
-                "reasons": "",
-            }
-        )
+        # row: 0-based data row of the input (header excluded); key columns are carried through
+        out = pd.DataFrame({"row": np.arange(len(records))})
+        for key in (self.schema.patient_column, self.schema.site_column):
+            if key and key in records.columns:
+                out[key] = records[key].to_numpy()
+        out = out.assign(status="rejected", risk=np.nan, category="", imputed="", reasons="")
         for i, reasons in vt.rejected.items():
             out.loc[i, "reasons"] = "; ".join(reasons)
         missing = vt.X.isna() | (vt.X == "")

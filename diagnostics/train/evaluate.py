@@ -25,7 +25,13 @@ def resolve_model(model: str) -> Path:
         from diagnostics.settings import get_settings
 
         mlflow.set_tracking_uri(get_settings().mlflow_uri())
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        except mlflow.exceptions.MlflowException as exc:
+            raise FileNotFoundError(
+                f"{model}: {exc.message.splitlines()[0]} (use models:/NAME/VERSION or "
+                "models:/NAME@ALIAS for an alias that has been set)"
+            ) from None
         found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
         if not found:
             raise FileNotFoundError(f"{model} holds no .onnx file")
@@ -128,9 +134,11 @@ def evaluate_risk(model: str, config: Path, overrides: list[str], n_boot: int = 
         },
         "dataset": {
             "source": cfg.table,
-            "split": "all",
+            "split": "all rows",
             "images": len(vt.y),
             "rejected_rows": len(vt.rejected),
+            "note": "every valid row is scored; rows the model was trained on make this "
+            "optimistic: evaluate on another table or site",
         },
         "findings": {scorer.label: r},
         "mean_auroc": r["auroc"],
@@ -150,11 +158,12 @@ def json_safe(obj: Any) -> Any:
 
 
 def render_report(result: dict[str, Any]) -> str:
+    unit = "rows" if "rejected_rows" in result["dataset"] else "images"
     lines = [
         f"model {result['model']['name']} ({result['model']['architecture']}), "
         f"sha256 {result['model']['sha256'][:16]}..., provider {result['model']['provider']}",
         f"dataset {result['dataset']['source']}, split {result['dataset']['split']}: "
-        f"{result['dataset']['images']:,} images",
+        f"{result['dataset']['images']:,} {unit}",
         "",
         f"{'finding':<22}{'n':>7}{'AUROC':>8}{'95% CI':>16}{'AUPRC':>8}{'thr':>7}"
         f"{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'ECE':>7}",
@@ -166,6 +175,8 @@ def render_report(result: dict[str, Any]) -> str:
             f"{r['auprc']:>8.3f}{r['threshold']:>7.3f}{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
             f"{r['ppv']:>7.3f}{r['npv']:>7.3f}{r['ece']:>7.3f}"
         )
+    if result["dataset"].get("note"):
+        lines.append(f"note: {result['dataset']['note']}")
     mean = result["mean_auroc"]
     lines.append(f"mean AUROC {mean:.4f}" if mean is not None else "mean AUROC: n/a (one class)")
     if result["skipped_findings"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -304,7 +305,8 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
     curve = decision_curve(yte, p_test, np.round(np.arange(0.05, 0.96, 0.05), 2))
     importance = _importance(pipe, Xte, yte, cfg.split.seed)
     odds = _odds_ratios(pipe, schema) if m.estimator == "logistic" else None
-    plots = _plots(yte, p_test, curve, run_dir / "plots", schema.outcome.label)
+    safe_label = re.sub(r"[^A-Za-z0-9_.-]+", "_", schema.outcome.label)
+    plots = _plots(yte, p_test, curve, run_dir / "plots", safe_label)
 
     digest = tracking.dataset_digest(
         pd.DataFrame(
@@ -521,12 +523,19 @@ def model_card(cfg: RiskTrainConfig, vt: ValidatedTable, doc: dict, sha: str) ->
         "",
         "## Predictors",
     ]
-    lines += [
-        f"- {f.name} ({f.type}{', ' + f.unit if f.unit else ''}): {f.description}"
-        for f in s.features
-    ]
+    for f in s.features:
+        detail = [f.type] + ([f.unit] if f.unit else [])
+        if f.range:
+            detail.append(f"plausible {f.range[0]:g}-{f.range[1]:g}")
+        if f.categories and f.type == "categorical":
+            detail.append("categories " + ", ".join(str(c) for c in f.categories))
+        if f.missing_values:
+            detail.append("missing codes " + ", ".join(str(v) for v in f.missing_values))
+        text = f": {f.description}" if f.description else ""
+        lines.append(f"- {f.name} ({'; '.join(detail)}){text}")
     lines += ["", "## Missing data"]
     lines += [f"- {k}: {n}" for k, n in doc["problems"].items()] or ["- none found"]
+    lines.append("Lines marked (row rejected) removed rows; the others were imputed.")
     lines += [
         "Missing values are imputed inside the pipeline (median / most frequent).",
         "",
@@ -553,7 +562,9 @@ def model_card(cfg: RiskTrainConfig, vt: ValidatedTable, doc: dict, sha: str) ->
     ]
     for name, values in doc["subgroups"].items():
         for v, r in values.items():
-            flag = " (too small to judge)" if r["too_small_to_judge"] else ""
+            flag = " (too small to judge: < 30 rows, or < 10 events or non-events)" * bool(
+                r["too_small_to_judge"]
+            )
             lines.append(
                 f"- {name}={v}: n {r['n']}, events {r['events']}, AUROC {r['auroc']:.3f}{flag}"
             )
