@@ -185,3 +185,15 @@ def test_cleveland_and_pima_reach_their_targets(home):
     )
     assert pima.cv["auroc"] >= 0.82
     assert pima.table.problems[("insulin", "missing (marker value)")] == 374
+
+
+def test_estimators_that_do_not_convert_exactly_are_never_shipped(home):
+    from diagnostics.train.risk import load_risk_config, train_risk
+
+    cfg = load_risk_config(
+        REPO / "configs/risk/breast_cancer_demo.yaml",
+        ["eval.bootstrap=0", "model.estimator=hist_gradient_boosting"],
+    )
+    with pytest.raises(RuntimeError, match="cannot be converted to ONNX"):
+        train_risk(cfg, log_to_mlflow=False)
+    assert not list(home.glob("runs/*/model.onnx"))

@@ -213,6 +213,8 @@ def validate_records(
         else:
             groups[name] = col.astype(str)
     site = df[schema.site_column].astype(str) if schema.site_column else None
+    if site is not None and "site" not in groups.columns:
+        groups["site"] = site  # per-site metrics come with the other subgroups
     patient = df[schema.patient_column].astype(str) if schema.patient_column else None
     return ValidatedTable(
         X=X[keep].reset_index(drop=True),

@@ -22,6 +22,13 @@ ESTIMATORS = ("logistic", "hist_gradient_boosting", "random_forest")
 
 def make_estimator(name: str, params: dict[str, Any] | None = None, seed: int = 0) -> Any:
     params = dict(params or {})
+    try:
+        return _make(name, params, seed)
+    except TypeError as exc:  # a parameter another estimator takes (C for logistic, ...)
+        raise ValueError(f"model.params {sorted(params)} do not fit {name}: {exc}") from None
+
+
+def _make(name: str, params: dict[str, Any], seed: int) -> Any:
     if name == "logistic":
         return LogisticRegression(max_iter=2000, **params)  # L2 by default
     if name == "hist_gradient_boosting":

@@ -188,9 +188,11 @@ def export_risk_onnx(pipeline: Any, schema: TableSchema, meta: ModelMetadata, pa
             target_opset={"": 17, "ai.onnx.ml": 3},
             options={id(pipeline.steps[-1][1]): {"zipmap": False}},
         )
-    except Exception as exc:
+    except Exception as exc:  # skl2onnx dumps whole tree tables into its messages: keep the start
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise RuntimeError(
-            f"{meta.architecture} cannot be converted to ONNX ({exc}); use estimator: logistic"
+            f"{meta.architecture} cannot be converted to ONNX ({first}...); no file is shipped. "
+            "Use estimator: logistic with calibration: sigmoid, which converts exactly."
         ) from exc
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, meta.to_json()
