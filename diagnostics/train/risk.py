@@ -530,7 +530,10 @@ def model_card(cfg: RiskTrainConfig, vt: ValidatedTable, doc: dict, sha: str) ->
         if f.range:
             detail.append(f"plausible {f.range[0]:g}-{f.range[1]:g}")
         if f.categories and f.type == "categorical":
-            detail.append("categories " + ", ".join(str(c) for c in f.categories))
+            detail.append(
+                "categories "
+                + ", ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in f.categories)
+            )
         if f.missing_values:
             detail.append("missing codes " + ", ".join(str(v) for v in f.missing_values))
         text = f": {f.description}" if f.description else ""
