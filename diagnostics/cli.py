@@ -405,7 +405,12 @@ def _demo_risk(home: Path) -> None:
     result = train_risk(load_risk_config(config))
     typer.echo(_risk_summary(result))
     typer.echo("[risk 2/2] score records (one implausible, one with a missing value)")
-    records = load_source("sklearn:breast_cancer").drop(columns="malignant").head(5).copy()
+    table = load_source("sklearn:breast_cancer")
+    # two malignant and three benign masses (rows 3 and 4 are then altered)
+    picked = list(table.index[table["malignant"] == 1][:2]) + list(
+        table.index[table["malignant"] == 0][:3]
+    )
+    records = table.loc[picked].drop(columns="malignant").reset_index(drop=True)
     records.loc[3, "mean_radius"] = 500.0
     records.loc[4, "mean_texture"] = None
     scored = RiskModel(result.onnx_path).score(records)
