@@ -50,7 +50,7 @@ def main() -> int:
         rng = np.random.default_rng(0)
         big = X.iloc[rng.integers(0, len(X), 10_000)].reset_index(drop=True)
         scorer = RiskModel(result.onnx_path, threads=2)
-        pipe = _refit(cfg)  # the same pipeline as exported, fitted the same way
+        pipe = result.pipeline  # the fitted pipeline the ONNX file reproduces
         singles = [X.iloc[[i % len(X)]] for i in range(args.single)]
 
         def ort_single() -> None:
@@ -74,36 +74,6 @@ def main() -> int:
     for name, skl, ort in rows:
         print(f"{name:<18}{skl:>16,.0f}{ort:>14,.0f}{ort / skl:>14.1f}x")
     return 0
-
-
-def _refit(cfg):
-    from sklearn.model_selection import train_test_split
-
-    from diagnostics.data.clinical import validate_records
-    from diagnostics.models.risk import make_pipeline
-    from diagnostics.train.risk import load_source
-
-    vt = validate_records(load_source(cfg.table), cfg.table_schema)
-    kinds = {
-        k: [f.name for f in cfg.table_schema.features if f.type == k]
-        for k in ("numeric", "categorical", "binary")
-    }
-    idx = np.arange(len(vt.y))
-    tr, _ = train_test_split(
-        idx, test_size=cfg.split.test_fraction, random_state=cfg.split.seed, stratify=vt.y
-    )
-    m = cfg.model
-    pipe = make_pipeline(
-        kinds["numeric"],
-        kinds["categorical"],
-        kinds["binary"],
-        m.estimator,
-        m.params,
-        m.calibration,
-        m.calibration_cv,
-        cfg.split.seed,
-    )
-    return pipe.fit(vt.X.iloc[tr], vt.y[tr])
 
 
 if __name__ == "__main__":

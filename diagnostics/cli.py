@@ -23,8 +23,6 @@ app.add_typer(train_app, name="train")
 
 log = logging.getLogger("diagnostics")
 
-SOURCES = ("nih14", "chexpert", "mimic_cxr", "vindr_cxr", "rsna", "manifest", "folders")
-
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a config value: a.b=value (repeatable)"),
@@ -48,8 +46,8 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
     """The `data:` section of a config file (a dataset config, or a training config holding one)."""
     from pydantic import ValidationError
 
-    from diagnostics.configio import ConfigError, apply_overrides, load_yaml
-    from diagnostics.data.config import parse_dataset_config
+    from diagnostics.configio import ConfigError, apply_overrides, load_yaml, validation_lines
+    from diagnostics.data.config import SOURCES, parse_dataset_config
 
     outside = [o for o in overrides or [] if not o.strip().startswith("data.")]
     if outside:
@@ -65,21 +63,8 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
         return parse_dataset_config(section)
     except ValidationError as exc:
         source = f"{config} with --set overrides" if overrides else str(config)
-        raise _fail(f"{source}: invalid data config:\n{format_validation_error(exc)}") from None
-
-
-def format_validation_error(exc: Any) -> str:
-    """One line per problem: `data.split.fractions: fractions must sum to 1`."""
-    lines = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        if loc and loc[0] in SOURCES:  # pydantic prefixes the union branch: drop it
-            loc = loc[1:]
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = f"unknown key {loc[-1]!r}"
-        lines.append(f"  data.{'.'.join(loc)}: {message}" if loc else f"  data: {message}")
-    return "\n".join(lines)
+        lines = validation_lines(exc, "data", SOURCES)
+        raise _fail(f"{source}: invalid data config:\n{lines}") from None
 
 
 @data_app.command("check")

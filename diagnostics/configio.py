@@ -54,6 +54,23 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
     return out
 
 
+def validation_lines(exc: Any, prefix: str = "", skip: Iterable[str] = ()) -> str:
+    """A pydantic ValidationError as one line per problem: `  data.split.seed: <message>`.
+
+    `skip` drops location parts pydantic adds for tagged unions (e.g. the dataset source name).
+    """
+    skipped = set(skip)
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if str(p) not in skipped]
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and loc:
+            message = f"unknown key {loc[-1]!r}"
+        where = ".".join([prefix, *loc] if prefix else loc) or prefix or "config"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
 def _deepcopy(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _deepcopy(v) for k, v in obj.items()}

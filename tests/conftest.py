@@ -25,3 +25,15 @@ def synth_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("synth_png")
     return write_dataset(out, 40, size=64, seed=3)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh DIAGNOSTICS_HOME (runs, caches, and the SQLite MLflow store) for one test."""
+    from diagnostics.settings import get_settings
+
+    monkeypatch.setenv("DIAGNOSTICS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()

@@ -110,17 +110,6 @@ def test_decision_curve_reference_lines():
     assert curve["treat_all"] == [0.0] and curve["treat_none"] == [0.0]
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    from diagnostics.settings import get_settings
-
-    monkeypatch.setenv("DIAGNOSTICS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
-
-
 def test_demo_trains_exports_with_parity_and_registers(home):
     import onnxruntime as ort
     from mlflow import MlflowClient

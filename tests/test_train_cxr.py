@@ -14,17 +14,6 @@ from diagnostics.train.config import CXRTrainConfig, load_train_config
 from diagnostics.train.cxr import masked_bce, normalize_torch
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    from diagnostics.settings import get_settings
-
-    monkeypatch.setenv("DIAGNOSTICS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
-
-
 def tiny_config(manifest, **train) -> CXRTrainConfig:
     return CXRTrainConfig.model_validate(
         {

@@ -203,6 +203,7 @@ DatasetConfig = Annotated[
 ]
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(DatasetConfig)
+SOURCES = ("nih14", "chexpert", "mimic_cxr", "vindr_cxr", "rsna", "manifest", "folders")
 
 
 def parse_dataset_config(data: dict[str, Any]) -> Any:

@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from diagnostics.configio import ConfigError, apply_overrides, load_yaml
+from diagnostics.configio import ConfigError, apply_overrides, load_yaml, validation_lines
 from diagnostics.contract import PreprocessSpec
-from diagnostics.data.config import DatasetConfig
+from diagnostics.data.config import SOURCES, DatasetConfig
 
 _POLICY = re.compile(r"^(youden|(sensitivity|specificity)>=(0(\.\d+)?|1(\.0+)?))$")
 
@@ -100,14 +100,6 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> C
     try:
         return CXRTrainConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = [str(p) for p in err["loc"]]
-            if len(loc) > 1 and loc[0] == "data":
-                loc = [loc[0], *loc[2:]]  # drop the dataset source tag
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown key {loc[-1]!r}"
-            lines.append(f"  {'.'.join(loc)}: {msg}")
         where = f"{path} with --set overrides" if overrides else str(path)
-        raise ConfigError(f"{where}: invalid training config:\n" + "\n".join(lines)) from None
+        lines = validation_lines(exc, skip=SOURCES)
+        raise ConfigError(f"{where}: invalid training config:\n{lines}") from None

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from diagnostics import __version__
-from diagnostics.configio import ConfigError, apply_overrides, load_yaml
+from diagnostics.configio import ConfigError, apply_overrides, load_yaml, validation_lines
 from diagnostics.contract import METADATA_KEY, ModelMetadata, Threshold
 from diagnostics.data.clinical import TableSchema, ValidatedTable, read_table, validate_records
 from diagnostics.models.risk import make_pipeline
@@ -77,8 +77,8 @@ def load_risk_config(path: str | Path, overrides: list[str] | None = None) -> Ri
     try:
         return RiskTrainConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path}: invalid risk config:\n" + "\n".join(lines)) from None
+        where = f"{path} with --set overrides" if overrides else str(path)
+        raise ConfigError(f"{where}: invalid risk config:\n{validation_lines(exc)}") from None
 
 
 def load_source(table: str) -> pd.DataFrame:
@@ -238,6 +238,7 @@ class RiskResult:
     parity: float
     seconds: float
     table: ValidatedTable
+    pipeline: Any  # the fitted sklearn Pipeline that the ONNX file reproduces
 
 
 def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResult:
@@ -431,6 +432,7 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
         parity=parity,
         seconds=time.perf_counter() - t0,
         table=vt,
+        pipeline=pipe,
     )
 
 
