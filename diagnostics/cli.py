@@ -279,7 +279,7 @@ def score_risk(
             path = resolve_model(model)
         scorer = RiskModel(path)
         result = scorer.score(read_table(table))
-    except (SchemaError, ValueError, FileNotFoundError) as exc:
+    except (SchemaError, ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     result.to_csv(out, index=False)

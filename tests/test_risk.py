@@ -186,3 +186,73 @@ def test_estimators_that_do_not_convert_exactly_are_never_shipped(home):
     with pytest.raises(RuntimeError, match="cannot be converted to ONNX"):
         train_risk(cfg, log_to_mlflow=False)
     assert not list(home.glob("runs/*/model.onnx"))
+
+
+def test_more_validation_holes_are_closed():
+    from pydantic import ValidationError
+
+    table = _table().iloc[:2].copy()
+    table["age"] = table["age"].astype(object)
+    table.loc[0, "age"] = "inf"
+    table.loc[1, "num"] = 1.5  # not a count
+    vt = validate_records(table, SCHEMA)
+    assert vt.rejected[0] == ["age: not a number"]
+    assert vt.rejected[1] == ["num: outcome not an expected value"]
+    with pytest.raises(SchemaError, match="duplicated"):
+        validate_records(pd.concat([_table(), _table()[["age"]]], axis=1), SCHEMA)
+    with pytest.raises(ValidationError, match="two numeric categories"):
+        TableSchema.model_validate(
+            {
+                "name": "x",
+                "outcome": {"column": "y"},
+                "features": [{"name": "s", "type": "binary", "categories": ["M", "F"]}],
+            }
+        )
+    with pytest.raises(ValidationError, match="cannot be a feature"):
+        TableSchema.model_validate(
+            {
+                "name": "x",
+                "outcome": {"column": "y"},
+                "patient_column": "a",
+                "features": [{"name": "a", "type": "numeric"}],
+            }
+        )
+
+
+def test_scoring_needs_only_the_features():
+    # Subgroup-only columns (and site/patient keys) are for training reports, not for scoring.
+    spec = SCHEMA.model_dump() | {
+        "subgroups": {"eth": {"column": "ethnicity"}},
+        "site_column": "clinic",
+    }
+    vt = validate_records(
+        _table().drop(columns="num"), TableSchema.model_validate(spec), require_outcome=False
+    )
+    assert vt.rows_read == 6 and vt.site is None
+
+
+def test_held_out_split_keeps_patients_together(home, tmp_path):
+    from diagnostics.train.risk import RiskTrainConfig, train_risk
+
+    rng = np.random.default_rng(0)
+    n = 240
+    df = pd.DataFrame({"pid": np.repeat(np.arange(80), 3), "x": rng.normal(size=n)})
+    df["y"] = (df["x"] + rng.normal(size=n) > 0).astype(int)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    cfg = RiskTrainConfig.model_validate(
+        {
+            "name": "grp",
+            "table": str(tmp_path / "t.csv"),
+            "schema": {
+                "name": "t",
+                "outcome": {"column": "y"},
+                "patient_column": "pid",
+                "features": [{"name": "x", "type": "numeric"}],
+            },
+            "eval": {"bootstrap": 0},
+        }
+    )
+    result = train_risk(cfg, log_to_mlflow=False)
+    assert result.parity <= 1e-5
+    test_rows = len(result.table.y) - int(result.cv["n"])
+    assert test_rows % 3 == 0  # whole patients (3 rows each) in the test split

@@ -46,8 +46,13 @@ class Feature(BaseModel):
     def _check(self) -> Feature:
         if self.type == "categorical" and not self.categories:
             raise ValueError(f"{self.name}: a categorical feature needs categories")
-        if self.type == "binary" and self.categories is None:
-            self.categories = [0.0, 1.0]
+        if self.type == "binary":
+            if self.categories is None:
+                self.categories = [0.0, 1.0]
+            if len(self.categories) != 2 or not all(
+                isinstance(c, int | float) for c in self.categories
+            ):
+                raise ValueError(f"{self.name}: a binary feature has two numeric categories")
         if self.range is not None and self.range[0] > self.range[1]:
             raise ValueError(f"{self.name}: range low > high")
         return self
@@ -103,6 +108,9 @@ class TableSchema(BaseModel):
             raise ValueError("feature names must be unique")
         if self.outcome.column in names:
             raise ValueError("the outcome column cannot also be a feature")
+        for key in (self.patient_column, self.site_column):
+            if key is not None and key in names:
+                raise ValueError(f"{key} identifies patients or sites: it cannot be a feature")
         return self
 
     @property
@@ -141,6 +149,9 @@ def validate_records(
     df: pd.DataFrame, schema: TableSchema, *, require_outcome: bool = True
 ) -> ValidatedTable:
     """Check every row. Rows with an error (or a missing outcome) are rejected, with reasons."""
+    duplicated = sorted(set(df.columns[df.columns.duplicated()]))
+    if duplicated:
+        raise SchemaError(f"the table has duplicated column names {duplicated}")
     needed = schema.feature_names + ([schema.outcome.column] if require_outcome else [])
     missing = [c for c in needed if c not in df.columns]
     if missing:
@@ -172,6 +183,7 @@ def validate_records(
         note(f.name, "missing (marker value)", np.flatnonzero(marker & ~blank), False)
         if f.type == "numeric":
             values = pd.to_numeric(raw.where(~(blank | marker)), errors="coerce")
+            values = values.where(np.isfinite(values.astype(float)) & (values.abs() < 3e38))
             bad = values.isna() & ~(blank | marker)
             note(f.name, "not a number", np.flatnonzero(bad), True)
             if f.range is not None:
@@ -194,12 +206,19 @@ def validate_records(
                 X[f.name] = text.where(~(blank | marker | bad), "").astype(object)
     y = pd.Series(np.nan, index=df.index)
     if require_outcome:
+        raw_y = pd.to_numeric(df[schema.outcome.column], errors="coerce")
         y = schema.outcome.apply(df[schema.outcome.column])
         note(schema.outcome.column, "outcome missing", np.flatnonzero(y.isna()), True)
+        # An outcome is a count or a class: 0/1 for == and != rules, else a non-negative integer.
+        binary_rule = any(op in schema.outcome.rule for op in ("==", "!="))
+        odd = raw_y.notna() & ((raw_y < 0) | (raw_y % 1 != 0) | (binary_rule & (raw_y > 1)))
+        note(schema.outcome.column, "outcome not an expected value", np.flatnonzero(odd), True)
     keep = np.array([i not in rejected for i in range(len(df))], dtype=bool)
     groups = pd.DataFrame(index=df.index)
     for name, g in schema.subgroups.items():
         if g.column not in df.columns:
+            if not require_outcome:  # scoring: subgroups are for reports, not needed
+                continue
             raise SchemaError(f"subgroup {name}: column {g.column!r} not in the table")
         col = df[g.column]
         if g.bins:
@@ -212,10 +231,21 @@ def validate_records(
             groups[name] = col.map(lambda v, names=names: names.get(str(_norm(v)), "unknown"))
         else:
             groups[name] = col.astype(str)
-    site = df[schema.site_column].astype(str) if schema.site_column else None
+
+    def key(column: str | None) -> pd.Series | None:
+        if column is None or column not in df.columns:
+            if column is not None and require_outcome:
+                raise SchemaError(f"column {column!r} (patient or site key) not in the table")
+            return None
+        values = df[column].astype(str)
+        blank = df[column].isna() | (values.str.strip() == "")
+        # a blank key is its own group, never one shared "nan" group
+        return values.where(~blank, "__row" + df.index.astype(str))
+
+    site = key(schema.site_column)
     if site is not None and "site" not in groups.columns:
         groups["site"] = site  # per-site metrics come with the other subgroups
-    patient = df[schema.patient_column].astype(str) if schema.patient_column else None
+    patient = key(schema.patient_column)
     return ValidatedTable(
         X=X[keep].reset_index(drop=True),
         y=y[keep].to_numpy(dtype=float),
@@ -248,4 +278,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise SchemaError(f"table not found: {path}")
     if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
+    import csv
+
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:  # pandas would rename them "age.1" and carry on
+        raise SchemaError(f"{path}: duplicated column names {duplicated}")
     return pd.read_csv(path)

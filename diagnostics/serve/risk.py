@@ -75,7 +75,7 @@ class RiskModel:
             out.loc[i, "reasons"] = "; ".join(reasons)
         missing = vt.X.isna() | (vt.X == "")
         for k, i in enumerate(vt.rows):
-            out.loc[i, ["status", "risk"]] = ["scored", round(float(risk[k]), 6)]
+            out.loc[i, ["status", "risk"]] = ["scored", float(risk[k])]
             out.loc[i, "category"] = "high" if risk[k] >= self.threshold else "low"
             out.loc[i, "imputed"] = ", ".join(c for c in vt.X.columns if missing.iloc[k][c])
         out["threshold"] = self.threshold

@@ -263,9 +263,15 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
 
     groups_key = vt.patient if vt.patient is not None else vt.site
     idx = np.arange(len(vt.y))
-    tr, te = train_test_split(
-        idx, test_size=cfg.split.test_fraction, random_state=cfg.split.seed, stratify=vt.y
-    )
+    if groups_key is not None:
+        # Whole patients (or sites) go to the test split: one fold of a grouped, stratified split.
+        n_splits = max(2, round(1 / cfg.split.test_fraction))
+        outer = StratifiedGroupKFold(n_splits, shuffle=True, random_state=cfg.split.seed)
+        tr, te = next(outer.split(idx, vt.y, groups_key.to_numpy()))
+    else:
+        tr, te = train_test_split(
+            idx, test_size=cfg.split.test_fraction, random_state=cfg.split.seed, stratify=vt.y
+        )
     Xtr, Xte, ytr, yte = vt.X.iloc[tr], vt.X.iloc[te], vt.y[tr], vt.y[te]
     if groups_key is not None:
         folds = StratifiedGroupKFold(cfg.split.cv_folds, shuffle=True, random_state=cfg.split.seed)
@@ -457,15 +463,23 @@ def _importance(pipe: Any, X: pd.DataFrame, y: np.ndarray, seed: int) -> dict[st
 
 
 def _odds_ratios(pipe: Any, schema: TableSchema) -> dict[str, dict[str, Any]]:
-    """Odds ratio per model input, averaged over the calibration folds' logistic models.
+    """Odds ratios of the shipped (calibrated) model, per model input.
 
-    Numeric features are standardised inside the pipeline: the ratio is per the stated unit
-    (coefficient / SD) and per one SD.
+    The sigmoid calibrator maps the logistic model's logit f to 1 / (1 + exp(a f + b)), so the
+    shipped log-odds change per unit of f is -a: coefficients are scaled by it. Numeric features
+    are standardised inside the pipeline: the ratio is given per stated unit (coefficient / SD)
+    and per SD. One-hot categories have no reference level: each ratio is against the average.
     """
     prep = pipe.named_steps["prep"]
     names = list(prep.get_feature_names_out())
+    fitted = pipe.named_steps["model"].calibrated_classifiers_
     coefs = np.mean(
-        [c.estimator.coef_[0] for c in pipe.named_steps["model"].calibrated_classifiers_], axis=0
+        [
+            c.estimator.coef_[0]
+            * (-float(c.calibrators[0].a_) if hasattr(c.calibrators[0], "a_") else 1.0)
+            for c in fitted
+        ],
+        axis=0,
     )
     units = {f.name: f.unit for f in schema.features}
     scale = {}
@@ -483,7 +497,7 @@ def _odds_ratios(pipe: Any, schema: TableSchema) -> dict[str, dict[str, Any]]:
             entry["unit"] = units.get(base, "")
             entry["sd"] = float(scale[base])
         else:
-            entry["odds_ratio"] = float(np.exp(c))
+            entry["odds_ratio_vs_average"] = float(np.exp(c))
         out[base] = entry
     return out
 
