@@ -32,6 +32,7 @@ from diagnostics.models.registry import create_model
 from diagnostics.settings import get_settings
 from diagnostics.train import tracking
 from diagnostics.train.calibrate import choose_threshold, fit_temperature, sigmoid
+from diagnostics.train.cards import cxr_model_card
 from diagnostics.train.config import CXRTrainConfig
 from diagnostics.train.export import check_parity, export_onnx
 from diagnostics.train.metrics import auroc, finding_report, mean_auroc
@@ -567,7 +568,7 @@ def _finish(
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=float))
     (run_dir / "model_card.md").write_text(
-        model_card(metadata, val_report, test_report, table, sha)
+        cxr_model_card(metadata, val_report, test_report, table, sha)
     )
 
     version = None
@@ -659,60 +660,3 @@ def _int8_variant(
 
 def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
-
-
-def model_card(
-    meta: ModelMetadata,
-    val: dict[str, dict[str, float]],
-    test: dict[str, dict[str, float]] | None,
-    table: CXRTable,
-    sha: str,
-) -> str:
-    """A short model card in markdown: intended use, data, metrics with CIs, thresholds, limits."""
-    counts = table.frame["split"].value_counts().to_dict()
-    lines = [
-        f"# {meta.name}: {meta.architecture}",
-        "",
-        f"- ONNX sha256: `{sha}`",
-        f"- Created: {meta.created} (diagnostics {meta.package_version})",
-        f"- MLflow run: {meta.run_id}",
-        "",
-        "## Intended use",
-        meta.intended_use or "-",
-        "",
-        "## Data",
-        f"- Dataset: {meta.dataset_name}; digest `{(meta.dataset_digest or '')[:16]}`",
-        f"- Images per split: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}",
-        f"- Input: {meta.preprocessing.size} px, {meta.preprocessing.channels} channel(s), "
-        f"crop {meta.preprocessing.crop}, normalisation {meta.preprocessing.normalize}",
-        "",
-        "## Performance",
-    ]
-    for name, report in (("validation", val), ("test", test)):
-        if not report:
-            continue
-        lines += [
-            f"### {name}",
-            "",
-            "| finding | n | AUROC (95% CI) | threshold | sensitivity | specificity | ECE |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for f, r in report.items():
-            lines.append(
-                f"| {f} | {int(r['n'])} "
-                f"| {r['auroc']:.3f} ({r['auroc_lo']:.3f}-{r['auroc_hi']:.3f})"
-                f" | {r['threshold']:.3f} | {r['sensitivity']:.3f} | {r['specificity']:.3f}"
-                f" | {r['ece']:.3f} |"
-            )
-        lines.append("")
-    lines += [
-        f"Thresholds were chosen on validation by `{next(iter(meta.thresholds.values())).policy}`;"
-        " temperatures were fitted on validation.",
-        "",
-        "## Limitations",
-        meta.limitations
-        or "Validated only on the splits above. Re-check calibration and "
-        "thresholds on each site's own data before use.",
-        "",
-    ]
-    return "\n".join(lines)

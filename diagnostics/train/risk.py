@@ -29,6 +29,7 @@ from diagnostics.models.risk import make_pipeline
 from diagnostics.settings import get_settings
 from diagnostics.train import tracking
 from diagnostics.train.calibrate import choose_threshold
+from diagnostics.train.cards import risk_model_card
 from diagnostics.train.config import EvalConfig, TrackingConfig
 from diagnostics.train.metrics import bootstrap_ci, finding_report
 
@@ -398,7 +399,7 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
         (run_dir / "schema.yaml").write_text(
             yaml.safe_dump(schema.model_dump(mode="json"), sort_keys=False)
         )
-        (run_dir / "model_card.md").write_text(model_card(cfg, vt, doc, sha))
+        (run_dir / "model_card.md").write_text(risk_model_card(cfg, vt, doc, sha))
         version = None
         if mlflow is not None:
             mlflow.log_params(
@@ -516,86 +517,3 @@ def _plots(y: np.ndarray, p: np.ndarray, curve: dict, out: Path, label: str) -> 
     paths.append(out / f"decision_curve_{label}.png")
     fig.savefig(paths[-1], bbox_inches="tight")
     return paths
-
-
-def model_card(cfg: RiskTrainConfig, vt: ValidatedTable, doc: dict, sha: str) -> str:
-    """Markdown along the TRIPOD+AI headings."""
-    s = cfg.table_schema
-    cv, te = doc["cv"], doc["test"]
-
-    def ci(r: dict, k: str) -> str:
-        return f"{r[k]:.3f} (95% CI {r[k + '_lo']:.3f}-{r[k + '_hi']:.3f})"
-
-    lines = [
-        f"# {cfg.tracking.registered_model or cfg.name}: {cfg.model.estimator} "
-        f"+ {cfg.model.calibration} calibration",
-        f"ONNX sha256 `{sha}`; diagnostics {__version__}",
-        "",
-        "## Source of data",
-        s.description or cfg.table,
-        f"Rows read {vt.rows_read}, used {len(vt.y)}, rejected {len(vt.rejected)}.",
-        "",
-        "## Outcome",
-        f"{s.outcome.label}: `{s.outcome.column} {s.outcome.rule}`. "
-        f"{s.outcome.description} Events: {int(vt.y.sum())} of {len(vt.y)}.",
-        "",
-        "## Predictors",
-    ]
-    for f in s.features:
-        detail = [f.type] + ([f.unit] if f.unit else [])
-        if f.range:
-            detail.append(f"plausible {f.range[0]:g}-{f.range[1]:g}")
-        if f.categories and f.type == "categorical":
-            detail.append(
-                "categories "
-                + ", ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in f.categories)
-            )
-        if f.missing_values:
-            detail.append("missing codes " + ", ".join(str(v) for v in f.missing_values))
-        text = f": {f.description}" if f.description else ""
-        lines.append(f"- {f.name} ({'; '.join(detail)}){text}")
-    lines += ["", "## Missing data"]
-    lines += [f"- {k}: {n}" for k, n in doc["problems"].items()] or ["- none found"]
-    lines.append("Lines marked (row rejected) removed rows; the others were imputed.")
-    lines += [
-        "Missing values are imputed inside the pipeline (median / most frequent).",
-        "",
-        "## Model",
-        f"{cfg.model.estimator}, params {cfg.model.params | doc['best_params']}, "
-        f"{cfg.model.calibration} calibration ({cfg.model.calibration_cv}-fold).",
-        "",
-        "## Performance (with 95% bootstrap CIs)",
-        f"- Cross-validated ({cfg.split.cv_folds}-fold): AUROC {ci(cv, 'auroc')}, "
-        f"AUPRC {ci(cv, 'auprc')}, Brier {cv['brier']:.3f}",
-        f"- Held-out test: AUROC {ci(te, 'auroc')}, AUPRC {ci(te, 'auprc')}, "
-        f"Brier {te['brier']:.3f}",
-        f"- Threshold {doc['threshold']:.3f} ({cfg.eval.threshold_policy}, chosen on CV): "
-        f"test sensitivity {te['sensitivity']:.3f}, specificity {te['specificity']:.3f}, "
-        f"PPV {te['ppv']:.3f}, NPV {te['npv']:.3f}",
-        "",
-        "## Calibration",
-        f"- CV: slope {cv['calibration_slope']:.2f}, intercept "
-        f"{cv['calibration_intercept']:.2f}, ECE {cv['ece']:.3f}",
-        f"- Test: slope {te['calibration_slope']:.2f}, intercept "
-        f"{te['calibration_intercept']:.2f}, ECE {te['ece']:.3f}",
-        "",
-        "## Subgroups (test split)",
-    ]
-    for name, values in doc["subgroups"].items():
-        for v, r in values.items():
-            flag = " (too small to judge: < 30 rows, or < 10 events or non-events)" * bool(
-                r["too_small_to_judge"]
-            )
-            lines.append(
-                f"- {name}={v}: n {r['n']}, events {r['events']}, AUROC {r['auroc']:.3f}{flag}"
-            )
-    lines += [
-        "",
-        "## Intended use",
-        cfg.intended_use,
-        "",
-        "## Limitations",
-        cfg.limitations or "Validated on one source only; re-check at each site.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Model cards in markdown: what a reviewer reads next to the metrics.
+
+CXR cards give intended use, data, metrics with CIs, thresholds and limitations; risk cards
+follow the TRIPOD+AI headings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diagnostics import __version__
+from diagnostics.contract import ModelMetadata
+from diagnostics.data.clinical import ValidatedTable
+from diagnostics.data.cxr import CXRTable
+
+
+def cxr_model_card(
+    meta: ModelMetadata,
+    val: dict[str, dict[str, float]],
+    test: dict[str, dict[str, float]] | None,
+    table: CXRTable,
+    sha: str,
+) -> str:
+    """A short model card in markdown: intended use, data, metrics with CIs, thresholds, limits."""
+    counts = table.frame["split"].value_counts().to_dict()
+    lines = [
+        f"# {meta.name}: {meta.architecture}",
+        "",
+        f"- ONNX sha256: `{sha}`",
+        f"- Created: {meta.created} (diagnostics {meta.package_version})",
+        f"- MLflow run: {meta.run_id}",
+        "",
+        "## Intended use",
+        meta.intended_use or "-",
+        "",
+        "## Data",
+        f"- Dataset: {meta.dataset_name}; digest `{(meta.dataset_digest or '')[:16]}`",
+        f"- Images per split: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}",
+        f"- Input: {meta.preprocessing.size} px, {meta.preprocessing.channels} channel(s), "
+        f"crop {meta.preprocessing.crop}, normalisation {meta.preprocessing.normalize}",
+        "",
+        "## Performance",
+    ]
+    for name, report in (("validation", val), ("test", test)):
+        if not report:
+            continue
+        lines += [
+            f"### {name}",
+            "",
+            "| finding | n | AUROC (95% CI) | threshold | sensitivity | specificity | ECE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for f, r in report.items():
+            lines.append(
+                f"| {f} | {int(r['n'])} "
+                f"| {r['auroc']:.3f} ({r['auroc_lo']:.3f}-{r['auroc_hi']:.3f})"
+                f" | {r['threshold']:.3f} | {r['sensitivity']:.3f} | {r['specificity']:.3f}"
+                f" | {r['ece']:.3f} |"
+            )
+        lines.append("")
+    lines += [
+        f"Thresholds were chosen on validation by `{next(iter(meta.thresholds.values())).policy}`;"
+        " temperatures were fitted on validation.",
+        "",
+        "## Limitations",
+        meta.limitations
+        or "Validated only on the splits above. Re-check calibration and "
+        "thresholds on each site's own data before use.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:
+    """Markdown along the TRIPOD+AI headings."""
+    s = cfg.table_schema
+    cv, te = doc["cv"], doc["test"]
+
+    def ci(r: dict, k: str) -> str:
+        return f"{r[k]:.3f} (95% CI {r[k + '_lo']:.3f}-{r[k + '_hi']:.3f})"
+
+    lines = [
+        f"# {cfg.tracking.registered_model or cfg.name}: {cfg.model.estimator} "
+        f"+ {cfg.model.calibration} calibration",
+        f"ONNX sha256 `{sha}`; diagnostics {__version__}",
+        "",
+        "## Source of data",
+        s.description or cfg.table,
+        f"Rows read {vt.rows_read}, used {len(vt.y)}, rejected {len(vt.rejected)}.",
+        "",
+        "## Outcome",
+        f"{s.outcome.label}: `{s.outcome.column} {s.outcome.rule}`. "
+        f"{s.outcome.description} Events: {int(vt.y.sum())} of {len(vt.y)}.",
+        "",
+        "## Predictors",
+    ]
+    for f in s.features:
+        detail = [f.type] + ([f.unit] if f.unit else [])
+        if f.range:
+            detail.append(f"plausible {f.range[0]:g}-{f.range[1]:g}")
+        if f.categories and f.type == "categorical":
+            detail.append(
+                "categories "
+                + ", ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in f.categories)
+            )
+        if f.missing_values:
+            detail.append("missing codes " + ", ".join(str(v) for v in f.missing_values))
+        text = f": {f.description}" if f.description else ""
+        lines.append(f"- {f.name} ({'; '.join(detail)}){text}")
+    lines += ["", "## Missing data"]
+    lines += [f"- {k}: {n}" for k, n in doc["problems"].items()] or ["- none found"]
+    lines.append("Lines marked (row rejected) removed rows; the others were imputed.")
+    lines += [
+        "Missing values are imputed inside the pipeline (median / most frequent).",
+        "",
+        "## Model",
+        f"{cfg.model.estimator}, params {cfg.model.params | doc['best_params']}, "
+        f"{cfg.model.calibration} calibration ({cfg.model.calibration_cv}-fold).",
+        "",
+        "## Performance (with 95% bootstrap CIs)",
+        f"- Cross-validated ({cfg.split.cv_folds}-fold): AUROC {ci(cv, 'auroc')}, "
+        f"AUPRC {ci(cv, 'auprc')}, Brier {cv['brier']:.3f}",
+        f"- Held-out test: AUROC {ci(te, 'auroc')}, AUPRC {ci(te, 'auprc')}, "
+        f"Brier {te['brier']:.3f}",
+        f"- Threshold {doc['threshold']:.3f} ({cfg.eval.threshold_policy}, chosen on CV): "
+        f"test sensitivity {te['sensitivity']:.3f}, specificity {te['specificity']:.3f}, "
+        f"PPV {te['ppv']:.3f}, NPV {te['npv']:.3f}",
+        "",
+        "## Calibration",
+        f"- CV: slope {cv['calibration_slope']:.2f}, intercept "
+        f"{cv['calibration_intercept']:.2f}, ECE {cv['ece']:.3f}",
+        f"- Test: slope {te['calibration_slope']:.2f}, intercept "
+        f"{te['calibration_intercept']:.2f}, ECE {te['ece']:.3f}",
+        "",
+        "## Subgroups (test split)",
+    ]
+    for name, values in doc["subgroups"].items():
+        for v, r in values.items():
+            flag = " (too small to judge: < 30 rows, or < 10 events or non-events)" * bool(
+                r["too_small_to_judge"]
+            )
+            lines.append(
+                f"- {name}={v}: n {r['n']}, events {r['events']}, AUROC {r['auroc']:.3f}{flag}"
+            )
+    lines += [
+        "",
+        "## Intended use",
+        cfg.intended_use,
+        "",
+        "## Limitations",
+        cfg.limitations or "Validated on one source only; re-check at each site.",
+        "",
+    ]
+    return "\n".join(lines)
