@@ -10,10 +10,10 @@ preprocessed to 224 px. Needs ../shared/data.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
+
+from timing import median_ms  # benchmarks/timing.py (scripts run from this folder)
 
 from diagnostics.contract import PreprocessSpec
 from diagnostics.imaging import decode, preprocess
@@ -26,16 +26,6 @@ FILES = [
     ("DICOM RLE (1760 x 1760)", "dicom/WG04_RG3_RLE.dcm"),
     ("PNG 8-bit 1024 x 1024 (NIH)", "cxr/nih_sample/images/00000211_013.png"),
 ]
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up: imports, plugin discovery
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def main() -> int:

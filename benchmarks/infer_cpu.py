@@ -12,32 +12,20 @@ weights, so the torch twin is built from the ONNX metadata with random weights.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_ms  # benchmarks/timing.py (scripts run from this folder)
 
 from diagnostics import __version__
 from diagnostics.contract import InputSpec, ModelMetadata, PreprocessSpec, Threshold
 from diagnostics.models.registry import create_model
 from diagnostics.serve.runner import OnnxModel
 from diagnostics.train.export import export_onnx
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def random_export(arch: str, size: int, labels: list[str], out: Path) -> Path:
@@ -92,11 +80,11 @@ def main() -> int:
             x = x.astype(np.float32)
             xt = torch.from_numpy(x)
             with torch.inference_mode():
-                t_torch = median_ms(lambda xt=xt: twin(xt), args.repeat)
-            t_ort = median_ms(lambda x=x: runner.predict(x), args.repeat)
+                t_torch = median_ms(lambda xt=xt: twin(xt), args.repeat, warmup=3)
+            t_ort = median_ms(lambda x=x: runner.predict(x), args.repeat, warmup=3)
             line = f"{batch:>6}{t_torch:>16.1f}{t_ort:>13.1f}{t_torch / t_ort:>9.2f}x"
             if q8 is not None:
-                t_q8 = median_ms(lambda x=x: q8.predict(x), args.repeat)
+                t_q8 = median_ms(lambda x=x: q8.predict(x), args.repeat, warmup=3)
                 line += f"{t_q8:>13.1f}{t_torch / t_q8:>9.2f}x"
             print(line)
     return 0

@@ -10,22 +10,16 @@ the exported ONNX file and the same sklearn pipeline, fitted the same way.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
+from timing import median_ms  # benchmarks/timing.py (scripts run from this folder)
 
 
 def rate(fn, rows: int, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return rows / statistics.median(times)
+    """Rows per second from the median time of `repeat` calls."""
+    return rows / (median_ms(fn, repeat) / 1000)
 
 
 def main() -> int:

@@ -94,76 +94,59 @@ def _check(in_channels: int, num_classes: int) -> None:
         raise ValueError("num_classes must be >= 1")
 
 
-@register_model("densenet121")
-def densenet121(
-    in_channels: int = 1,
-    num_classes: int = 14,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    dropout: float = 0.0,
-) -> CAMClassifier:
-    """DenseNet-121, the CheXNet architecture (Rajpurkar et al. 2017)."""
-    from torchvision.models import densenet121 as tv
-
-    _check(in_channels, num_classes)
-    net: Any = _torchvision(tv, pretrained, weights_path)
+def _densenet_features(net: Any, in_channels: int) -> tuple[nn.Module, int]:
     net.features.conv0 = adapt_first_conv(net.features.conv0, in_channels)
-    features = nn.Sequential(net.features, nn.ReLU(inplace=False))  # torchvision applies ReLU
-    return CAMClassifier(features, net.classifier.in_features, num_classes, dropout)
+    # torchvision applies the final ReLU outside `features`
+    return nn.Sequential(net.features, nn.ReLU(inplace=False)), net.classifier.in_features
 
 
-def _resnet(
-    builder: Callable[..., nn.Module], in_channels, num_classes, pretrained, weights_path, dropout
-) -> CAMClassifier:
-    _check(in_channels, num_classes)
-    net: Any = _torchvision(builder, pretrained, weights_path)
+def _resnet_features(net: Any, in_channels: int) -> tuple[nn.Module, int]:
     net.conv1 = adapt_first_conv(net.conv1, in_channels)
-    features = nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    layers = (
+        net.conv1,
+        net.bn1,
+        net.relu,
+        net.maxpool,
+        net.layer1,
+        net.layer2,
+        net.layer3,
+        net.layer4,
     )
-    return CAMClassifier(features, net.fc.in_features, num_classes, dropout)
+    return nn.Sequential(*layers), net.fc.in_features
 
 
-@register_model("resnet18")
-def resnet18(
-    in_channels: int = 1,
-    num_classes: int = 14,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    dropout: float = 0.0,
-) -> CAMClassifier:
-    from torchvision.models import resnet18 as tv
-
-    return _resnet(tv, in_channels, num_classes, pretrained, weights_path, dropout)
-
-
-@register_model("resnet50")
-def resnet50(
-    in_channels: int = 1,
-    num_classes: int = 14,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    dropout: float = 0.0,
-) -> CAMClassifier:
-    from torchvision.models import resnet50 as tv
-
-    return _resnet(tv, in_channels, num_classes, pretrained, weights_path, dropout)
-
-
-@register_model("efficientnet_b0")
-def efficientnet_b0(
-    in_channels: int = 1,
-    num_classes: int = 14,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    dropout: float = 0.0,
-) -> CAMClassifier:
-    from torchvision.models import efficientnet_b0 as tv
-
-    _check(in_channels, num_classes)
-    net: Any = _torchvision(tv, pretrained, weights_path)
+def _efficientnet_features(net: Any, in_channels: int) -> tuple[nn.Module, int]:
     net.features[0][0] = adapt_first_conv(net.features[0][0], in_channels)
-    return CAMClassifier(net.features, net.classifier[1].in_features, num_classes, dropout)
+    return net.features, net.classifier[1].in_features
+
+
+def _register_torchvision(
+    name: str, features: Callable[[Any, int], tuple[nn.Module, int]], doc: str
+) -> None:
+    """Register torchvision's `name` behind the CAM head, with the standard factory arguments."""
+
+    def factory(
+        in_channels: int = 1,
+        num_classes: int = 14,
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        dropout: float = 0.0,
+    ) -> CAMClassifier:
+        import torchvision.models
+
+        _check(in_channels, num_classes)
+        net = _torchvision(getattr(torchvision.models, name), pretrained, weights_path)
+        body, n_features = features(net, in_channels)
+        return CAMClassifier(body, n_features, num_classes, dropout)
+
+    factory.__name__, factory.__doc__ = name, doc
+    register_model(name)(factory)
+
+
+_register_torchvision("densenet121", _densenet_features, "DenseNet-121, the CheXNet architecture.")
+_register_torchvision("resnet18", _resnet_features, "ResNet-18 (torchvision).")
+_register_torchvision("resnet50", _resnet_features, "ResNet-50 (torchvision).")
+_register_torchvision("efficientnet_b0", _efficientnet_features, "EfficientNet-B0 (torchvision).")
 
 
 @register_model("monai_densenet121")
