@@ -75,6 +75,41 @@ class InputSpec(BaseModel):
     dtype: str = "float32"
 
 
+class OODReference(BaseModel):
+    """Where the training images lie in the model's pooled-feature space, for input QC.
+
+    A probabilistic PCA (Tipping & Bishop 1999) of the `embedding` output on training images:
+    `k` principal directions with their variances, plus one variance for everything else. The
+    score of an image is its Mahalanobis distance under that model, divided by sqrt(dim) so that
+    a typical training image scores about 1. `threshold` is a high quantile of the scores of
+    held-out validation images times a margin. Arrays are base64 float32, little-endian.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ppca-mahalanobis"] = "ppca-mahalanobis"
+    dim: int = Field(ge=1)  # C, the embedding width
+    mean: str  # (C,)
+    components: str  # (k, C), orthonormal rows
+    variances: list[float]  # (k,), floored
+    residual_variance: float = Field(gt=0)
+    threshold: float = Field(gt=0)
+    quantile: float  # of validation scores that set the threshold
+    margin: float
+    fitted_on: int  # training images
+    validation_scores: dict[str, float] = Field(default_factory=dict)  # median, q99, max
+
+
+class Finding(BaseModel):
+    """One label's result for one image."""
+
+    label: str
+    probability: float = Field(ge=0.0, le=1.0)  # calibrated
+    threshold: float
+    positive: bool
+    heatmap: str | None = None  # file name of the CAM overlay PNG, positive findings only
+
+
 class ModelMetadata(BaseModel):
     """Everything a clinic needs to run and trust a model file, stored inside the ONNX file.
 
@@ -94,7 +129,8 @@ class ModelMetadata(BaseModel):
     preprocessing: PreprocessSpec | None = None  # CXR models
     input: InputSpec | None = None  # CXR models; risk models take one named input per feature
     table_schema: dict[str, Any] | None = None  # risk models: the validated table schema
-    outputs: list[str] = Field(default_factory=lambda: ["logits", "cam"])
+    outputs: list[str] = Field(default_factory=lambda: ["logits", "cam", "embedding"])
+    ood: OODReference | None = None  # CXR models: the reference for out-of-distribution QC
     quantization: str | None = None  # e.g. "int8-static-qdq-per-channel"; None = fp32
     # Provenance
     run_id: str | None = None

@@ -128,7 +128,8 @@ def test_train_track_export_evaluate_resume(home, synth_png, monkeypatch):
     assert runner.metadata.labels == result.findings
     assert runner.metadata.run_id == result.run_id
     assert runner.sha256 == result.sha256 == file_sha256(result.onnx_path)
-    assert set(runner.output_names) == {"logits", "cam"}
+    assert set(runner.output_names) == {"logits", "cam", "embedding"}
+    assert runner.metadata.ood is not None and runner.metadata.ood.threshold > 0
     # The optional int8 file: same metadata, says it is quantised, checked against fp32.
     q8 = OnnxModel(result.int8["path"])
     assert q8.metadata.quantization == "int8-static-qdq-per-channel"

@@ -38,19 +38,28 @@ class CAMClassifier(nn.Module):
         cam = self.head(self.dropout(self.features(x)))  # (B, F, h, w), logit units
         return cam.mean(dim=(2, 3)), cam  # (B, F), (B, F, h, w)
 
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits (B, F), CAM (B, F, h, w) and the pooled features (B, C) the head sees.
+
+        The pooled features are what input QC measures against the training distribution.
+        """
+        feats = self.features(x)  # (B, C, h, w)
+        cam = self.head(self.dropout(feats))
+        return cam.mean(dim=(2, 3)), cam, feats.mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_cam(x)[0]
 
 
 class WithCAM(nn.Module):
-    """Export wrapper: outputs (logits, cam)."""
+    """Export wrapper: outputs (logits, cam, embedding)."""
 
     def __init__(self, model: CAMClassifier):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_cam(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_all(x)
 
 
 def adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:

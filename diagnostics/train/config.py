@@ -66,6 +66,11 @@ class EvalConfig(_Strict):
         False, description="also export a static int8 model (model.int8.onnx), checked on val"
     )
     int8_calibration_images: int = Field(64, ge=1)
+    # Out-of-distribution reference for input QC (train/ood.py), stored in the model metadata.
+    ood_images: int = Field(2000, ge=2, description="training images the reference is fitted on")
+    ood_components: int = Field(32, ge=1, description="principal directions kept")
+    ood_quantile: float = Field(0.995, gt=0.5, le=1.0, description="of validation scores")
+    ood_margin: float = Field(1.5, ge=1.0, description="threshold = quantile x margin")
 
     @field_validator("threshold_policy")
     @classmethod

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from diagnostics import __version__
-from diagnostics.contract import InputSpec, ModelMetadata, PreprocessSpec, Threshold
+from diagnostics.contract import InputSpec, ModelMetadata, OODReference, PreprocessSpec, Threshold
 from diagnostics.data.augment import CXRAugment
 from diagnostics.data.cache import build_cache, from_uint16
 from diagnostics.data.cxr import CXRTable, DatasetError, load_dataset
@@ -529,6 +529,7 @@ def _finish(
     }
     if np.isfinite(mean_val):  # metadata holds finite numbers only
         flat["val.mean_auroc"] = mean_val
+    ood = _ood_reference(cfg, model, cache, idx, bs)
     metadata = ModelMetadata(
         task="cxr",
         name=cfg.tracking.registered_model or cfg.name,
@@ -546,6 +547,7 @@ def _finish(
         package_version=__version__,
         intended_use=cfg.intended_use,
         limitations=cfg.limitations,
+        ood=ood,
     )
     onnx_path = export_onnx(model.cpu(), metadata, run_dir / "model.onnx")
     # Parity on real images, through the exact numpy preprocessing the clinic uses.
@@ -612,6 +614,42 @@ def _finish(
         metadata=metadata,
         history=history,
     )
+
+
+def _ood_reference(
+    cfg: CXRTrainConfig,
+    model: Any,
+    cache: np.ndarray,
+    idx: dict[str, np.ndarray],
+    batch_size: int,
+) -> OODReference:
+    """Fit the OOD reference on a sample of training images; set its threshold on val."""
+    from diagnostics.train.ood import embeddings, fit_reference
+
+    ev, spec = cfg.eval, cfg.preprocess
+    rng = np.random.default_rng(cfg.train.seed + 1)
+    n = min(ev.ood_images, len(idx["train"]))
+    sample = np.sort(rng.choice(idx["train"], n, replace=False))
+
+    def feats(ids: np.ndarray) -> np.ndarray:
+        chunks = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+        return embeddings(model.cpu(), [_batch(cache, c, spec, None) for c in chunks])
+
+    ref = fit_reference(
+        feats(sample),
+        feats(idx["val"]),
+        components=ev.ood_components,
+        quantile=ev.ood_quantile,
+        margin=ev.ood_margin,
+    )
+    log.info(
+        "OOD reference: %d training images, threshold %.2f (val median %.2f, max %.2f)",
+        ref.fitted_on,
+        ref.threshold,
+        ref.validation_scores["median"],
+        ref.validation_scores["max"],
+    )
+    return ref
 
 
 def _int8_variant(

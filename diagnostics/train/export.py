@@ -1,8 +1,9 @@
 """ONNX export of a trained CXR network, checked and self-describing.
 
-The graph takes `image` (batch, C, S, S) float32 and returns `logits` (batch, F) and `cam`
-(batch, F, h, w). `ModelMetadata` goes into metadata_props. Parity with torch is checked on real
-images through the shared numpy preprocessing; a mismatch fails the export.
+The graph takes `image` (batch, C, S, S) float32 and returns `logits` (batch, F), `cam`
+(batch, F, h, w) and `embedding` (batch, C_feat), the pooled features that input QC compares
+with the training distribution. `ModelMetadata` goes into metadata_props. Parity with torch is
+checked on real images through the shared numpy preprocessing; a mismatch fails the export.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def export_onnx(
         (dummy,),
         str(path),
         input_names=[metadata.input.name],
-        output_names=["logits", "cam"],
+        output_names=["logits", "cam", "embedding"],
         dynamic_axes={
             metadata.input.name: {0: "batch"},
             "logits": {0: "batch"},
             "cam": {0: "batch"},
+            "embedding": {0: "batch"},
         },
         opset_version=opset,
         dynamo=False,
