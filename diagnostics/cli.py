@@ -20,6 +20,8 @@ train_app = typer.Typer(
     help="Train models (tracked in MLflow, exported to ONNX).", no_args_is_help=True
 )
 app.add_typer(train_app, name="train")
+keys_app = typer.Typer(help="API keys of the clinic service.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 log = logging.getLogger("diagnostics")
 
@@ -288,6 +290,304 @@ def score_risk(
         f"{scored} of {len(result)} records scored, {len(result) - scored} rejected "
         f"(reasons in the file); {scorer.label} threshold {scorer.threshold:.3f} -> {out}"
     )
+
+
+def resolve_model_ref(model: str) -> tuple[Path, str | None]:
+    """A model argument -> (local .onnx path, registry version or None).
+
+    Registry URIs are downloaded with MLflow here, in the command, so that the serving modules
+    never import it; they read the ONNX file directly and never unpickle anything.
+    """
+    if not model.startswith("models:/"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {model}")
+        return path, None
+    from diagnostics.train.evaluate import registry_version, resolve_model
+
+    path = resolve_model(model)
+    try:
+        version = registry_version(model)
+    except Exception:  # the file is what matters; the version is provenance
+        version = None
+    return path, version
+
+
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""}
+
+
+def _collect_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given; folders walked for DICOM/PNG/JPEG names (or no suffix, as DICOM often
+    has). Content is decided by magic bytes when scored, not by the name."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    return out
+
+
+@app.command()
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files, or folders")],
+    model: Annotated[str, typer.Option("--model", "-m", help="model.onnx or models:/NAME@ALIAS")],
+    out: Annotated[
+        Path, typer.Option(help="findings file: .jsonl or .csv, one record per input")
+    ] = Path("findings.jsonl"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads; 0 = default")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    heatmaps: Annotated[bool, typer.Option(help="write CAM overlays for positives")] = True,
+    sha256: Annotated[
+        str | None, typer.Option(help="refuse the model unless its sha256 is this")
+    ] = None,
+) -> None:
+    """Score chest X-rays with a CXR model: input QC, calibrated findings, CAM overlays.
+
+    Every input gets a record, refusals included (with their code). The exit status is non-zero
+    only for fatal errors (no model, unwritable output), never for a refused input.
+    """
+    from tqdm import tqdm
+
+    from diagnostics.serve.runner import ModelIntegrityError, OnnxModel, Scorer
+    from diagnostics.serve.score_file import FindingsWriter
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise _fail("--device is auto, cpu or cuda")
+    if out.suffix.lower() not in (".jsonl", ".csv"):
+        raise _fail("--out must end in .jsonl or .csv")
+    try:
+        inputs = _collect_inputs(paths)
+        path, version = resolve_model_ref(model)
+        runner = OnnxModel(
+            path, device=device, threads=threads or None, expected_sha256=sha256, version=version
+        )
+        heat_dir = out.parent / f"{out.stem}_heatmaps" if heatmaps else None
+        scorer = Scorer(runner, heatmap_dir=heat_dir, batch_size=batch_size)
+    except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
+        raise _fail(str(exc)) from None
+    if not inputs:
+        raise _fail("no input files found")
+    if runner.fallback:
+        typer.secho("CUDA was requested but is unavailable: scoring on CPU", err=True, fg="yellow")
+    counts: dict[str, int] = {}
+    try:
+        writer = FindingsWriter(out, runner.labels)
+    except OSError as exc:
+        raise _fail(f"cannot write {out}: {exc}") from None
+    with writer, tqdm(total=len(inputs), unit="study", disable=None) as bar:
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            data, names, unreadable = [], [], {}
+            for k, f in enumerate(chunk):
+                try:
+                    data.append(f.read_bytes())
+                    names.append(f"{start + k:06d}")
+                except OSError as exc:
+                    unreadable[k] = str(exc.strerror or exc)
+            results = iter(scorer.score_many(data, names))
+            for k, f in enumerate(chunk):
+                if k in unreadable:
+                    record = {"status": "failed", "code": "unreadable", "message": unreadable[k]}
+                else:
+                    record = next(results).as_dict()
+                counts[record["status"]] = counts.get(record["status"], 0) + 1
+                writer.write(str(f), record)
+            bar.update(len(chunk))
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    typer.echo(f"{len(inputs)} inputs: {summary}; provider {runner.provider} -> {out}")
+
+
+ServeConfigOption = Annotated[Path, typer.Option("--config", "-c", help="service config (YAML)")]
+
+
+def _serve_config(config: Path, overrides: list[str] | None) -> Any:
+    from pydantic import ValidationError
+
+    from diagnostics.configio import ConfigError, apply_overrides, load_yaml, validation_lines
+    from diagnostics.serve.config import ServeConfig
+
+    try:
+        raw = apply_overrides(load_yaml(config), overrides or []) if config.is_file() else {}
+        if not config.is_file() and config != Path("configs/serve.yaml"):
+            raise ConfigError(f"{config} not found")
+        return ServeConfig.model_validate(raw)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    except ValidationError as exc:
+        raise _fail(f"{config}:\n" + "\n".join(validation_lines(exc))) from None
+
+
+def _open_store(cfg: Any) -> Any:
+    from diagnostics.serve.store import Store
+    from diagnostics.settings import get_settings
+
+    home = get_settings().home
+    data_dir = cfg.resolved_data_dir(home)
+    store = Store(cfg.resolved_database_url(home), data_dir / "blobs")
+    store.migrate()
+    return store, data_dir
+
+
+def _load_service_model(cfg: Any) -> Any:
+    from diagnostics.serve.runner import ModelIntegrityError, OnnxModel
+
+    try:
+        path, version = resolve_model_ref(cfg.model.path)
+        return OnnxModel(
+            path,
+            device=cfg.model.device,
+            threads=cfg.model.threads or None,
+            expected_sha256=cfg.model.sha256,
+            version=version,
+        )
+    except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
+        raise _fail(
+            f"model {cfg.model.path}: {exc} (train one with `make demo`, or set model.path)"
+        ) from None
+
+
+@app.command()
+def serve(
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+    set_: SetOption = None,
+    host: Annotated[str | None, typer.Option(help="overrides the config's host")] = None,
+    port: Annotated[int | None, typer.Option(help="overrides the config's port")] = None,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="allow auth: false, on a loopback address only")
+    ] = False,
+) -> None:
+    """Run the clinic scoring service (FastAPI + uvicorn), with its worker in-process."""
+    import uvicorn
+
+    from diagnostics.serve import logs
+    from diagnostics.serve.app import create_app
+    from diagnostics.serve.config import check_auth_setting
+
+    cfg = _serve_config(config, set_)
+    if host is not None:
+        cfg.host = host
+    if port is not None:
+        cfg.port = port
+    try:
+        check_auth_setting(cfg, dev)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    logs.configure()
+    model = _load_service_model(cfg)
+    store, data_dir = _open_store(cfg)
+    api = create_app(cfg, model, store, data_dir)
+    uvicorn.run(api, host=cfg.host, port=cfg.port, log_config=None, access_log=False)
+
+
+@app.command()
+def worker(
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Run a scoring worker on its own, against the service's database and blob store."""
+    import signal
+    import threading
+
+    from diagnostics.serve import logs
+    from diagnostics.serve.runner import Scorer
+    from diagnostics.serve.worker import Worker
+
+    cfg = _serve_config(config, set_)
+    logs.configure()
+    model = _load_service_model(cfg)
+    store, data_dir = _open_store(cfg)
+    scorer = Scorer(
+        model, cfg.qc, heatmap_dir=data_dir / "heatmaps", batch_size=cfg.model.batch_size
+    )
+    w = Worker(
+        store,
+        scorer,
+        lease_s=cfg.worker.lease_s,
+        batch_size=cfg.model.batch_size,
+        poll_s=cfg.worker.poll_s,
+        retry_delay_s=cfg.worker.retry_delay_s,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    w.run(stop)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="submitter, reviewer or admin")],
+    clinic: Annotated[
+        list[str] | None,
+        typer.Option(help="submitter: its clinic; reviewer: clinics it may see (repeatable)"),
+    ] = None,
+    label: Annotated[str, typer.Option(help="who holds the key, for people")] = "",
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+) -> None:
+    """Create an API key. The key is printed once; only its hash is stored."""
+    store, _ = _open_store(_serve_config(config, None))
+    clinics = clinic or []
+    if role == "submitter" and len(clinics) != 1:
+        raise _fail("a submitter key belongs to exactly one clinic: give one --clinic")
+    try:
+        row, key = store.create_key(
+            role,
+            clinic=clinics[0] if role == "submitter" else None,
+            scope=clinics if role == "reviewer" else None,
+            label=label,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{row.id}  role={row.role}  clinics={','.join(clinics) or 'all'}")
+    typer.echo(key)
+    typer.secho("Store this key now: it is not shown again.", err=True, fg="yellow")
+
+
+@keys_app.command("list")
+def keys_list(config: ServeConfigOption = Path("configs/serve.yaml")) -> None:
+    """Key IDs, roles, clinics and state (never the keys themselves)."""
+    store, _ = _open_store(_serve_config(config, None))
+    for k in store.list_keys():
+        clinics = k.clinic_id or ",".join(k.scope or []) or "all"
+        state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+        typer.echo(f"{k.id}\t{k.role}\t{clinics}\t{state}\t{k.label}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="the key ID (key_...)")],
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+) -> None:
+    """Replace a key: a new key with the same role and clinics; the old one is revoked."""
+    store, _ = _open_store(_serve_config(config, None))
+    try:
+        row, key = store.rotate_key(key_id)
+    except (KeyError, ValueError) as exc:
+        raise _fail(str(exc).strip("'")) from None
+    typer.echo(f"{row.id}  replaces {key_id} (revoked)")
+    typer.echo(key)
+    typer.secho("Store this key now: it is not shown again.", err=True, fg="yellow")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key ID (key_...)")],
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+) -> None:
+    """Revoke a key at once."""
+    store, _ = _open_store(_serve_config(config, None))
+    try:
+        store.revoke_key(key_id)
+    except KeyError as exc:
+        raise _fail(str(exc).strip("'")) from None
+    typer.echo(f"{key_id} revoked")
 
 
 @app.command()

@@ -37,3 +37,47 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     get_settings.cache_clear()
     yield tmp_path / "home"
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def cxr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ONNX CXR model exported by the project: tiny CNN, synthetic 64 px images, CPU.
+
+    Trained once per session in its own home (MLflow store included), with its OOD reference.
+    """
+    import os
+
+    from diagnostics.data.synthetic import write_dataset
+    from diagnostics.settings import get_settings
+    from diagnostics.train.config import CXRTrainConfig
+    from diagnostics.train.cxr import train_cxr
+
+    root = tmp_path_factory.mktemp("cxr_model")
+    manifest = write_dataset(root / "data", 160, size=64, seed=11)
+    before = os.environ.get("DIAGNOSTICS_HOME")
+    os.environ["DIAGNOSTICS_HOME"] = str(root / "home")
+    get_settings.cache_clear()
+    try:
+        cfg = CXRTrainConfig.model_validate(
+            {
+                "name": "fixture",
+                "data": {
+                    "source": "manifest",
+                    "labels_file": str(manifest),
+                    "split": {"fractions": {"train": 0.7, "val": 0.3}},
+                },
+                "model": {"name": "tiny_cnn", "options": {"width": 8, "blocks": 3}},
+                "preprocess": {"size": 64},
+                "train": {"epochs": 3, "batch_size": 16, "threads": 2, "lr": 0.003},
+                "eval": {"bootstrap": 0, "parity_images": 4},
+                "tracking": {"experiment": "fixture", "registered_model": None},
+            }
+        )
+        result = train_cxr(cfg, progress=False)
+    finally:
+        if before is None:
+            os.environ.pop("DIAGNOSTICS_HOME", None)
+        else:
+            os.environ["DIAGNOSTICS_HOME"] = before
+        get_settings.cache_clear()
+    return result.onnx_path

@@ -1,22 +1,35 @@
 """ONNX Runtime inference on a self-describing model file. Torch-free.
 
-`OnnxModel` loads an exported file, reads its `ModelMetadata`, picks an execution provider
-(CUDA when asked for and present, CPU otherwise, and says which it got), and turns preprocessed
-batches into calibrated probabilities.
+- `OnnxModel` loads an exported file, checks its sha256 when one is expected, reads its
+  `ModelMetadata`, picks an execution provider (CUDA when asked for and present, CPU otherwise,
+  and says which it got), and turns preprocessed batches into calibrated probabilities.
+- `Scorer` is the whole path for one study: decode -> QC -> preprocess -> model -> OOD check ->
+  findings, with a CAM overlay PNG for each positive finding and the time each step took.
+
+Registry URIs (`models:/name@alias`) are resolved to a local file by the caller (the CLI), which
+downloads the `.onnx` artefact; this module only ever reads ONNX files, never pickles.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
-from diagnostics.contract import ModelMetadata
+from diagnostics.contract import Finding, ModelMetadata
+from diagnostics.imaging import ImageError, decode
+from diagnostics.serve import qc
+from diagnostics.serve.qc import OODDetector, QCConfig, QCResult
 
 log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -27,11 +40,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class ModelIntegrityError(ValueError):
+    pass
+
+
 @dataclass
 class Prediction:
     logits: np.ndarray  # (B, F)
     probabilities: np.ndarray  # (B, F), calibrated
     cam: np.ndarray | None  # (B, F, h, w), logit units
+    embedding: np.ndarray | None = None  # (B, C) pooled features, for the OOD check
 
 
 class OnnxModel:
@@ -39,49 +57,317 @@ class OnnxModel:
         self,
         path: str | Path,
         *,
-        device: str = "cpu",
+        device: Device = "cpu",
         threads: int | None = None,
         expected_sha256: str | None = None,
+        version: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
         self.path = Path(path)
         self.sha256 = file_sha256(self.path)
-        if expected_sha256 is not None and expected_sha256.lower() != self.sha256:
-            raise ValueError(
+        if expected_sha256 and expected_sha256.strip().lower() != self.sha256:
+            raise ModelIntegrityError(
                 f"model file sha256 {self.sha256} does not match the expected {expected_sha256}"
             )
+        self.version = version  # registry version, when loaded from the registry
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        wanted = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
-        self.provider = self.session.get_providers()[0]  # what ORT really uses
-        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+        self.requested_device = device
+        wanted = [CPU]
+        if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+            wanted = [CUDA, CPU]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        except Exception as exc:  # a CUDA provider that is listed but cannot start
+            if wanted[0] != CUDA:
+                raise
+            log.warning("CUDA provider failed to start (%s): running on CPU", type(exc).__name__)
+            self.session = ort.InferenceSession(str(self.path), options, providers=[CPU])
+        # ORT's automatic fallback differs between versions (PITFALLS.md): ask what it uses.
+        self.provider = self.session.get_providers()[0]
+        # A fallback: CUDA was asked for, or (auto) ORT has CUDA but the session did not get it.
+        wants_cuda = device == "cuda" or (device == "auto" and wanted[0] == CUDA)
+        self.fallback = wants_cuda and self.provider != CUDA
+        if self.fallback:
             log.warning("CUDA was requested but is unavailable: running on CPU")
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props)
-        self.input_name = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        # A named (symbolic) batch dimension means any batch size; a number fixes it.
+        self.max_batch = None if not isinstance(first.shape[0], int) else int(first.shape[0])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._temperature = np.asarray(self.metadata.temperature, dtype=np.float64)
+        self.ood = (
+            OODDetector(self.metadata.ood)
+            if self.metadata.ood is not None and "embedding" in self.output_names
+            else None
+        )
 
     @property
     def labels(self) -> list[str]:
         return list(self.metadata.labels)
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.metadata.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "architecture": self.metadata.architecture,
+            "labels": self.labels,
+            "provider": self.provider,
+            "requested_device": self.requested_device,
+            "fallback": self.fallback,
+            "preprocess_version": self._preprocess_version(),
+            "ood_reference": self.ood is not None,
+        }
+
+    def _preprocess_version(self) -> str | None:
+        spec = self.metadata.preprocessing
+        return spec.version if spec is not None else None
+
     def predict(self, batch: np.ndarray, *, cam: bool = False) -> Prediction:
         """`batch` (B, C, S, S) float32 from `imaging.preprocess` with this model's spec."""
-        names = self.output_names if cam else ["logits"]
-        outputs = self.session.run(
-            names, {self.input_name: np.ascontiguousarray(batch, np.float32)}
-        )
-        logits = np.asarray(outputs[0], dtype=np.float64)
+        names = ["logits"]
+        if cam and "cam" in self.output_names:
+            names.append("cam")
+        if "embedding" in self.output_names:
+            names.append("embedding")
+        batch = np.ascontiguousarray(batch, np.float32)
+        step = self.max_batch or len(batch) or 1
+        parts = [
+            dict(
+                zip(
+                    names,
+                    self.session.run(names, {self.input_name: batch[i : i + step]}),
+                    strict=True,
+                )
+            )
+            for i in range(0, len(batch), step)
+        ]
+
+        def cat(name: str) -> np.ndarray | None:
+            return np.concatenate([p[name] for p in parts]) if parts and name in parts[0] else None
+
+        logits = np.asarray(cat("logits"), dtype=np.float64)
         z = np.clip(logits / self._temperature, -60, 60)
         probs = 1.0 / (1.0 + np.exp(-z))
+        probs[~np.isfinite(logits)] = np.nan  # a NaN logit must stay visible, not clip to 0/1
         return Prediction(
-            logits=logits, probabilities=probs, cam=np.asarray(outputs[1]) if cam else None
+            logits=logits, probabilities=probs, cam=cat("cam"), embedding=cat("embedding")
         )
+
+
+# --------------------------------------------------------------------------- one study
+
+
+Status = Literal["scored", "failed_qc", "failed"]
+
+
+@dataclass
+class ScoreResult:
+    """Everything about one input. `findings` is empty unless `status == "scored"`."""
+
+    status: Status
+    code: str | None = None  # the refusal or failure code
+    message: str | None = None
+    qc: list[QCResult] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    ood_score: float | None = None
+    model_sha256: str = ""
+    model_version: str | None = None
+    preprocess_version: str | None = None
+    provider: str = ""
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    image: dict[str, Any] = field(default_factory=dict)  # format, size, safe DICOM tags
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "findings": [f.model_dump() for f in self.findings],
+            "qc": [r.as_dict() for r in self.qc],
+            "ood_score": self.ood_score,
+            "model_sha256": self.model_sha256,
+            "model_version": self.model_version,
+            "preprocess_version": self.preprocess_version,
+            "provider": self.provider,
+            "timing_ms": self.timing_ms,
+            "image": self.image,
+        }
+
+
+@dataclass
+class _Pending:
+    result: ScoreResult
+    pixels: np.ndarray | None = None  # (S, S) in [0, 1] as the model sees it, for overlays
+    x: np.ndarray | None = None  # (C, S, S) model input
+    t0: float = 0.0
+
+
+class Scorer:
+    """decode -> QC -> preprocess -> model -> OOD -> findings (+ CAM overlays), batched."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        qc_config: QCConfig | None = None,
+        *,
+        heatmap_dir: str | Path | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        if model.metadata.task != "cxr" or model.metadata.preprocessing is None:
+            raise ValueError(f"{model.path.name} is not a CXR model (task {model.metadata.task})")
+        self.model = model
+        self.qc = qc_config or QCConfig()
+        self.spec = model.metadata.preprocessing
+        self.heatmap_dir = Path(heatmap_dir) if heatmap_dir is not None else None
+        self.batch_size = max(1, batch_size)
+
+    def _base(self) -> ScoreResult:
+        m = self.model
+        return ScoreResult(
+            status="failed",
+            model_sha256=m.sha256,
+            model_version=m.version,
+            preprocess_version=self.spec.version,
+            provider=m.provider,
+        )
+
+    def _prepare(self, data: bytes) -> _Pending:
+        from diagnostics.imaging import normalize, resize_square
+
+        t0 = time.perf_counter()
+        res = self._base()
+        pending = _Pending(res, t0=t0)
+        try:
+            image = decode(data, max_pixels=self.qc.max_pixels)
+        except ImageError as exc:
+            res.status, res.code, res.message = "failed_qc", exc.code, exc.message
+            res.qc = [QCResult(exc.code, False, exc.message, "intake")]
+            res.timing_ms["decode"] = _ms(t0)
+            return pending
+        t1 = time.perf_counter()
+        res.timing_ms["decode"] = _ms(t0, t1)
+        res.image = {"format": image.format, "rows": image.shape[0], "cols": image.shape[1]}
+        res.image.update({k: v for k, v in image.dicom.items() if k in _REPORTED_TAGS})
+        res.qc = [
+            qc.QCResult("format", True, image.format, "intake"),
+            *qc.check_image(image, self.qc),
+        ]
+        t2 = time.perf_counter()
+        res.timing_ms["qc"] = _ms(t1, t2)
+        failed = [r for r in res.qc if not r.passed]
+        if failed:
+            res.status, res.code, res.message = "failed_qc", failed[0].code, failed[0].message
+            return pending
+        pending.pixels = resize_square(image.pixels, self.spec)  # (S, S)
+        pending.x = normalize(pending.pixels, self.spec)  # (C, S, S)
+        res.timing_ms["preprocess"] = _ms(t2)
+        return pending
+
+    def score_many(self, items: list[bytes], names: list[str] | None = None) -> list[ScoreResult]:
+        """One result per input, in order. Inputs that pass QC are run through the model in
+        batches of `batch_size`. `names` (for heatmap file names) default to item indices."""
+        names = names or [str(i) for i in range(len(items))]
+        pendings = [self._prepare(d) for d in items]
+        ready = [i for i, p in enumerate(pendings) if p.x is not None]
+        for start in range(0, len(ready), self.batch_size):
+            chunk = ready[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            try:
+                pred = self.model.predict(np.stack([pendings[i].x for i in chunk]), cam=True)
+            except Exception as exc:  # ORT errors: the job fails with a code, no score
+                for i in chunk:
+                    r = pendings[i].result
+                    r.status, r.code = "failed", "model_error"
+                    r.message = f"The model could not run: {type(exc).__name__}"
+                continue
+            per = _ms(t0) / len(chunk)  # the batch's model time, shared equally
+            for k, i in enumerate(chunk):
+                pendings[i].result.timing_ms["model"] = per
+                self._finish(pendings[i], pred, k, names[i])
+        for p in pendings:  # this study's own steps; a batch's model time is shared equally
+            p.result.timing_ms["total"] = round(sum(p.result.timing_ms.values()), 3)
+        return [p.result for p in pendings]
+
+    def score(self, data: bytes, name: str = "0") -> ScoreResult:
+        return self.score_many([data], [name])[0]
+
+    def _finish(self, p: _Pending, pred: Prediction, k: int, name: str) -> None:
+        res = p.result
+        probs, logits = pred.probabilities[k], pred.logits[k]
+        if not (np.isfinite(probs).all() and np.isfinite(logits).all()):
+            res.status, res.code = "failed", qc.NON_FINITE
+            res.message = "The model produced an invalid number (NaN or Inf); nothing was stored."
+            return
+        if self.qc.ood and self.model.ood is not None and pred.embedding is not None:
+            score = float(self.model.ood.score(pred.embedding[k : k + 1])[0])
+            res.ood_score = score if np.isfinite(score) else None
+            check = self.model.ood.check(score)
+            res.qc.append(check)
+            if not check.passed:
+                res.status, res.code, res.message = "failed_qc", check.code, check.message
+                return
+        elif self.qc.ood:
+            res.qc.append(
+                QCResult("distribution", True, "skipped: the model has no OOD reference", "model")
+            )
+        t0 = time.perf_counter()
+        meta = self.model.metadata
+        for i, label in enumerate(meta.labels):
+            thr = meta.thresholds[label].value
+            positive = bool(probs[i] >= thr)
+            heatmap = None
+            if positive and pred.cam is not None and self.heatmap_dir is not None:
+                heatmap = f"{name}_{label}.png"
+                write_overlay(p.pixels, pred.cam[k, i], self.heatmap_dir / heatmap)
+            res.findings.append(
+                Finding(
+                    label=label,
+                    probability=float(probs[i]),
+                    threshold=thr,
+                    positive=positive,
+                    heatmap=heatmap,
+                )
+            )
+        res.timing_ms["heatmaps"] = _ms(t0)
+        res.status, res.code, res.message = "scored", None, None
+
+
+_REPORTED_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation")
+
+
+def _ms(t0: float, t1: float | None = None) -> float:
+    return round(((t1 if t1 is not None else time.perf_counter()) - t0) * 1000.0, 3)
+
+
+def write_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
+    """The model's view of the image (S, S) in grey with the CAM's positive part (h, w) in red.
+
+    The CAM is in logit units; its positive part is scaled to its own maximum, so the overlay
+    shows where the evidence lies, not how strong it is (the probability says that).
+    """
+    from PIL import Image
+
+    size = pixels.shape[::-1]
+    heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
+    peak = float(heat.max())
+    heat = heat / peak if peak > 0 else heat
+    heat_img = Image.fromarray(heat, mode="F").resize(size, Image.Resampling.BILINEAR)
+    alpha = np.clip(np.asarray(heat_img), 0, 1)[..., None] * 0.5  # (S, S, 1)
+    grey = np.clip(pixels, 0, 1)[..., None].repeat(3, axis=-1)
+    red = np.zeros_like(grey)
+    red[..., 0] = 1.0
+    rgb = (grey * (1 - alpha) + red * alpha) * 255.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -17,6 +17,27 @@ from diagnostics.imaging import load_for_model
 from diagnostics.train.metrics import finding_report
 
 
+def registry_version(model: str) -> str | None:
+    """The registry version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI points at."""
+    if not model.startswith("models:/"):
+        return None
+    import mlflow
+    from mlflow import MlflowClient
+
+    from diagnostics.settings import get_settings
+
+    mlflow.set_tracking_uri(get_settings().mlflow_uri())
+    ref = model[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    parts = ref.split("/")
+    if len(parts) > 1 and parts[1] == "latest":
+        found = MlflowClient().search_model_versions(f"name='{parts[0]}'")
+        return str(max(int(v.version) for v in found)) if found else None
+    return parts[1] if len(parts) > 1 else None
+
+
 def resolve_model(model: str) -> Path:
     """A local .onnx path, or an MLflow registry URI (models:/name@alias) downloaded to a file."""
     if model.startswith("models:/"):

@@ -1,0 +1,565 @@
+"""The clinic service: FastAPI app for clinics (upload, results), reviewers (worklist, reviews),
+health and metrics. Torch-free; started by `diagnostics serve`.
+
+Every error is RFC 7807 `application/problem+json` with a stable `code`. A study is answered
+202 only after its blob is fsynced and renamed and its row committed. A clinic's identity comes
+from its API key, never from the request; another clinic's study answers 404.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections import defaultdict, deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diagnostics.serve import qc
+from diagnostics.serve.config import ServeConfig
+from diagnostics.serve.runner import OnnxModel, Scorer, ScoreResult
+from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
+from diagnostics.serve.upload import UploadError, receive_file
+from diagnostics.serve.worker import Worker, start_thread
+
+log = logging.getLogger("diagnostics.serve")
+
+PROBLEM = "application/problem+json"
+
+
+class Problem(Exception):
+    """An error answered as problem+json: HTTP status, stable code, plain-words detail."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+TITLES = {
+    400: "Bad request",
+    401: "Not authenticated",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    413: "Upload too large",
+    415: "Unsupported media type",
+    422: "Input refused",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+    507: "Insufficient storage",
+}
+
+
+def problem_response(
+    status: int, code: str, detail: str, instance: str = "", headers: dict[str, str] | None = None
+) -> Response:
+    body = {
+        "type": f"https://diagnostics.example/problems/{code}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    return Response(
+        json.dumps(body, allow_nan=False), status_code=status, media_type=PROBLEM, headers=headers
+    )
+
+
+# --------------------------------------------------------------------------- auth
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    role: str  # submitter | reviewer | admin
+    clinic: str | None  # submitter's clinic
+    scope: tuple[str, ...]  # reviewer's clinics
+
+    def visible(self) -> list[str] | None:
+        """Clinics this principal may see; None = all (admin)."""
+        if self.role == "admin":
+            return None
+        if self.role == "submitter":
+            return [self.clinic] if self.clinic else []
+        return list(self.scope)
+
+    def can_see(self, clinic: str) -> bool:
+        v = self.visible()
+        return v is None or clinic in v
+
+
+class RateLimiter:
+    """Per-clinic sliding window over the last minute, in this process."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.events: dict[str, deque[float]] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def check(self, clinic: str) -> float | None:
+        """None if allowed (and counted); else seconds until the next slot."""
+        t = time.monotonic()
+        with self.lock:
+            q = self.events[clinic]
+            while q and t - q[0] > 60.0:
+                q.popleft()
+            if len(q) >= self.per_minute:
+                return max(0.0, 60.0 - (t - q[0]))
+            q.append(t)
+            return None
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+class ReviewItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    finding_id: int | None = None
+    label: str | None = None
+    verdict: Literal["agree", "disagree", "uncertain"]
+    corrected_label: str | None = Field(None, max_length=64)
+    note: str = Field("", max_length=4000)
+
+
+class ReviewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reviews: list[ReviewItem] = Field(min_length=1, max_length=100)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    def __init__(self, store: Store) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "diagnostics_http_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.ack = Histogram(
+            "diagnostics_upload_ack_seconds",
+            "Time from request to 202 for accepted uploads",
+            registry=self.registry,
+        )
+        self.scoring = Histogram(
+            "diagnostics_scoring_seconds",
+            "Per-study scoring time in this process (decode + QC + preprocess + model)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+        class FromStore:
+            """Queue depth, studies by status and QC refusals by code, read from the database
+            at scrape time, so they count the work of every worker process."""
+
+            def collect(self) -> Any:
+                depth = GaugeMetricFamily("diagnostics_queue_depth", "Jobs queued or running")
+                depth.add_metric([], store.queue_depth())
+                yield depth
+                studies = GaugeMetricFamily(
+                    "diagnostics_studies", "Studies by status", labels=["status"]
+                )
+                for k, v in store.status_counts().items():
+                    studies.add_metric([k], v)
+                yield studies
+                refusals = CounterMetricFamily(
+                    "diagnostics_qc_refusals", "Studies refused by QC, by code", labels=["code"]
+                )
+                for k, v in store.qc_refusal_counts().items():
+                    refusals.add_metric([k], v)
+                yield refusals
+
+        self.registry.register(FromStore())
+
+    def observe_result(self, result: ScoreResult) -> None:
+        self.scoring.observe(result.timing_ms.get("total", 0.0) / 1000.0)
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path) -> FastAPI:
+    scorer = Scorer(
+        model, cfg.qc, heatmap_dir=data_dir / "heatmaps", batch_size=cfg.model.batch_size
+    )
+    metrics = Metrics(store)
+    limiter = RateLimiter(cfg.limits.rate_per_minute)
+    max_bytes = int(cfg.limits.max_upload_mb * 1024 * 1024)
+    reserve = int(cfg.limits.disk_reserve_mb * 1024 * 1024)
+    review_labels = set(model.labels) | {"No_Finding"}
+    worker = Worker(
+        store,
+        scorer,
+        lease_s=cfg.worker.lease_s,
+        batch_size=cfg.model.batch_size,
+        poll_s=cfg.worker.poll_s,
+        retry_delay_s=cfg.worker.retry_delay_s,
+        on_result=metrics.observe_result,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        store.blobs.clean_temp()
+        thread = stop = None
+        if cfg.worker.in_process:
+            thread, stop = start_thread(worker)
+        log.info(
+            "service ready: model %s sha256 %s on %s, auth %s, worker %s",
+            model.metadata.name,
+            model.sha256[:12],
+            model.provider,
+            "on" if cfg.auth else "OFF (dev)",
+            "in-process" if cfg.worker.in_process else "external",
+        )
+        yield
+        if stop is not None:
+            stop.set()
+            worker.wake.set()
+            thread.join(timeout=30)
+
+    app = FastAPI(
+        title="diagnostics clinic service",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.store, app.state.model, app.state.worker = store, model, worker
+
+    # ----------------------------------------------------------------- errors
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> Response:
+        return problem_response(exc.status, exc.code, exc.detail, request.url.path, exc.headers)
+
+    @app.exception_handler(StoreBusy)
+    async def _busy(request: Request, exc: StoreBusy) -> Response:
+        return problem_response(
+            503,
+            "database_busy",
+            "The database is busy; retry shortly.",
+            request.url.path,
+            {"Retry-After": "2"},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+            for e in exc.errors()
+        ]
+        return problem_response(422, "invalid_request", "; ".join(parts), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return problem_response(exc.status_code, code, str(exc.detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
+        return problem_response(
+            500, "internal_error", "The service failed; the error was logged.", request.url.path
+        )
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        log.info(
+            "%s %s %d %.1f ms",
+            request.method,
+            path,
+            response.status_code,
+            (time.perf_counter() - t0) * 1000,
+        )
+        return response
+
+    # ----------------------------------------------------------------- auth
+
+    def principal(request: Request) -> Principal:
+        if not cfg.auth:
+            return Principal("dev", "admin", None, ())
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        key = key or request.headers.get("x-api-key", "").strip()
+        if not key:
+            raise Problem(
+                401,
+                "unauthenticated",
+                "Send your API key as 'Authorization: Bearer <key>'.",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        row = store.authenticate(key)
+        if row is None:
+            raise Problem(
+                401,
+                "invalid_key",
+                "The API key is unknown or revoked.",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return Principal(row.id, row.role, row.clinic_id, tuple(row.scope or ()))
+
+    def need(p: Principal, *roles: str) -> None:
+        if p.role not in roles:
+            raise Problem(403, "role_forbidden", f"This needs a {' or '.join(roles)} key.")
+
+    def visible_study(p: Principal, study_id: str) -> Any:
+        study = store.get_study(study_id)
+        if study is None or not p.can_see(study.clinic_id):
+            raise Problem(404, "study_not_found", "No such study.")  # same answer: no leak
+        return study
+
+    # ----------------------------------------------------------------- clinic API
+
+    @app.post("/v1/studies", status_code=202)
+    async def upload(request: Request, p: Principal = Depends(principal)) -> Response:
+        t0 = time.perf_counter()
+        if p.role != "submitter" and not (p.role == "admin" and not cfg.auth):
+            need(p, "submitter")
+        clinic = p.clinic or "dev"
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+            raise Problem(
+                413,
+                "upload_too_large",
+                f"The upload is larger than the limit of {cfg.limits.max_upload_mb:g} MB.",
+            )
+        if shutil.disk_usage(store.blobs.root).free < reserve:
+            raise Problem(
+                507, "insufficient_storage", "The service is low on disk space; try later."
+            )
+        if store.queue_depth() >= cfg.limits.max_queue:
+            raise Problem(
+                503,
+                "queue_full",
+                "Too many studies are waiting; retry later.",
+                {"Retry-After": "30"},
+            )
+        wait = limiter.check(clinic)
+        if wait is not None:
+            raise Problem(
+                429,
+                "rate_limited",
+                f"More than {cfg.limits.rate_per_minute} uploads a minute from this clinic.",
+                {"Retry-After": str(int(wait) + 1)},
+            )
+        idem = request.headers.get("idempotency-key", "").strip() or None
+        if idem is not None and len(idem) > 128:
+            raise Problem(400, "bad_idempotency_key", "Idempotency-Key is over 128 characters.")
+        temp = store.blobs.temp_file()
+        try:
+            try:
+                got = await receive_file(
+                    request.headers.get("content-type", ""),
+                    request.stream(),
+                    temp,
+                    max_bytes=max_bytes,
+                )
+            except UploadError as exc:
+                raise Problem(exc.status, exc.code, exc.message) from None
+            if got.size == 0:
+                raise Problem(400, "empty_file", "The file is empty (0 bytes).")
+            from diagnostics.imaging import sniff_format
+
+            fmt = sniff_format(got.head)
+            if fmt is None:
+                raise Problem(
+                    415,
+                    "unsupported_media_type",
+                    "The file is not DICOM (Part 10), PNG or JPEG, whatever its name or "
+                    "declared type says.",
+                )
+            data = temp.read_bytes()
+            try:
+                info, _ = qc.check_intake(data, cfg.qc)
+            except qc.QCRefusal as exc:
+                raise Problem(422, exc.code, exc.result.message) from None
+            existing, conflict = store.find_existing(
+                clinic, got.sha256, info.sop_instance_uid, idem
+            )
+            if conflict:
+                raise Problem(409, conflict, _conflict_text(conflict))
+            if existing is None:
+                store.blobs.commit(temp, got.sha256)  # durable before the row commits
+                try:
+                    study, created = store.create_study(
+                        clinic=clinic,
+                        actor=p.key_id,
+                        sha256=got.sha256,
+                        size=got.size,
+                        fmt=fmt,
+                        filename=got.filename,
+                        sop_uid=info.sop_instance_uid,
+                        idempotency_key=idem,
+                        max_attempts=cfg.worker.max_attempts,
+                    )
+                except Conflict as exc:
+                    raise Problem(409, exc.code, _conflict_text(exc.code)) from None
+            else:
+                study, created = existing, False
+        finally:
+            temp.unlink(missing_ok=True)
+        if created:
+            worker.wake.set()
+            metrics.ack.observe(time.perf_counter() - t0)
+        else:
+            store.log_access(p.key_id, "study.duplicate", "study", study.id)
+        location = f"/v1/studies/{study.id}"
+        body = {**study_summary(study), "location": location, "duplicate": not created}
+        return JSONResponse(body, status_code=202, headers={"Location": location})
+
+    @app.get("/v1/studies/{study_id}")
+    def get_study(study_id: str, p: Principal = Depends(principal)) -> Response:
+        visible_study(p, study_id)
+        view = store.study_view(study_id)
+        store.log_access(p.key_id, "study.read", "study", study_id)
+        return _json(view)
+
+    @app.get("/v1/studies")
+    def list_studies(
+        p: Principal = Depends(principal),
+        status: str | None = Query(None),
+        since: datetime | None = Query(None, description="ISO 8601"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> Response:
+        from diagnostics.serve.store import STATUSES, as_utc
+
+        if status is not None and status not in STATUSES:
+            raise Problem(422, "invalid_status", f"status is one of {', '.join(STATUSES)}.")
+        rows = store.list_studies(p.visible(), status=status, since=as_utc(since), limit=limit)
+        store.log_access(p.key_id, "study.list", "clinic", p.clinic or p.role)
+        return _json({"studies": [study_summary(s) for s in rows]})
+
+    @app.get("/v1/studies/{study_id}/heatmaps/{label}")
+    def heatmap(study_id: str, label: str, p: Principal = Depends(principal)) -> Response:
+        visible_study(p, study_id)
+        view = store.study_view(study_id) or {}
+        for f in view.get("findings", []):
+            if f["label"] == label and f["heatmap"]:
+                path = data_dir / "heatmaps" / f["heatmap"]
+                if path.is_file():
+                    store.log_access(p.key_id, "heatmap.read", "study", study_id)
+                    return FileResponse(path, media_type="image/png")
+        raise Problem(404, "heatmap_not_found", "No heatmap for that finding.")
+
+    # ----------------------------------------------------------------- reviewer API
+
+    @app.get("/v1/worklist")
+    def worklist(
+        p: Principal = Depends(principal), limit: int = Query(100, ge=1, le=1000)
+    ) -> Response:
+        need(p, "reviewer", "admin")
+        items = store.worklist(p.visible(), limit=limit)
+        store.log_access(p.key_id, "worklist.read", "worklist", p.key_id)
+        return _json({"studies": items})
+
+    @app.post("/v1/studies/{study_id}/reviews", status_code=201)
+    def review(study_id: str, body: ReviewBody, p: Principal = Depends(principal)) -> Response:
+        need(p, "reviewer", "admin")
+        study = visible_study(p, study_id)
+        if study.status != "scored":
+            raise Problem(409, "not_scored", f"The study is {study.status}; nothing to review.")
+        for item in body.reviews:
+            if item.finding_id is None and not item.label:
+                raise Problem(422, "invalid_request", "Each review names a finding_id or label.")
+            if item.corrected_label and item.corrected_label not in review_labels:
+                raise Problem(
+                    422,
+                    "unknown_label",
+                    f"corrected_label must be one of {', '.join(sorted(review_labels))}.",
+                )
+        try:
+            rows = store.add_reviews(study_id, p.key_id, [i.model_dump() for i in body.reviews])
+        except KeyError as exc:
+            raise Problem(404, "finding_not_found", f"No finding {exc} in this study.") from None
+        return _json({"reviews": [r.id for r in rows], "study": study_id}, status=201)
+
+    # ----------------------------------------------------------------- health
+
+    @app.get("/health/live")
+    def live() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/health/ready")
+    def ready() -> Response:
+        checks: dict[str, Any] = {}
+        status = "ok"
+        try:
+            store.ping()
+            checks["database"] = {"ok": True, "dialect": store.dialect}
+        except Exception as exc:
+            checks["database"] = {"ok": False, "error": type(exc).__name__}
+            status = "unavailable"
+        free = shutil.disk_usage(store.blobs.root).free
+        checks["disk"] = {"ok": free >= reserve, "free_mb": round(free / 2**20)}
+        if free < reserve:
+            status = "unavailable"
+        checks["model"] = {"ok": True, **model.describe()}
+        if model.fallback and status == "ok":
+            status = "degraded"  # CUDA wanted, CPU in use: scoring works, slower
+        checks["worker"] = {"in_process": cfg.worker.in_process}
+        return _json(
+            {"status": status, "checks": checks}, status=503 if status == "unavailable" else 200
+        )
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _conflict_text(code: str) -> str:
+    return {
+        "idempotency_key_reused": "This Idempotency-Key was used before with a different file.",
+        "sop_instance_conflict": (
+            "A different file with the same SOP Instance UID was already received from this clinic."
+        ),
+    }.get(code, "The upload conflicts with an earlier one.")
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    """JSON that refuses NaN: a NaN would mean a bug upstream, never a score."""
+    return Response(
+        json.dumps(doc, allow_nan=False, default=_default),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, datetime):
+        return o.isoformat()
+    raise TypeError(type(o).__name__)

@@ -1,0 +1,73 @@
+"""The clinic service's configuration (`configs/serve.yaml`), typed. Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diagnostics.serve.qc import QCConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    # A path to an exported .onnx file, or models:/NAME@ALIAS (resolved by the CLI with MLflow).
+    path: str = "models:/cxr-demo/latest"
+    sha256: str | None = Field(None, description="refuse to start unless the file has this hash")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = ORT default")
+    batch_size: int = Field(8, ge=1)
+
+
+class LimitsSection(_Strict):
+    max_upload_mb: float = Field(64.0, gt=0, description="larger uploads get 413, mid-stream")
+    max_queue: int = Field(1000, ge=1, description="queued+running jobs before 503")
+    rate_per_minute: int = Field(120, ge=1, description="uploads per clinic per minute (429)")
+    disk_reserve_mb: float = Field(1024.0, ge=0, description="free space kept; below it 507")
+
+
+class WorkerSection(_Strict):
+    in_process: bool = True  # False: run `diagnostics worker` separately
+    lease_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_s: float = Field(0.5, gt=0)
+    retry_delay_s: float = Field(5.0, ge=0)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Empty: SQLite (WAL) at <home>/serve/service.db. PostgreSQL: postgresql+psycopg://...
+    database_url: str = ""
+    data_dir: str = Field("", description="blobs and heatmaps; empty: <home>/serve")
+    auth: bool = True  # off only with --dev on a loopback address
+    model: ModelSection = Field(default_factory=ModelSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    qc: QCConfig = Field(default_factory=QCConfig)
+
+    def resolved_data_dir(self, home: Path) -> Path:
+        return Path(self.data_dir) if self.data_dir else home / "serve"
+
+    def resolved_database_url(self, home: Path) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.resolved_data_dir(home) / 'service.db').resolve()}"
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_auth_setting(cfg: ServeConfig, dev: bool) -> None:
+    """Authentication may be off only on a loopback address, with the explicit dev flag."""
+    if cfg.auth:
+        return
+    if not dev or cfg.host not in LOOPBACK:
+        raise ValueError(
+            "authentication is off: the service starts that way only on a loopback address "
+            "(127.0.0.1, localhost, ::1) with --dev"
+        )

@@ -1,0 +1,183 @@
+"""Leased job processing: claim queued studies, run QC and the model, store the outcome.
+
+Runs in the API process (a thread) by default, or alone as `diagnostics worker`. Any number of
+workers may share one database:
+
+- a job is claimed with a lease (PostgreSQL: `FOR UPDATE SKIP LOCKED`);
+- the outcome is stored only while the lease is still this worker's, in one transaction with
+  the findings, so a job is never scored twice;
+- after a crash, a job whose lease expired is claimed again; after `max_attempts` it is
+  `failed`, visible to reviewers. No job is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from diagnostics.serve.runner import Scorer, ScoreResult
+from diagnostics.serve.store import LeaseLost, Store, StoreBusy
+
+log = logging.getLogger(__name__)
+
+# Failures that another attempt cannot fix: the job ends at once.
+PERMANENT = {"non_finite_output", "blob_missing"}
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        scorer: Scorer,
+        *,
+        lease_s: float = 60.0,
+        batch_size: int = 8,
+        poll_s: float = 0.5,
+        retry_delay_s: float = 5.0,
+        owner: str | None = None,
+        on_result: Callable[[ScoreResult], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.scorer = scorer
+        self.lease_s = lease_s
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.retry_delay_s = retry_delay_s
+        self.owner = owner or worker_id()
+        self.on_result = on_result
+        self.wake = threading.Event()  # set by the API after an upload
+        self.processed = 0
+
+    def run_once(self) -> int:
+        """Claim up to `batch_size` jobs and finish them. Returns how many were claimed."""
+        claimed = self.store.claim(self.owner, self.lease_s, self.batch_size)
+        if not claimed:
+            return 0
+        data: list[bytes] = []
+        ready: list[tuple[Any, Any]] = []
+        for job, study in claimed:
+            try:
+                data.append(self.store.blobs.read(study.content_sha256))
+                ready.append((job, study))
+            except OSError:
+                log.error("blob missing for study %s", study.id)
+                self._finish_failed(job, "blob_missing", "The stored upload could not be read.")
+        if ready:
+            try:
+                results = self.scorer.score_many(data, [study.id for _, study in ready])
+            except Exception as exc:  # an unexpected error: retry later, never lose the job
+                log.exception("scoring failed")
+                for job, _ in ready:
+                    self._retry(job, "worker_error", f"Scoring raised {type(exc).__name__}.")
+                return len(claimed)
+            for (job, study), result in zip(ready, results, strict=True):
+                self._store(job, study, result)
+        return len(claimed)
+
+    def _store(self, job: Any, study: Any, result: ScoreResult) -> None:
+        doc = result.as_dict()
+        findings = doc.pop("findings")
+        rows = [
+            {
+                "label": f["label"],
+                "probability": f["probability"],
+                "threshold": f["threshold"],
+                "positive": f["positive"],
+                "heatmap": f["heatmap"],
+                "model_sha256": result.model_sha256,
+                "model_version": result.model_version,
+                "preprocess_version": result.preprocess_version,
+                "provider": result.provider,
+            }
+            for f in findings
+        ]
+        try:
+            if result.status == "failed" and result.code not in PERMANENT:
+                self._retry(job, result.code or "worker_error", result.message or "")
+                return
+            self.store.complete(
+                job.id,
+                self.owner,
+                job.attempts,
+                status=result.status,
+                result=doc,
+                findings=rows,
+                code=result.code,
+                message=result.message,
+            )
+            self.processed += 1
+            log.info(
+                "study %s %s%s in %.0f ms",
+                study.id,
+                result.status,
+                f" ({result.code})" if result.code else "",
+                result.timing_ms.get("total", 0.0),
+            )
+            if self.on_result is not None:
+                self.on_result(result)
+        except LeaseLost:
+            log.warning("lease on study %s lost to another worker: result dropped", study.id)
+
+    def _retry(self, job: Any, code: str, message: str) -> None:
+        try:
+            state = self.store.retry_later(
+                job.id, self.owner, job.attempts, code, message, self.retry_delay_s
+            )
+            log.warning("job %s: %s, now %s", job.id, code, state)
+        except LeaseLost:
+            pass
+
+    def _finish_failed(self, job: Any, code: str, message: str) -> None:
+        with contextlib.suppress(LeaseLost):
+            self.store.complete(
+                job.id,
+                self.owner,
+                job.attempts,
+                status="failed",
+                result={"code": code},
+                findings=[],
+                code=code,
+                message=message,
+            )
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until `stop` is set: work while there is work, then wait for a wake-up."""
+        log.info("worker %s started", self.owner)
+        while not stop.is_set():
+            try:
+                n = self.run_once()
+            except StoreBusy:
+                n = 0
+            except Exception:
+                log.exception("worker loop error")
+                n = 0
+            if n == 0:
+                self.wake.wait(self.poll_s)
+                self.wake.clear()
+        log.info("worker %s stopped", self.owner)
+
+
+def start_thread(worker: Worker) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="scoring-worker", daemon=True)
+    thread.start()
+    return thread, stop
+
+
+def drain(worker: Worker, timeout_s: float = 60.0) -> None:
+    """Process until no job is left (tests, one-shot batch use)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.run_once() == 0 and worker.store.queue_depth() == 0:
+            return
