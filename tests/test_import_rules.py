@@ -3,7 +3,19 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "torchvision", "monai", "mlflow")
+HEAVY = ("torch", "torchvision", "monai", "mlflow", "sklearn", "diagnostics.train")
+SERVE_MODULES = (
+    "runner",
+    "risk",
+    "qc",
+    "store",
+    "worker",
+    "app",
+    "upload",
+    "config",
+    "logs",
+    "score_file",
+)
 
 
 def _loaded_after(import_line: str) -> set[str]:
@@ -14,8 +26,28 @@ def _loaded_after(import_line: str) -> set[str]:
 
 def test_serve_imports_no_training_libraries():
     assert _loaded_after("import diagnostics.serve") == set()
-    assert _loaded_after("import diagnostics.serve.runner") == set()
-    assert _loaded_after("import diagnostics.serve.risk") == set()
+    for name in SERVE_MODULES:
+        assert _loaded_after(f"import diagnostics.serve.{name}") == set(), name
+
+
+def test_running_the_service_loads_no_training_libraries(cxr_model, tmp_path):
+    """Build the app, migrate the store, score a study: still no torch, mlflow or sklearn."""
+    line = (
+        "from pathlib import Path; "
+        "from diagnostics.serve.app import create_app; "
+        "from diagnostics.serve.config import ServeConfig; "
+        "from diagnostics.serve.runner import OnnxModel; "
+        "from diagnostics.serve.store import Store; "
+        f"d = Path({str(tmp_path)!r}); "
+        "s = Store(f'sqlite:///{d}/s.db', d / 'blobs'); s.migrate(); "
+        f"m = OnnxModel({str(cxr_model)!r}); "
+        "create_app(ServeConfig(), m, s, d); "
+        "import numpy as np; from diagnostics.serve.runner import Scorer; "
+        "from PIL import Image; import io; b = io.BytesIO(); "
+        "Image.fromarray((np.random.rand(64, 64) * 255).astype('uint8')).save(b, 'PNG'); "
+        "Scorer(m).score(b.getvalue())"
+    )
+    assert _loaded_after(line) == set()
 
 
 def test_torch_free_modules_stay_torch_free():
