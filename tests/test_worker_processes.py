@@ -38,7 +38,7 @@ def _write_config(cfg, path: Path) -> Path:
 def _worker(config: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "diagnostics", "worker", "--config", str(config)],
-        stdout=open(log, "ab"),  # noqa: SIM115
+        stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import time
@@ -708,6 +709,9 @@ class Store:
         """Store the outcome, findings and audit in one transaction, fenced by the lease."""
         if status not in FINAL:
             raise ValueError(status)
+        for f in findings:  # SQLite would store NaN as NULL, PostgreSQL as NaN: neither, ever
+            if not math.isfinite(f["probability"]) or not math.isfinite(f["threshold"]):
+                raise ValueError(f"non-finite score for {f['label']}: not stored")
 
         def tx(s: Session) -> None:
             job, study = self._owned(s, job_id, owner, attempt)
