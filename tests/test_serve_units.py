@@ -236,7 +236,7 @@ def _study(store, n=1):
     out = []
     for i in range(n):
         sha = f"{i:064x}"
-        study, created = store.create_study(
+        study, _ = store.create_study(
             clinic="c1",
             actor="t",
             sha256=sha,

@@ -1,0 +1,203 @@
+"""Load on the clinic service over loopback: N concurrent clients, bounded count and duration,
+against the runner's raw throughput on the same inputs measured in the same run.
+
+    .venv/bin/python benchmarks/service_load.py --model path/to/model.onnx --clients 8 --studies 160
+
+The service runs as a real `diagnostics serve` process (SQLite in WAL mode, in-process worker)
+in a temp folder. Each client uploads distinct studies (noise variants of a real NIH PNG, or
+synthetic chests without ../shared) and polls each until it is final. Reported: studies/s,
+p50/p99 acknowledgement latency (upload -> 202), p50/p99 time to result (upload -> final),
+and service throughput / raw runner throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from diagnostics.serve.runner import OnnxModel, Scorer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _payloads(n: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    nih = SHARED / "cxr" / "nih_sample" / "images" / "00000211_013.png"
+    if nih.is_file():
+        base = np.asarray(Image.open(nih).convert("L"), dtype=np.float32) / 255.0
+    else:
+        from diagnostics.data.synthetic import SynthSpec, generate
+
+        base = generate(1, SynthSpec(size=512), seed)[0][1].pixels
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        noisy = np.clip(base + rng.normal(0, 0.004, base.shape), 0, 1)
+        buf = io.BytesIO()
+        Image.fromarray(np.round(noisy * 255).astype(np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an exported .onnx (default: random ResNet-18)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--studies", type=int, default=160, help="upper bound on uploads")
+    parser.add_argument("--duration", type=float, default=120.0, help="upper bound, seconds")
+    args = parser.parse_args()
+    import httpx
+
+    if args.model is None:
+        from infer_cpu import random_export  # benchmarks/infer_cpu.py
+
+        args.model = random_export(
+            "resnet18", 224, ["Pneumonia"], Path(tempfile.mkdtemp()) / "resnet18.onnx"
+        )
+    payloads = _payloads(args.studies)
+    print(f"{len(payloads)} distinct studies of {len(payloads[0]) / 1e6:.1f} MB each")
+
+    # Baseline: the runner alone, in this process, batch 8, on the same bytes.
+    scorer = Scorer(OnnxModel(args.model, device="cpu"), batch_size=8)
+    scorer.score_many(payloads[:8])  # warm-up
+    sample = payloads[: min(64, len(payloads))]
+    t0 = time.perf_counter()
+    results = scorer.score_many(sample)
+    raw = len(sample) / (time.perf_counter() - t0)
+    outcomes = {r.status if r.status == "scored" else r.code for r in results}
+    print(f"runner alone: {raw:.1f} studies/s (batch 8; outcomes {sorted(outcomes)})")
+
+    work = Path(tempfile.mkdtemp(prefix="service_load_"))
+    port = _free_port()
+    cfg = {
+        "host": "127.0.0.1",
+        "port": port,
+        "data_dir": str(work / "serve"),
+        "model": {"path": str(args.model), "device": "cpu", "batch_size": 8},
+        "limits": {"rate_per_minute": 100000, "max_queue": 100000, "disk_reserve_mb": 100},
+        "worker": {"poll_s": 0.05},
+        "qc": {"ood": True},
+    }
+    (work / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DIAGNOSTICS_HOME": str(work)}
+    cli = [sys.executable, "-m", "diagnostics"]
+    made = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "create",
+            "--role",
+            "submitter",
+            "--clinic",
+            "bench",
+            "--config",
+            str(work / "serve.yaml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = made.stdout.splitlines()[1].strip()
+    server = subprocess.Popen(
+        [*cli, "serve", "--config", str(work / "serve.yaml")],
+        env=env,
+        stdout=open(work / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                print((work / "server.log").read_text()[-3000:])
+                return 1
+            time.sleep(0.2)
+        ack: list[float] = []
+        to_result: list[float] = []
+        finals: dict[str, int] = {}
+        lock = threading.Lock()
+        queue = list(payloads)
+        stop_at = time.monotonic() + args.duration
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def client() -> None:
+            with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
+                while time.monotonic() < stop_at:
+                    with lock:
+                        if not queue:
+                            return
+                        data = queue.pop()
+                    t0 = time.perf_counter()
+                    r = http.post("/v1/studies", files={"file": ("x.png", data, "image/png")})
+                    t_ack = time.perf_counter() - t0
+                    if r.status_code != 202:
+                        with lock:
+                            finals[f"http {r.status_code}"] = (
+                                finals.get(f"http {r.status_code}", 0) + 1
+                            )
+                        continue
+                    sid = r.json()["id"]
+                    while True:
+                        doc = http.get(f"/v1/studies/{sid}").json()
+                        if doc["status"] in ("scored", "failed_qc", "failed"):
+                            break
+                        time.sleep(0.02)
+                    with lock:
+                        ack.append(t_ack * 1000)
+                        to_result.append((time.perf_counter() - t0) * 1000)
+                        finals[doc["status"]] = finals.get(doc["status"], 0) + 1
+
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+    done = len(to_result)
+    rate = done / wall
+    print(
+        f"service: {args.clients} clients, {done} studies in {wall:.1f} s -> {rate:.1f} studies/s"
+    )
+    print(f"  outcomes: {finals}")
+    print(
+        f"  acknowledgement: p50 {np.percentile(ack, 50):.0f} ms, p99 {np.percentile(ack, 99):.0f} ms"
+    )
+    print(
+        f"  time to result:  p50 {np.percentile(to_result, 50):.0f} ms, "
+        f"p99 {np.percentile(to_result, 99):.0f} ms"
+    )
+    print(f"  service / runner alone: {rate / raw:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
