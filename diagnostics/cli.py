@@ -676,8 +676,40 @@ def demo(
         + ", ".join(f"{f} {r['auroc']:.3f}" for f, r in report["findings"].items())
         + f"; mean {report['mean_auroc'] or float('nan'):.4f}"
     )
+    _demo_score(result.onnx_path, manifest, home)
     _demo_risk(home)
     typer.echo(_mlflow_ui_hint())
+
+
+def _demo_score(model: Path, manifest: Path, home: Path) -> None:
+    """Score a few images as a clinic would (QC, findings, heatmaps), and one a clinic should
+    never send: a blank image."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from diagnostics.serve.runner import OnnxModel, Scorer
+
+    typer.echo("[score] three demo images and a blank one, through QC and the ONNX runner")
+    paths = pd.read_csv(manifest)["path"].head(3).tolist()
+    blank = io.BytesIO()
+    Image.fromarray(np.full((128, 128), 90, np.uint8)).save(blank, "PNG")
+    items = [(Path(p).name, (manifest.parent / p).read_bytes()) for p in paths]
+    items.append(("blank.png", blank.getvalue()))
+    heat = home / "demo" / "heatmaps"
+    scorer = Scorer(OnnxModel(model), heatmap_dir=heat)
+    results = scorer.score_many([d for _, d in items], [Path(n).stem for n, _ in items])
+    for (name, _), r in zip(items, results, strict=True):
+        if r.status == "scored":
+            calls = ", ".join(
+                f"{f.label} {f.probability:.2f}{'+' if f.positive else ''}" for f in r.findings
+            )
+            typer.echo(f"  {name}: scored in {r.timing_ms['total']:.0f} ms: {calls}")
+        else:
+            typer.echo(f"  {name}: {r.status} [{r.code}] {r.message}")
+    typer.echo(f"  ('+' = positive; CAM overlays for positives in {heat})")
 
 
 def _demo_risk(home: Path) -> None:

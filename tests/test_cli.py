@@ -138,6 +138,7 @@ def test_demo_runs_in_a_fresh_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "patient overlap between splits: none" in out.stdout
     assert (tmp_path / "home" / "demo" / "synth" / "manifest.csv").is_file()
+    assert "blank.png: failed_qc [constant_image]" in out.stdout
 
 
 def test_train_then_evaluate_from_the_command_line(tmp_path):
