@@ -321,7 +321,10 @@ def test_worklist_and_reviews(service):
     assert other.status_code == 403
 
 
-def test_audit_trail_has_no_patient_data(service):
+def test_audit_trail_and_logs_have_no_patient_data(service, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
     (px,) = synth_pixels(1, seed=540)
     data = dicom_bytes(px, PatientName="NGUYEN^VAN^A", PatientID="HIS-778899")
     sid = service.upload(data).json()["id"]
@@ -334,6 +337,10 @@ def test_audit_trail_has_no_patient_data(service):
     assert "NGUYEN" not in text and "HIS-778899" not in text
     doc = service.get(f"/v1/studies/{sid}").text
     assert "NGUYEN" not in doc and "HIS-778899" not in doc
+    logs = caplog.text
+    assert sid in logs  # the service did log this study, by its generated ID
+    for secret in ("NGUYEN", "HIS-778899", service.submitter, "1.2.826"):
+        assert secret not in logs
 
 
 # --------------------------------------------------------------------------- health, metrics
