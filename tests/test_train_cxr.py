@@ -161,6 +161,14 @@ def test_train_track_export_evaluate_resume(home, synth_png, monkeypatch):
 
     registered = sorted(Path(local).rglob("*.onnx"))
     assert registered and file_sha256(registered[0]) == result.sha256
+    # The clinic side gets the registered file and its version, and reads the ONNX directly.
+    from diagnostics.cli import resolve_model_ref
+
+    for uri in (f"models:/cxr-test/{result.model_version}", "models:/cxr-test/latest"):
+        path, version = resolve_model_ref(uri)
+        runner = OnnxModel(path, version=version)
+        assert runner.sha256 == result.sha256 and version == str(result.model_version)
+        assert runner.describe()["version"] == version
 
     # Privacy: no patient keys or file paths in params, the card or the metrics.
     logged = json.dumps(run.data.params) + (result.run_dir / "model_card.md").read_text()
