@@ -415,9 +415,10 @@ def _serve_config(config: Path, overrides: list[str] | None) -> Any:
     from diagnostics.serve.config import ServeConfig
 
     try:
-        raw = apply_overrides(load_yaml(config), overrides or []) if config.is_file() else {}
         if not config.is_file() and config != Path("configs/serve.yaml"):
             raise ConfigError(f"{config} not found")
+        # Without the default file (run outside the project), the embedded defaults apply.
+        raw = apply_overrides(load_yaml(config) if config.is_file() else {}, overrides or [])
         return ServeConfig.model_validate(raw)
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import IO, Any
 import numpy as np
 
 from diagnostics.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+
+_WARNINGS_LOCK = threading.Lock()
 
 # 50 Mpx: a 7000 x 7000 detector. Larger inputs are refused before their pixels are decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -187,7 +190,9 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
         # Never force=True: it turns any file into a "dataset" (PITFALLS.md). pydicom reads a file
         # cut short without an error (a partial dataset) and only warns when an encapsulated
         # pixel data sequence ends early, so record its warnings and check the last element.
-        with warnings.catch_warnings(record=True) as caught:
+        # catch_warnings changes process-wide state: one reader at a time, so that a thread
+        # never sees another's warnings (the service reads uploads and decodes jobs at once).
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
@@ -441,7 +446,7 @@ def _open_bitmap(data: bytes, max_pixels: int) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             # Pillow warns above 89 Mpx and raises above 179 Mpx; our own cap decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # reads the header only

@@ -442,3 +442,87 @@ def test_rate_limit_queue_full_and_disk_reserve(cxr_model, tmp_path):
 
         ready = httpx.get(f"{svc.url}/health/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+
+
+# --------------------------------------------------------------------------- malformed requests
+
+
+def _raw(service, body: bytes, boundary: str = "XyZ") -> object:
+    import httpx
+
+    return httpx.post(
+        f"{service.url}/v1/studies",
+        content=body,
+        headers=service.headers(
+            service.submitter, **{"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        ),
+        timeout=60,
+    )
+
+
+def test_multipart_cut_short_is_refused(service):
+    (px,) = synth_pixels(1, seed=900)
+    png = png_bytes(px)
+    head = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    r = _raw(service, head + png)  # no closing boundary: the connection dropped mid-upload
+    assert r.status_code == 400 and r.json()["code"] == "incomplete_upload"
+    r = _raw(service, head + png + b"\r\n--XyZ--\r\n")
+    assert r.status_code == 202, r.text
+
+
+def test_many_form_fields_are_refused(service):
+    fields = b"".join(
+        b'--XyZ\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(40)
+    )
+    r = _raw(service, fields + b"--XyZ--\r\n")
+    assert r.status_code == 400 and r.json()["code"] == "too_many_fields"
+
+
+def test_not_multipart_and_missing_file(service):
+    import httpx
+
+    r = httpx.post(
+        f"{service.url}/v1/studies",
+        content=b"raw",
+        headers=service.headers(service.submitter, **{"Content-Type": "application/octet-stream"}),
+    )
+    assert r.status_code == 400 and r.json()["code"] == "not_multipart"
+    r = _raw(service, b'--XyZ\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--XyZ--\r\n')
+    assert r.status_code == 400 and r.json()["code"] == "missing_file"
+
+
+def test_overlong_sop_instance_uid_is_refused(service):
+    (px,) = synth_pixels(1, seed=901)
+    data = dicom_bytes(px, SOPInstanceUID="1." + "2" * 70)
+    r = service.upload(data)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_uid"
+
+
+def test_since_filter_honours_the_offset(service):
+    from datetime import UTC, datetime, timedelta, timezone
+
+    (px,) = synth_pixels(1, seed=902)
+    sid = service.upload(dicom_bytes(px)).json()["id"]
+    import httpx
+
+    def listed(since: datetime) -> set[str]:
+        r = httpx.get(
+            f"{service.url}/v1/studies",
+            params={"since": since.isoformat()},
+            headers=service.headers(service.submitter),
+        )
+        assert r.status_code == 200, r.text
+        return {s["id"] for s in r.json()["studies"]}
+
+    now_hanoi = datetime.now(UTC).astimezone(timezone(timedelta(hours=7)))  # UTC+07:00
+    assert sid in listed(now_hanoi - timedelta(minutes=5))
+    assert sid not in listed(now_hanoi + timedelta(minutes=5))
+    bad = httpx.get(
+        f"{service.url}/v1/studies",
+        params={"status": "weird"},
+        headers=service.headers(service.submitter),
+    )
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid_status"

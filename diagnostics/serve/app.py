@@ -8,6 +8,7 @@ from its API key, never from the request; another clinic's study answers 404.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -16,7 +17,7 @@ import time
 from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +26,15 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from diagnostics.serve import qc
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.runner import OnnxModel, Scorer, ScoreResult
 from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
-from diagnostics.serve.upload import UploadError, receive_file
+from diagnostics.serve.upload import BODY_OVERHEAD, UploadError, receive_file
 from diagnostics.serve.worker import Worker, start_thread
 
 log = logging.getLogger("diagnostics.serve")
@@ -339,14 +342,10 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
 
     # ----------------------------------------------------------------- clinic API
 
-    @app.post("/v1/studies", status_code=202)
-    async def upload(request: Request, p: Principal = Depends(principal)) -> Response:
-        t0 = time.perf_counter()
-        if p.role != "submitter" and not (p.role == "admin" and not cfg.auth):
-            need(p, "submitter")
-        clinic = p.clinic or "dev"
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+    def admit(clinic: str, idem: str | None, length: str | None) -> None:
+        """Refusals decided before the body is read: size, disk, queue, rate. A retry of an
+        upload already accepted under its Idempotency-Key skips queue and rate limits."""
+        if length and length.isdigit() and int(length) > max_bytes + BODY_OVERHEAD:
             raise Problem(
                 413,
                 "upload_too_large",
@@ -356,6 +355,8 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
             raise Problem(
                 507, "insufficient_storage", "The service is low on disk space; try later."
             )
+        if idem is not None and store.has_idempotency_key(clinic, idem):
+            return
         if store.queue_depth() >= cfg.limits.max_queue:
             raise Problem(
                 503,
@@ -371,9 +372,61 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
                 f"More than {cfg.limits.rate_per_minute} uploads a minute from this clinic.",
                 {"Retry-After": str(int(wait) + 1)},
             )
+
+    def accept(clinic: str, actor: str, idem: str | None, got: Any) -> tuple[Any, bool]:
+        """Check the received file and make it a study (blocking work: run in a thread)."""
+        from diagnostics.imaging import sniff_format
+
+        if got.size == 0:
+            raise Problem(400, "empty_file", "The file is empty (0 bytes).")
+        fmt = sniff_format(got.head)
+        if fmt is None:
+            raise Problem(
+                415,
+                "unsupported_media_type",
+                "The file is not DICOM (Part 10), PNG or JPEG, whatever its name or "
+                "declared type says.",
+            )
+        try:
+            info, _ = qc.check_intake(got.path.read_bytes(), cfg.qc)
+        except qc.QCRefusal as exc:
+            raise Problem(422, exc.code, exc.result.message) from None
+        existing, conflict = store.find_existing(clinic, got.sha256, info.sop_instance_uid, idem)
+        if conflict:
+            raise Problem(409, conflict, _conflict_text(conflict))
+        if existing is not None:
+            return existing, False
+        try:
+            store.blobs.commit(got.path, got.sha256)  # durable before the row commits
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise Problem(507, "insufficient_storage", "The service ran out of disk.") from None
+            raise
+        try:
+            return store.create_study(
+                clinic=clinic,
+                actor=actor,
+                sha256=got.sha256,
+                size=got.size,
+                fmt=fmt,
+                filename=got.filename,
+                sop_uid=info.sop_instance_uid,
+                idempotency_key=idem,
+                max_attempts=cfg.worker.max_attempts,
+            )
+        except Conflict as exc:
+            raise Problem(409, exc.code, _conflict_text(exc.code)) from None
+
+    @app.post("/v1/studies", status_code=202)
+    async def upload(request: Request, p: Principal = Depends(principal)) -> Response:
+        t0 = time.perf_counter()
+        if p.role != "submitter" and not (p.role == "admin" and not cfg.auth):
+            need(p, "submitter")
+        clinic = p.clinic or "dev"
         idem = request.headers.get("idempotency-key", "").strip() or None
         if idem is not None and len(idem) > 128:
             raise Problem(400, "bad_idempotency_key", "Idempotency-Key is over 128 characters.")
+        await run_in_threadpool(admit, clinic, idem, request.headers.get("content-length"))
         temp = store.blobs.temp_file()
         try:
             try:
@@ -385,53 +438,24 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
                 )
             except UploadError as exc:
                 raise Problem(exc.status, exc.code, exc.message) from None
-            if got.size == 0:
-                raise Problem(400, "empty_file", "The file is empty (0 bytes).")
-            from diagnostics.imaging import sniff_format
-
-            fmt = sniff_format(got.head)
-            if fmt is None:
-                raise Problem(
-                    415,
-                    "unsupported_media_type",
-                    "The file is not DICOM (Part 10), PNG or JPEG, whatever its name or "
-                    "declared type says.",
-                )
-            data = temp.read_bytes()
-            try:
-                info, _ = qc.check_intake(data, cfg.qc)
-            except qc.QCRefusal as exc:
-                raise Problem(422, exc.code, exc.result.message) from None
-            existing, conflict = store.find_existing(
-                clinic, got.sha256, info.sop_instance_uid, idem
-            )
-            if conflict:
-                raise Problem(409, conflict, _conflict_text(conflict))
-            if existing is None:
-                store.blobs.commit(temp, got.sha256)  # durable before the row commits
-                try:
-                    study, created = store.create_study(
-                        clinic=clinic,
-                        actor=p.key_id,
-                        sha256=got.sha256,
-                        size=got.size,
-                        fmt=fmt,
-                        filename=got.filename,
-                        sop_uid=info.sop_instance_uid,
-                        idempotency_key=idem,
-                        max_attempts=cfg.worker.max_attempts,
-                    )
-                except Conflict as exc:
-                    raise Problem(409, exc.code, _conflict_text(exc.code)) from None
-            else:
-                study, created = existing, False
+            except ClientDisconnect:
+                raise Problem(400, "client_disconnected", "The upload was interrupted.") from None
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise Problem(
+                        507, "insufficient_storage", "The service ran out of disk."
+                    ) from None
+                raise
+            study, created = await run_in_threadpool(accept, clinic, p.key_id, idem, got)
         finally:
             temp.unlink(missing_ok=True)
         if created:
             worker.wake.set()
             metrics.ack.observe(time.perf_counter() - t0)
         else:
-            store.log_access(p.key_id, "study.duplicate", "study", study.id)
+            await run_in_threadpool(
+                store.log_access, p.key_id, "study.duplicate", "study", study.id
+            )
         location = f"/v1/studies/{study.id}"
         body = {**study_summary(study), "location": location, "duplicate": not created}
         return JSONResponse(body, status_code=202, headers={"Location": location})
@@ -450,11 +474,13 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         since: datetime | None = Query(None, description="ISO 8601"),
         limit: int = Query(100, ge=1, le=1000),
     ) -> Response:
-        from diagnostics.serve.store import STATUSES, as_utc
+        from diagnostics.serve.store import STATUSES
 
         if status is not None and status not in STATUSES:
             raise Problem(422, "invalid_status", f"status is one of {', '.join(STATUSES)}.")
-        rows = store.list_studies(p.visible(), status=status, since=as_utc(since), limit=limit)
+        if since is not None:  # SQLite compares stored UTC text: convert, whatever the offset
+            since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
+        rows = store.list_studies(p.visible(), status=status, since=since, limit=limit)
         store.log_access(p.key_id, "study.list", "clinic", p.clinic or p.role)
         return _json({"studies": [study_summary(s) for s in rows]})
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +168,7 @@ class OnnxModel:
 
 
 Status = Literal["scored", "failed_qc", "failed"]
+PROCESSING_ERROR = "processing_error"  # an input that broke decoding in an unforeseen way
 
 
 @dataclass
@@ -241,18 +243,31 @@ class Scorer:
         )
 
     def _prepare(self, data: bytes) -> _Pending:
+        """Decode, QC and preprocess one input. Never raises: a failure is the result."""
+        t0 = time.perf_counter()
+        pending = _Pending(self._base(), t0=t0)
+        try:
+            self._prepare_into(pending, data)
+        except Exception as exc:  # a file that breaks the decoder in an unforeseen way
+            log.warning("input could not be processed: %s", type(exc).__name__)
+            res = pending.result
+            res.status, res.code = "failed", PROCESSING_ERROR
+            res.message = f"The image could not be processed ({type(exc).__name__})."
+            pending.x = None
+        return pending
+
+    def _prepare_into(self, pending: _Pending, data: bytes) -> None:
         from diagnostics.imaging import normalize, resize_square
 
-        t0 = time.perf_counter()
-        res = self._base()
-        pending = _Pending(res, t0=t0)
+        t0 = pending.t0
+        res = pending.result
         try:
             image = decode(data, max_pixels=self.qc.max_pixels)
         except ImageError as exc:
             res.status, res.code, res.message = "failed_qc", exc.code, exc.message
             res.qc = [QCResult(exc.code, False, exc.message, "intake")]
             res.timing_ms["decode"] = _ms(t0)
-            return pending
+            return
         t1 = time.perf_counter()
         res.timing_ms["decode"] = _ms(t0, t1)
         res.image = {"format": image.format, "rows": image.shape[0], "cols": image.shape[1]}
@@ -266,11 +281,10 @@ class Scorer:
         failed = [r for r in res.qc if not r.passed]
         if failed:
             res.status, res.code, res.message = "failed_qc", failed[0].code, failed[0].message
-            return pending
+            return
         pending.pixels = resize_square(image.pixels, self.spec)  # (S, S)
         pending.x = normalize(pending.pixels, self.spec)  # (C, S, S)
         res.timing_ms["preprocess"] = _ms(t2)
-        return pending
 
     def score_many(self, items: list[bytes], names: list[str] | None = None) -> list[ScoreResult]:
         """One result per input, in order. Inputs that pass QC are run through the model in
@@ -292,7 +306,13 @@ class Scorer:
             per = _ms(t0) / len(chunk)  # the batch's model time, shared equally
             for k, i in enumerate(chunk):
                 pendings[i].result.timing_ms["model"] = per
-                self._finish(pendings[i], pred, k, names[i])
+                try:
+                    self._finish(pendings[i], pred, k, names[i])
+                except Exception as exc:  # e.g. a heatmap that cannot be written
+                    log.warning("finishing a study failed: %s", type(exc).__name__)
+                    r = pendings[i].result
+                    r.status, r.code, r.findings = "failed", "worker_error", []
+                    r.message = f"The result could not be completed ({type(exc).__name__})."
         for p in pendings:  # this study's own steps; a batch's model time is shared equally
             p.result.timing_ms["total"] = round(sum(p.result.timing_ms.values()), 3)
         return [p.result for p in pendings]
@@ -367,7 +387,7 @@ def write_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     red[..., 0] = 1.0
     rgb = (grey * (1 - alpha) + red * alpha) * 255.0
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # no clash between workers
     Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(tmp, format="PNG")
     tmp.replace(path)
     return path

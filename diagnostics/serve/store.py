@@ -14,6 +14,7 @@ logged or audited.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -185,14 +186,16 @@ class StoreBusy(RuntimeError):
     """The database stayed locked through every retry: answer 503, the client retries."""
 
 
-def make_engine(url: str) -> Engine:
-    """SQLite: WAL, full sync, foreign keys, and BEGIN IMMEDIATE so that a writer takes the lock
-    when its transaction starts (no deadlock on upgrade). PostgreSQL: a plain pool."""
+def make_engine(url: str, *, immediate: bool = False) -> Engine:
+    """SQLite: WAL, full sync, foreign keys. With `immediate`, every transaction starts with
+    BEGIN IMMEDIATE, so a writer takes the lock at once (no deadlock when a read upgrades to a
+    write); readers use a plain deferred BEGIN and, in WAL mode, never wait for writers.
+    PostgreSQL: a plain pool."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 5, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -201,15 +204,20 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")  # an acknowledged commit survives power loss
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA busy_timeout=5000")  # ms; then `retrying` backs off, then 503
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _is_lock_error(exc: OperationalError) -> bool:
+    msg = str(exc.orig).lower() if exc.orig else str(exc).lower()
+    return "locked" in msg or "busy" in msg or "serializ" in msg
 
 
 def migrate(engine: Engine) -> None:
@@ -227,7 +235,7 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def retrying(fn: Callable[[], T], *, attempts: int = 8) -> T:
+def retrying(fn: Callable[[], T], *, attempts: int = 4) -> T:
     """Run a write transaction, retrying when SQLite reports a lock (or PostgreSQL a
     serialisation failure); StoreBusy after `attempts`."""
     delay = 0.05
@@ -235,8 +243,7 @@ def retrying(fn: Callable[[], T], *, attempts: int = 8) -> T:
         try:
             return fn()
         except OperationalError as exc:
-            msg = str(exc.orig).lower() if exc.orig else str(exc).lower()
-            if "locked" not in msg and "busy" not in msg and "serializ" not in msg:
+            if not _is_lock_error(exc):
                 raise
             if i == attempts - 1:
                 raise StoreBusy("the database is busy") from exc
@@ -271,7 +278,9 @@ class BlobStore:
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(temp, final)
-        _fsync_dir(final.parent)
+        # The file's directory entry, and those of folders this commit may have created.
+        for folder in (final.parent, final.parent.parent, self.root):
+            _fsync_dir(folder)
         return final
 
     def read(self, sha256: str) -> bytes:
@@ -314,8 +323,12 @@ class Store:
 
     def __init__(self, url: str, blob_root: str | Path) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url)  # reads
+        self.write_engine = (
+            make_engine(url, immediate=True) if url.startswith("sqlite") else (self.engine)
+        )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self.blobs = BlobStore(blob_root)
 
     @property
@@ -323,18 +336,24 @@ class Store:
         return self.engine.dialect.name
 
     def migrate(self) -> None:
-        migrate(self.engine)
+        migrate(self.write_engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self.sessions.begin() as s:
-            yield s
+        """A read-only transaction. A lock error (rare in WAL mode) becomes StoreBusy (503)."""
+        try:
+            with self.sessions.begin() as s:
+                yield s
+        except OperationalError as exc:
+            if _is_lock_error(exc):
+                raise StoreBusy("the database is busy") from exc
+            raise
 
     def write(self, fn: Callable[[Session], T]) -> T:
-        """Run `fn` in one transaction, retried on a locked database."""
+        """Run `fn` in one write transaction, retried on a locked database."""
 
         def attempt() -> T:
-            with self.sessions.begin() as s:
+            with self.write_sessions.begin() as s:
                 return fn(s)
 
         return retrying(attempt)
@@ -345,6 +364,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.write_engine.dispose()
 
     # ----------------------------------------------------------------- audit
 
@@ -383,11 +403,11 @@ class Store:
             raise ValueError("a reviewer key needs the clinics it may see: give --clinic")
         prefix, key = new_key()
 
+        for cid in [clinic, *(scope or [])]:
+            if cid:
+                self.ensure_clinic(cid)
+
         def tx(s: Session) -> ApiKey:
-            for cid in [clinic, *(scope or [])]:
-                if cid and s.get(Clinic, cid) is None:
-                    s.add(Clinic(id=cid, name=cid))
-                    s.flush()
             row = ApiKey(
                 id=f"key_{prefix}",
                 prefix=prefix,
@@ -433,25 +453,57 @@ class Store:
         return self.write(tx)
 
     def rotate_key(self, key_id: str, actor: str = "cli") -> tuple[ApiKey, str]:
-        """A new key with the same role and clinics; the old one is revoked."""
-        with self.session() as s:
+        """A new key with the same role and clinics; the old one is revoked in the same
+        transaction, so there is never a moment with both or neither valid."""
+        prefix, key = new_key()
+
+        def tx(s: Session) -> ApiKey:
             old = s.get(ApiKey, key_id)
             if old is None:
                 raise KeyError(f"no key {key_id}")
             if old.revoked_at is not None:
                 raise ValueError(f"{key_id} is revoked; create a new key instead")
-        row, key = self.create_key(
-            old.role,
-            clinic=old.clinic_id,
-            scope=old.scope,
-            label=old.label,
-            actor=actor,
-            replaces=key_id,
-        )
-        self.revoke_key(key_id, actor)
-        return row, key
+            row = ApiKey(
+                id=f"key_{prefix}",
+                prefix=prefix,
+                key_hash=hash_key(key),
+                role=old.role,
+                clinic_id=old.clinic_id,
+                scope=list(old.scope or []),
+                label=old.label,
+                replaces=key_id,
+            )
+            s.add(row)
+            old.revoked_at = now()
+            self.audit(s, actor, "key.create", "api_key", row.id, role=row.role, replaces=key_id)
+            self.audit(s, actor, "key.revoke", "api_key", key_id, replaced_by=row.id)
+            return row
+
+        return self.write(tx), key
+
+    def ensure_clinic(self, clinic: str) -> None:
+        """Create the clinic row if it is new; a concurrent creation is not an error."""
+        with self.session() as s:
+            if s.get(Clinic, clinic) is not None:
+                return
+
+        def tx(s: Session) -> None:
+            if s.get(Clinic, clinic) is None:
+                s.add(Clinic(id=clinic, name=clinic))
+
+        with contextlib.suppress(IntegrityError):  # another request created it first
+            self.write(tx)
 
     # ----------------------------------------------------------------- studies
+
+    def has_idempotency_key(self, clinic: str, key: str) -> bool:
+        with self.session() as s:
+            return (
+                s.scalar(
+                    select(Study.id).where(Study.clinic_id == clinic, Study.idempotency_key == key)
+                )
+                is not None
+            )
 
     def find_existing(
         self,
@@ -504,11 +556,9 @@ class Store:
         """Insert study + queued job + audit in one transaction. (study, created). A race with an
         identical upload resolves to the first study; a conflicting one raises `Conflict`."""
         study_id = uuid.uuid4().hex
+        self.ensure_clinic(clinic)
 
         def tx(s: Session) -> Study:
-            if s.get(Clinic, clinic) is None:
-                s.add(Clinic(id=clinic, name=clinic))
-                s.flush()
             study = Study(
                 id=study_id,
                 clinic_id=clinic,

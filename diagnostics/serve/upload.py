@@ -16,6 +16,9 @@ from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+MAX_FIELDS = 16
+BODY_OVERHEAD = 64 * 1024  # multipart headers and small fields, beyond the file itself
+
 
 class UploadError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -69,6 +72,7 @@ async def receive_file(
         "buf": b"",
         "fields": {},
         "head": b"",
+        "ended": False,
     }
     sha = hashlib.sha256()
     fh = open(temp, "wb")  # noqa: SIM115 (closed in finally)
@@ -119,7 +123,12 @@ async def receive_file(
 
     def on_part_end() -> None:
         if not state["is_file"] and state["name"]:
+            if len(state["fields"]) >= MAX_FIELDS:
+                raise UploadError(400, "too_many_fields", f"More than {MAX_FIELDS} form fields.")
             state["fields"][state["name"]] = state["buf"].decode("utf-8", "replace")
+
+    def on_end() -> None:
+        state["ended"] = True
 
     parser = MultipartParser(
         params[b"boundary"],
@@ -131,10 +140,19 @@ async def receive_file(
             "on_header_value": on_header_value,
             "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished,
+            "on_end": on_end,
         },
     )
+    total = 0
     try:
         async for chunk in body:
+            total += len(chunk)
+            if total > max_bytes + BODY_OVERHEAD:  # the whole body, not just the file part
+                raise UploadError(
+                    413,
+                    "upload_too_large",
+                    f"The upload is larger than the limit of {max_bytes // (1024 * 1024)} MB.",
+                )
             try:
                 parser.write(chunk)
             except UploadError:
@@ -145,6 +163,8 @@ async def receive_file(
         parser.finalize()
     finally:
         fh.close()
+    if not state["ended"]:  # no closing boundary: the body was cut short
+        raise UploadError(400, "incomplete_upload", "The upload ended early; send it again.")
     if not state["found"]:
         raise UploadError(400, "missing_file", "No file was sent: use a field named 'file'.")
     return ReceivedFile(

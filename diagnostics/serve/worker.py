@@ -28,7 +28,7 @@ from diagnostics.serve.store import LeaseLost, Store, StoreBusy
 log = logging.getLogger(__name__)
 
 # Failures that another attempt cannot fix: the job ends at once.
-PERMANENT = {"non_finite_output", "blob_missing"}
+PERMANENT = {"non_finite_output", "blob_missing", "processing_error"}
 
 
 def worker_id() -> str:
@@ -82,7 +82,11 @@ class Worker:
                     self._retry(job, "worker_error", f"Scoring raised {type(exc).__name__}.")
                 return len(claimed)
             for (job, study), result in zip(ready, results, strict=True):
-                self._store(job, study, result)
+                try:
+                    self._store(job, study, result)
+                except Exception:  # StoreBusy and the like: this job's lease will expire and
+                    # it will be claimed again; the other jobs of the batch are still stored
+                    log.exception("storing the result of study %s failed", study.id)
         return len(claimed)
 
     def _store(self, job: Any, study: Any, result: ScoreResult) -> None:
