@@ -76,10 +76,16 @@ def test_local_weights_load_through_the_real_code_path(tmp_path):
     torch.testing.assert_close(grey.features[0].weight, reference.conv1.weight.sum(1, keepdim=True))
 
 
-def test_export_wrapper_returns_both_outputs():
-    model = create_model("tiny_cnn", num_classes=2).eval()
-    out = WithCAM(model)(torch.randn(1, 1, 32, 32))
-    assert isinstance(model, CAMClassifier) and len(out) == 2
+def test_export_wrapper_returns_logits_cam_and_embedding():
+    model = create_model("tiny_cnn", num_classes=2, width=4, blocks=2).eval()
+    x = torch.randn(3, 1, 32, 32)
+    logits, cam, embedding = WithCAM(model)(x)
+    assert isinstance(model, CAMClassifier)
+    assert logits.shape == (3, 2) and cam.shape[:2] == (3, 2) and embedding.shape == (3, 8)
+    torch.testing.assert_close(logits, model(x))
+    # the embedding is the pooled feature map the head reads: head(embedding) == logits
+    w, b = model.head.weight[:, :, 0, 0], model.head.bias
+    torch.testing.assert_close(embedding @ w.T + b, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments():
