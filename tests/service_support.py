@@ -70,14 +70,11 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def colour_photo() -> bytes:
-    """A colourful JPEG, like a phone photo of a room rather than of a film."""
-    from PIL import Image
+    """A real colour photograph: Grace Hopper's portrait (public domain), which matplotlib ships
+    as sample data. Read from the installed package, never copied into the repository."""
+    import matplotlib
 
-    y, x = np.mgrid[0:240, 0:320]
-    rgb = np.stack([x / 320 * 255, y / 240 * 255, 255 - x / 320 * 255], -1).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return (Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes()
 
 
 # --------------------------------------------------------------------------- server
