@@ -178,7 +178,7 @@ def encode_array(a: np.ndarray) -> str:
 
 
 class OODDetector:
-    """Scores pooled features (B, C) against an `OODReference`: about 1 for training-like input."""
+    """Scores pooled features (B, C) against an `OODReference`: order 1 for training-like input."""
 
     def __init__(self, ref: OODReference) -> None:
         self.ref = ref
