@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--studies", type=int, default=160, help="upper bound on uploads")
     parser.add_argument("--duration", type=float, default=120.0, help="upper bound, seconds")
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between status polls")
     args = parser.parse_args()
     import httpx
 
@@ -166,7 +167,7 @@ def main() -> int:
                         doc = http.get(f"/v1/studies/{sid}").json()
                         if doc["status"] in ("scored", "failed_qc", "failed"):
                             break
-                        time.sleep(0.02)
+                        time.sleep(args.poll)
                     with lock:
                         ack.append(t_ack * 1000)
                         to_result.append((time.perf_counter() - t0) * 1000)
