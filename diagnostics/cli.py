@@ -313,24 +313,20 @@ def resolve_model_ref(model: str) -> tuple[Path, str | None]:
     return path, version
 
 
-IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""}
-
-
 def _collect_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given; folders walked for DICOM/PNG/JPEG names (or no suffix, as DICOM often
-    has). Content is decided by magic bytes when scored, not by the name."""
+    """Files as given, and every file under the folders given (hidden files and DICOMDIR
+    indexes aside): the content decides what is an image, not the name, so DICOM files named
+    by their UID are found. A path that does not exist is kept: it gets a `not_found` record."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
             out += sorted(
                 f
                 for f in p.rglob("*")
-                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+                if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR"
             )
-        elif p.exists():
-            out.append(p)
         else:
-            raise FileNotFoundError(f"input not found: {p}")
+            out.append(p)
     return out
 
 
@@ -354,6 +350,8 @@ def score(
     Every input gets a record, refusals included (with their code). The exit status is non-zero
     only for fatal errors (no model, unwritable output), never for a refused input.
     """
+    import hashlib
+
     from tqdm import tqdm
 
     from diagnostics.serve.runner import ModelIntegrityError, OnnxModel, Scorer
@@ -373,8 +371,8 @@ def score(
         scorer = Scorer(runner, heatmap_dir=heat_dir, batch_size=batch_size)
     except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
         raise _fail(str(exc)) from None
-    if not inputs:
-        raise _fail("no input files found")
+    if not any(p.exists() for p in inputs):
+        raise _fail("no input files found: " + ", ".join(str(p) for p in paths))
     if runner.fallback:
         typer.secho("CUDA was requested but is unavailable: scoring on CPU", err=True, fg="yellow")
     counts: dict[str, int] = {}
@@ -389,13 +387,17 @@ def score(
             for k, f in enumerate(chunk):
                 try:
                     data.append(f.read_bytes())
-                    names.append(f"{start + k:06d}")
+                    # heatmaps are named by content, so reruns into the same folder never mix
+                    names.append(hashlib.sha256(data[-1]).hexdigest()[:16])
+                except FileNotFoundError:
+                    unreadable[k] = ("not_found", "The file does not exist.")
                 except OSError as exc:
-                    unreadable[k] = str(exc.strerror or exc)
+                    unreadable[k] = ("unreadable", str(exc.strerror or exc))
             results = iter(scorer.score_many(data, names))
             for k, f in enumerate(chunk):
                 if k in unreadable:
-                    record = {"status": "failed", "code": "unreadable", "message": unreadable[k]}
+                    code, message = unreadable[k]
+                    record = {"status": "failed", "code": code, "message": message}
                 else:
                     record = next(results).as_dict()
                 counts[record["status"]] = counts.get(record["status"], 0) + 1
@@ -423,7 +425,8 @@ def _serve_config(config: Path, overrides: list[str] | None) -> Any:
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     except ValidationError as exc:
-        raise _fail(f"{config}:\n" + "\n".join(validation_lines(exc))) from None
+        where = f"{config} with --set" if overrides else str(config)
+        raise _fail(f"{where}:\n{validation_lines(exc)}") from None
 
 
 def _open_store(cfg: Any) -> Any:
@@ -449,10 +452,24 @@ def _load_service_model(cfg: Any) -> Any:
             expected_sha256=cfg.model.sha256,
             version=version,
         )
-    except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
+    except FileNotFoundError as exc:
         raise _fail(
             f"model {cfg.model.path}: {exc} (train one with `make demo`, or set model.path)"
         ) from None
+    except (ValueError, ModelIntegrityError) as exc:
+        raise _fail(f"model {cfg.model.path}: {exc}") from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before loading anything (or starting a worker) when the address is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @app.command()
@@ -481,6 +498,7 @@ def serve(
         check_auth_setting(cfg, dev)
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    _check_port_free(cfg.host, cfg.port)
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
@@ -522,6 +540,11 @@ def worker(
     w.run(stop)
 
 
+def _check_key_id(key_id: str) -> None:
+    if key_id.startswith("dk_"):  # never echo a secret back
+        raise _fail("give the key ID (key_..., from `keys list`), not the key itself")
+
+
 @keys_app.command("create")
 def keys_create(
     role: Annotated[str, typer.Option(help="submitter, reviewer or admin")],
@@ -533,10 +556,12 @@ def keys_create(
     config: ServeConfigOption = Path("configs/serve.yaml"),
 ) -> None:
     """Create an API key. The key is printed once; only its hash is stored."""
-    store, _ = _open_store(_serve_config(config, None))
     clinics = clinic or []
     if role == "submitter" and len(clinics) != 1:
         raise _fail("a submitter key belongs to exactly one clinic: give one --clinic")
+    if role == "admin" and clinics:
+        raise _fail("an admin key sees every clinic: --clinic does not apply")
+    store, _ = _open_store(_serve_config(config, None))
     try:
         row, key = store.create_key(
             role,
@@ -567,6 +592,7 @@ def keys_rotate(
     config: ServeConfigOption = Path("configs/serve.yaml"),
 ) -> None:
     """Replace a key: a new key with the same role and clinics; the old one is revoked."""
+    _check_key_id(key_id)
     store, _ = _open_store(_serve_config(config, None))
     try:
         row, key = store.rotate_key(key_id)
@@ -583,6 +609,7 @@ def keys_revoke(
     config: ServeConfigOption = Path("configs/serve.yaml"),
 ) -> None:
     """Revoke a key at once."""
+    _check_key_id(key_id)
     store, _ = _open_store(_serve_config(config, None))
     try:
         store.revoke_key(key_id)

@@ -81,8 +81,9 @@ class OODReference(BaseModel):
     A probabilistic PCA (Tipping & Bishop 1999) of the `embedding` output on training images:
     `k` principal directions with their variances, plus one variance for everything else. The
     score of an image is its Mahalanobis distance under that model, divided by sqrt(dim): of
-    order 1 for training images (below 1, as the variance floors widen the model). `threshold` is a high quantile of the scores of
-    held-out validation images times a margin. Arrays are base64 float32, little-endian.
+    order 1 for training images (below 1, as the variance floors widen the model). `threshold`
+    is a high quantile of the scores of held-out validation images times a margin. Arrays are
+    base64 float32, little-endian.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -64,6 +64,10 @@ class UnsupportedFormatError(ImageError):
     code = "unsupported_format"
 
 
+class EmptyFileError(UnsupportedFormatError):
+    code = "empty_file"
+
+
 class NoPixelDataError(ImageError):
     code = "no_pixel_data"
 
@@ -139,7 +143,7 @@ def decode(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     if kind in ("png", "jpeg"):
         return decode_bitmap(data, max_pixels=max_pixels)
     if not data:
-        raise UnsupportedFormatError("The file is empty.")
+        raise EmptyFileError("The file is empty (0 bytes).")
     raise UnsupportedFormatError(
         "The file is not a DICOM Part 10 file (no 'DICM' marker), a PNG or a JPEG."
     )
@@ -167,7 +171,7 @@ def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Head
         img = _open_bitmap(data, max_pixels)
         return HeaderInfo(kind, img.size[1], img.size[0])
     if not data:
-        raise UnsupportedFormatError("The file is empty.")
+        raise EmptyFileError("The file is empty (0 bytes).")
     raise UnsupportedFormatError(
         "The file is not a DICOM Part 10 file (no 'DICM' marker), a PNG or a JPEG."
     )

@@ -164,23 +164,50 @@ def test_score_command(cxr_model, tmp_path):
     (folder / "flat.png").write_bytes(png_bytes(np.full((90, 90), 0.5)))
     (folder / "empty.dcm").write_bytes(b"")
     (folder / "notes.dcm").write_bytes(b"this is text")
-    (folder / "README.txt").write_text("not an input")  # skipped when walking a folder
+    (folder / "README.txt").write_text("not an input")  # read too: the content decides
+    (folder / "1.2.840.113619.2.55.3").write_bytes(dicom_bytes(synth_pixels(1, seed=7)[0]))
     runner = CliRunner()
     out = tmp_path / "f.jsonl"
     r = runner.invoke(
-        app, ["score", str(folder), "--model", str(cxr_model), "--out", str(out), "--device", "cpu"]
+        app,
+        [
+            "score",
+            str(folder),
+            str(tmp_path / "gone.dcm"),
+            "--model",
+            str(cxr_model),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
     )
     assert r.exit_code == 0, r.output
     records = {
         json.loads(line)["input"].split("/")[-1]: json.loads(line)
         for line in out.read_text().splitlines()
     }
-    assert set(records) == {"good.png", "chest.dcm", "flat.png", "empty.dcm", "notes.dcm"}
+    assert set(records) == {
+        "good.png",
+        "chest.dcm",
+        "flat.png",
+        "empty.dcm",
+        "notes.dcm",
+        "README.txt",
+        "1.2.840.113619.2.55.3",
+        "gone.dcm",
+    }
     assert records["good.png"]["status"] == "scored"
     assert records["chest.dcm"]["status"] == "scored"
+    assert records["1.2.840.113619.2.55.3"]["status"] == "scored"  # DICOM named by its UID
     assert records["flat.png"]["code"] == "constant_image"
-    assert records["empty.dcm"]["code"] == "unsupported_format"
+    assert records["empty.dcm"]["code"] == "empty_file"
     assert records["notes.dcm"]["code"] == "unsupported_format"
+    assert records["README.txt"]["code"] == "unsupported_format"
+    assert records["gone.dcm"]["code"] == "not_found"
+    for rec in records.values():  # heatmaps are named by content, never by position
+        for f in rec.get("findings", []):
+            assert f["heatmap"] is None or (tmp_path / "f_heatmaps" / f["heatmap"]).is_file()
     assert records["good.png"]["provider"] == "CPUExecutionProvider"
     csv_out = tmp_path / "f.csv"
     r = runner.invoke(
@@ -352,5 +379,11 @@ def test_keys_commands(home):
     assert r.exit_code == 2
     r = runner.invoke(app, ["keys", "revoke", "key_nope"])
     assert r.exit_code == 2
+    r = runner.invoke(app, ["keys", "revoke", key])  # the secret instead of the ID
+    assert r.exit_code == 2 and key not in r.output
+    r = runner.invoke(app, ["keys", "create", "--role", "admin", "--clinic", "x"])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["keys", "create", "--role", "submitter", "--clinic", "Bad Clinic!"])
+    assert r.exit_code == 2 and "clinic code" in r.output
     db = (home / "serve" / "service.db").read_bytes()
     assert key.encode() not in db  # only the hash is stored

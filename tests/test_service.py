@@ -481,6 +481,30 @@ def test_many_form_fields_are_refused(service):
     assert r.status_code == 400 and r.json()["code"] == "too_many_fields"
 
 
+def test_refused_uploads_are_audited_and_counted(service):
+    import httpx
+
+    r = service.upload(b"", filename="x.dcm")
+    assert r.status_code == 400
+    refused = [a for a in service.store.audit_rows("empty_file") if a.action == "upload.refused"]
+    assert refused
+    text = httpx.get(f"{service.url}/metrics").text
+    assert 'diagnostics_upload_refusals_total{code="empty_file"}' in text
+
+
+def test_file_in_the_wrong_field(service):
+    import httpx
+
+    (px,) = synth_pixels(1, seed=903)
+    r = httpx.post(
+        f"{service.url}/v1/studies",
+        files={"image": ("a.dcm", dicom_bytes(px))},
+        headers=service.headers(service.submitter),
+    )
+    assert r.status_code == 400 and r.json()["code"] == "missing_file"
+    assert "'file'" in r.json()["detail"]
+
+
 def test_not_multipart_and_missing_file(service):
     import httpx
 

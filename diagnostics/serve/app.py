@@ -168,6 +168,12 @@ class Metrics:
             "Time from request to 202 for accepted uploads",
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "diagnostics_upload_refusals",
+            "Uploads refused before a study was made (4xx/5xx), by code, in this process",
+            ["code"],
+            registry=self.registry,
+        )
         self.scoring = Histogram(
             "diagnostics_scoring_seconds",
             "Per-study scoring time in this process (decode + QC + preprocess + model)",
@@ -257,6 +263,7 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> Response:
+        request.state.problem_code = exc.code  # for the request log line
         return problem_response(exc.status, exc.code, exc.detail, request.url.path, exc.headers)
 
     @app.exception_handler(StoreBusy)
@@ -296,11 +303,13 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        code = getattr(request.state, "problem_code", None)
         log.info(
-            "%s %s %d %.1f ms",
+            "%s %s %d%s %.1f ms",
             request.method,
             path,
             response.status_code,
+            f" {code}" if code else "",
             (time.perf_counter() - t0) * 1000,
         )
         return response
@@ -419,9 +428,19 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
 
     @app.post("/v1/studies", status_code=202)
     async def upload(request: Request, p: Principal = Depends(principal)) -> Response:
-        t0 = time.perf_counter()
         if p.role != "submitter" and not (p.role == "admin" and not cfg.auth):
             need(p, "submitter")
+        try:
+            return await receive_study(request, p)
+        except Problem as exc:  # every refused upload is audited and counted, by code
+            metrics.refusals.labels(exc.code).inc()
+            await run_in_threadpool(
+                store.log_access, p.key_id, "upload.refused", "upload", exc.code
+            )
+            raise
+
+    async def receive_study(request: Request, p: Principal) -> Response:
+        t0 = time.perf_counter()
         clinic = p.clinic or "dev"
         idem = request.headers.get("idempotency-key", "").strip() or None
         if idem is not None and len(idem) > 128:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 import math
 import os
+import re
 import secrets
 import time
 import uuid
@@ -56,6 +58,7 @@ STATUSES = ("received", "queued", "running", "scored", "failed_qc", "failed")
 FINAL = ("scored", "failed_qc", "failed")
 VERDICTS = ("agree", "disagree", "uncertain")
 ROLES = ("submitter", "reviewer", "admin")
+CLINIC_CODE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def now() -> datetime:
@@ -228,6 +231,7 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per start is noise
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(73100531)"))
@@ -397,6 +401,11 @@ class Store:
         """A new key; the clear key is returned once and never stored."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        for cid in [clinic, *(scope or [])]:
+            if cid is not None and not CLINIC_CODE.fullmatch(cid):
+                raise ValueError(
+                    f"clinic code {cid!r}: use 1-64 lower-case letters, digits, '.', '_' or '-'"
+                )
         if role == "submitter" and not clinic:
             raise ValueError("a submitter key belongs to a clinic: give --clinic")
         if role == "reviewer" and not scope:

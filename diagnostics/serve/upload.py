@@ -96,6 +96,12 @@ async def receive_file(
         state["name"] = opts.get(b"name", b"").decode("utf-8", "replace")
         fname = opts.get(b"filename")
         state["is_file"] = state["name"] == field_name
+        if fname is not None and not state["is_file"]:
+            raise UploadError(
+                400,
+                "missing_file",
+                f"Send the file in a field named '{field_name}' (it came in '{state['name']}').",
+            )
         if state["is_file"]:
             if state["found"]:
                 raise UploadError(400, "several_files", "Send one file per request.")
