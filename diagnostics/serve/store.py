@@ -226,12 +226,12 @@ def _is_lock_error(exc: OperationalError) -> bool:
 def migrate(engine: Engine) -> None:
     """Bring the schema to the latest Alembic revision (idempotent; safe from several processes:
     SQLite serialises on its write lock, PostgreSQL on an advisory lock)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # a dozen INFO lines per start
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per start is noise
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(73100531)"))
