@@ -47,7 +47,6 @@ from sqlalchemy import (
     func,
     select,
     text,
-    update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -56,7 +55,6 @@ T = TypeVar("T")
 
 STATUSES = ("received", "queued", "running", "scored", "failed_qc", "failed")
 FINAL = ("scored", "failed_qc", "failed")
-VERDICTS = ("agree", "disagree", "uncertain")
 ROLES = ("submitter", "reviewer", "admin")
 CLINIC_CODE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -900,15 +898,6 @@ class Store:
             q = q.where(Audit.object_id == object_id)
         with self.session() as s:
             return list(s.scalars(q))
-
-    def requeue_stale_running(self) -> int:
-        """Used by tests and operators: expire every running lease now (as after a crash)."""
-
-        def tx(s: Session) -> int:
-            r = s.execute(update(Job).where(Job.status == "running").values(lease_expires_at=now()))
-            return int(r.rowcount or 0)
-
-        return self.write(tx)
 
 
 class Conflict(Exception):

@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -177,11 +176,3 @@ def start_thread(worker: Worker) -> tuple[threading.Thread, threading.Event]:
     thread = threading.Thread(target=worker.run, args=(stop,), name="scoring-worker", daemon=True)
     thread.start()
     return thread, stop
-
-
-def drain(worker: Worker, timeout_s: float = 60.0) -> None:
-    """Process until no job is left (tests, one-shot batch use)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.run_once() == 0 and worker.store.queue_depth() == 0:
-            return
