@@ -22,6 +22,10 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 keys_app = typer.Typer(help="API keys of the clinic service.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+users_app = typer.Typer(help="Reviewer accounts for the review page.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+reviews_app = typer.Typer(help="Clinician reviews: export for training.", no_args_is_help=True)
+app.add_typer(reviews_app, name="reviews")
 
 log = logging.getLogger("diagnostics")
 
@@ -616,6 +620,93 @@ def keys_revoke(
     except KeyError as exc:
         raise _fail(str(exc).strip("'")) from None
     typer.echo(f"{key_id} revoked")
+
+
+@users_app.command("create")
+def users_create(
+    username: Annotated[str, typer.Argument(help="sign-in name")],
+    role: Annotated[str, typer.Option(help="reviewer or admin")] = "reviewer",
+    clinic: Annotated[
+        list[str] | None, typer.Option(help="clinics a reviewer may see (repeatable)")
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from standard input")
+    ] = False,
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+) -> None:
+    """Create a review-page account. The password is asked for (or read from stdin) and
+    stored as an argon2 hash."""
+    import sys
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    store, _ = _open_store(_serve_config(config, None))
+    try:
+        store.create_reviewer(username, password, role=role, scope=clinic or [])
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"user {username} ({role}) created")
+
+
+@app.command()
+def report(
+    study_id: Annotated[str, typer.Argument(help="the study ID")],
+    format: Annotated[str, typer.Option(help="fhir or text")] = "fhir",
+    lang: Annotated[str, typer.Option(help="vi or en")] = "vi",
+    out: Annotated[Path | None, typer.Option(help="write here instead of stdout")] = None,
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+) -> None:
+    """A study's report, as the HIS receives it: FHIR R4 DiagnosticReport or plain text."""
+    from diagnostics.serve.reports import fhir_report, text_report
+
+    if format not in ("fhir", "text") or lang not in ("vi", "en"):
+        raise _fail("--format is fhir or text; --lang is vi or en")
+    store, _ = _open_store(_serve_config(config, None))
+    study = store.get_study(study_id)
+    if study is None:
+        raise _fail(f"no study {study_id}")
+    if study.status != "scored":
+        raise _fail(f"study {study_id} is {study.status}: there is no report")
+    view = store.study_view(study_id)
+    store.log_access("cli", "report.read", "study", study_id, format=format)
+    if format == "fhir":
+        text = json.dumps(
+            fhir_report(view, lang, study.sop_instance_uid), indent=2, ensure_ascii=False
+        )
+    else:
+        text = text_report(view, lang)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n", encoding="utf-8")
+        typer.echo(f"wrote {out}")
+
+
+@reviews_app.command("export")
+def reviews_export(
+    out: Annotated[Path, typer.Option(help="manifest CSV for `train cxr` (source: manifest)")],
+    since: Annotated[str | None, typer.Option(help="ISO date: studies received since")] = None,
+    clinic: Annotated[str | None, typer.Option(help="one clinic only")] = None,
+    config: ServeConfigOption = Path("configs/serve.yaml"),
+) -> None:
+    """Reviewed labels back to training: image path, labels, pseudonymous patient key, site."""
+    from datetime import UTC, datetime
+
+    from diagnostics.serve.feedback import export_manifest
+
+    when = None
+    if since:
+        try:
+            when = datetime.fromisoformat(since)
+        except ValueError:
+            raise _fail("--since takes an ISO date, e.g. 2026-11-01") from None
+        when = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    store, data_dir = _open_store(_serve_config(config, None))
+    n = export_manifest(store, out, data_dir, since=when, clinic=clinic)
+    store.log_access("cli", "reviews.export", "export", str(out.name), studies=n)
+    typer.echo(f"{n} reviewed studies -> {out}")
 
 
 @app.command()

@@ -133,11 +133,15 @@ class RateLimiter:
 
 
 class ReviewItem(BaseModel):
+    """One finding's review; or, with `unlisted: true`, a finding the model does not list,
+    named in `corrected_label`."""
+
     model_config = ConfigDict(extra="forbid")
 
     finding_id: int | None = None
     label: str | None = None
-    verdict: Literal["agree", "disagree", "uncertain"]
+    unlisted: bool = False
+    verdict: Literal["agree", "disagree", "uncertain"] = "agree"
     corrected_label: str | None = Field(None, max_length=64)
     note: str = Field("", max_length=4000)
 
@@ -219,7 +223,9 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
     limiter = RateLimiter(cfg.limits.rate_per_minute)
     max_bytes = int(cfg.limits.max_upload_mb * 1024 * 1024)
     reserve = int(cfg.limits.disk_reserve_mb * 1024 * 1024)
-    review_labels = set(model.labels) | {"No_Finding"}
+    from diagnostics.serve.i18n import FINDINGS
+
+    review_labels = set(model.labels) | set(FINDINGS["en"])  # the harmonised vocabulary
     worker = Worker(
         store,
         scorer,
@@ -533,7 +539,9 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         if study.status != "scored":
             raise Problem(409, "not_scored", f"The study is {study.status}; nothing to review.")
         for item in body.reviews:
-            if item.finding_id is None and not item.label:
+            if item.unlisted and not item.corrected_label:
+                raise Problem(422, "invalid_request", "An unlisted finding needs corrected_label.")
+            if not item.unlisted and item.finding_id is None and not item.label:
                 raise Problem(422, "invalid_request", "Each review names a finding_id or label.")
             if item.corrected_label and item.corrected_label not in review_labels:
                 raise Problem(
@@ -546,6 +554,30 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         except KeyError as exc:
             raise Problem(404, "finding_not_found", f"No finding {exc} in this study.") from None
         return _json({"reviews": [r.id for r in rows], "study": study_id}, status=201)
+
+    @app.get("/v1/studies/{study_id}/report")
+    def report(
+        study_id: str,
+        p: Principal = Depends(principal),
+        lang: str = Query("en", pattern="^(en|vi)$"),
+        format: str = Query("fhir", pattern="^(fhir|text)$"),
+    ) -> Response:
+        from diagnostics.serve.reports import fhir_report, text_report
+
+        study = visible_study(p, study_id)
+        if study.status != "scored":
+            raise Problem(409, "not_scored", f"The study is {study.status}; there is no report.")
+        view = store.study_view(study_id)
+        store.log_access(p.key_id, "report.read", "study", study_id, format=format)
+        if format == "text":
+            return Response(text_report(view, lang), media_type="text/plain; charset=utf-8")
+        doc = fhir_report(view, lang, study.sop_instance_uid)
+        return Response(json.dumps(doc, allow_nan=False), media_type="application/fhir+json")
+
+    @app.get("/v1/stats/agreement")
+    def agreement(p: Principal = Depends(principal)) -> Response:
+        need(p, "reviewer", "admin")
+        return _json({"agreement": store.agreement(p.visible())})
 
     # ----------------------------------------------------------------- health
 

@@ -182,6 +182,7 @@ class ScoreResult:
     findings: list[Finding] = field(default_factory=list)
     ood_score: float | None = None
     model_sha256: str = ""
+    model_name: str = ""
     model_version: str | None = None
     preprocess_version: str | None = None
     provider: str = ""
@@ -197,6 +198,7 @@ class ScoreResult:
             "qc": [r.as_dict() for r in self.qc],
             "ood_score": self.ood_score,
             "model_sha256": self.model_sha256,
+            "model_name": self.model_name,
             "model_version": self.model_version,
             "preprocess_version": self.preprocess_version,
             "provider": self.provider,
@@ -237,6 +239,7 @@ class Scorer:
         return ScoreResult(
             status="failed",
             model_sha256=m.sha256,
+            model_name=m.metadata.name,
             model_version=m.version,
             preprocess_version=self.spec.version,
             provider=m.provider,

@@ -158,13 +158,28 @@ class Review(Base):
 
     __tablename__ = "reviews"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id"), index=True)
+    # None: a finding the model does not list, named in corrected_label ("finding not listed")
+    finding_id: Mapped[int | None] = mapped_column(
+        ForeignKey("findings.id"), index=True, nullable=True
+    )
     study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
-    reviewer: Mapped[str] = mapped_column(String(32))  # API key ID
+    reviewer: Mapped[str] = mapped_column(String(32))  # API key ID or "user:<name>"
     verdict: Mapped[str] = mapped_column(String(16))
     corrected_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
     note: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Reviewer(Base):
+    """A clinician who signs in to the review page. Passwords are argon2 hashes."""
+
+    __tablename__ = "reviewers"
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # reviewer | admin
+    scope: Mapped[list[Any]] = mapped_column(default=list)  # clinics a reviewer may see
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Audit(Base):
@@ -615,7 +630,7 @@ class Store:
                     select(Review).where(Review.study_id == study_id).order_by(Review.id.desc())
                 )
             )
-        by_finding: dict[int, list[Review]] = {}
+        by_finding: dict[int | None, list[Review]] = {}
         for r in reviews:
             by_finding.setdefault(r.finding_id, []).append(r)
         return {
@@ -640,6 +655,7 @@ class Store:
                 }
                 for f in findings
             ],
+            "unlisted": [review_dict(r) for r in by_finding.get(None, [])],
         }
 
     def list_studies(
@@ -852,6 +868,13 @@ class Store:
     def add_reviews(
         self, study_id: str, reviewer: str, items: list[dict[str, Any]]
     ) -> list[Review]:
+        """Append reviews (never overwrite); audited with the model version that was shown."""
+        with self.session() as s:
+            shown = s.scalar(
+                select(FindingRow.model_version).where(FindingRow.study_id == study_id).limit(1)
+            )
+        shown_model_version = shown
+
         def tx(s: Session) -> list[Review]:
             findings = {
                 f.id: f
@@ -860,6 +883,18 @@ class Store:
             by_label = {f.label: f for f in findings.values()}
             rows = []
             for item in items:
+                if item.get("unlisted"):  # a finding the model does not report
+                    row = Review(
+                        finding_id=None,
+                        study_id=study_id,
+                        reviewer=reviewer,
+                        verdict="agree",
+                        corrected_label=item["corrected_label"],
+                        note=item.get("note") or "",
+                    )
+                    s.add(row)
+                    rows.append(row)
+                    continue
                 f = findings.get(item.get("finding_id")) or by_label.get(item.get("label"))
                 if f is None:
                     raise KeyError(item.get("finding_id") or item.get("label"))
@@ -879,18 +914,139 @@ class Store:
                     s,
                     reviewer,
                     "review.create",
-                    "finding",
-                    str(row.finding_id),
-                    study=study_id,
+                    "study",
+                    study_id,
+                    finding=row.finding_id,
                     verdict=row.verdict,
                     review=row.id,
+                    model_version=shown_model_version,
                 )
             return rows
 
         return self.write(tx)
 
-    def log_access(self, actor: str, action: str, object_type: str, object_id: str) -> None:
-        self.write(lambda s: self.audit(s, actor, action, object_type, object_id))
+    # ----------------------------------------------------------------- reviewer accounts
+
+    def create_reviewer(
+        self, username: str, password: str, *, role: str = "reviewer", scope: list[str] = ()
+    ) -> Reviewer:
+        from argon2 import PasswordHasher
+
+        if role not in ("reviewer", "admin"):
+            raise ValueError("role is reviewer or admin")
+        if role == "reviewer" and not scope:
+            raise ValueError("a reviewer needs the clinics they may see")
+        if len(password) < 10:
+            raise ValueError("the password needs at least 10 characters")
+        digest = PasswordHasher().hash(password)
+
+        def tx(s: Session) -> Reviewer:
+            if s.get(Reviewer, username) is not None:
+                raise ValueError(f"user {username} exists")
+            row = Reviewer(username=username, password_hash=digest, role=role, scope=list(scope))
+            s.add(row)
+            self.audit(s, "cli", "user.create", "user", username, role=role)
+            return row
+
+        return self.write(tx)
+
+    def check_password(self, username: str, password: str) -> Reviewer | None:
+        from argon2 import PasswordHasher
+        from argon2.exceptions import InvalidHashError, VerificationError
+
+        with self.session() as s:
+            row = s.get(Reviewer, username)
+        hasher = PasswordHasher()
+        if row is None or row.disabled_at is not None:
+            hasher.hash(password)  # the same work either way: no user enumeration by timing
+            return None
+        try:
+            hasher.verify(row.password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return row
+
+    def get_reviewer(self, username: str) -> Reviewer | None:
+        with self.session() as s:
+            row = s.get(Reviewer, username)
+        return row if row is not None and row.disabled_at is None else None
+
+    # ----------------------------------------------------------------- feedback
+
+    def _latest_reviews(self, s: Session) -> Any:
+        """Subquery: the latest review of each finding."""
+        return (
+            select(func.max(Review.id).label("id"))
+            .where(Review.finding_id.is_not(None))
+            .group_by(Review.finding_id)
+            .subquery()
+        )
+
+    def agreement(self, clinics: list[str] | None) -> list[dict[str, Any]]:
+        """Per clinic, finding and model version: reviewed AI findings and the share agreed,
+        on each finding's latest review."""
+        with self.session() as s:
+            latest = self._latest_reviews(s)
+            q = (
+                select(
+                    Study.clinic_id,
+                    FindingRow.label,
+                    FindingRow.model_version,
+                    FindingRow.model_sha256,
+                    func.count().label("reviewed"),
+                    func.sum(cast(Review.verdict == "agree", Integer)).label("agreed"),
+                    func.sum(cast(Review.verdict == "disagree", Integer)).label("disagreed"),
+                )
+                .join(latest, latest.c.id == Review.id)
+                .join(FindingRow, FindingRow.id == Review.finding_id)
+                .join(Study, Study.id == FindingRow.study_id)
+                .group_by(
+                    Study.clinic_id,
+                    FindingRow.label,
+                    FindingRow.model_version,
+                    FindingRow.model_sha256,
+                )
+                .order_by(Study.clinic_id, FindingRow.label)
+            )
+            if clinics is not None:
+                q = q.where(Study.clinic_id.in_(clinics))
+            rows = s.execute(q).all()
+        return [
+            {
+                "clinic": r.clinic_id,
+                "finding": r.label,
+                "model_version": r.model_version,
+                "model_sha256": r.model_sha256,
+                "reviewed": int(r.reviewed),
+                "agreed": int(r.agreed or 0),
+                "disagreed": int(r.disagreed or 0),
+                "share_agreed": (int(r.agreed or 0) / int(r.reviewed)) if r.reviewed else None,
+            }
+            for r in rows
+        ]
+
+    def reviewed_studies(
+        self, *, since: datetime | None = None, clinic: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Scored studies with at least one review, as study views (QC failures excluded)."""
+        with self.session() as s:
+            q = (
+                select(Study.id)
+                .where(Study.status == "scored")
+                .where(Study.id.in_(select(Review.study_id)))
+                .order_by(Study.created_at)
+            )
+            if since is not None:
+                q = q.where(Study.created_at >= since)
+            if clinic is not None:
+                q = q.where(Study.clinic_id == clinic)
+            ids = list(s.scalars(q))
+        return [v for v in (self.study_view(i) for i in ids) if v is not None]
+
+    def log_access(
+        self, actor: str, action: str, object_type: str, object_id: str, **detail: Any
+    ) -> None:
+        self.write(lambda s: self.audit(s, actor, action, object_type, object_id, **detail))
 
     def audit_rows(self, object_id: str | None = None) -> list[Audit]:
         q = select(Audit).order_by(Audit.id)

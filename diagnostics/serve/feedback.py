@@ -1,0 +1,110 @@
+"""Reviewed labels back to training: a generic CSV manifest that `diagnostics train cxr`
+reads (`source: manifest`).
+
+Per study: the image blob's path, one column per finding, a pseudonymous patient key and the
+site. Label rules, on each finding's latest review:
+- agree: the AI's call (positive 1, negative 0); disagree: the call flipped; uncertain: empty
+  (NaN, unknown, masked out of the loss);
+- a corrected label L: L = 1 (and the reviewed finding follows its verdict, unless it is L);
+- a "finding not listed" entry L: L = 1.
+Findings nobody reviewed stay empty. Studies refused by QC are never exported.
+
+The patient key is an HMAC-SHA256 of the DICOM PatientID (of the study ID when there is none)
+under a secret kept in the service's data folder: stable across exports, not reversible.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from diagnostics.serve.store import Store
+
+
+def pseudonym_secret(data_dir: Path) -> bytes:
+    """The HMAC secret, created once (0600) under the service's data folder."""
+    path = data_dir / "pseudonym.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def _patient_id(data: bytes) -> str | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:
+        return None
+    value = str(ds.get("PatientID", "") or "").strip()
+    return value or None
+
+
+def patient_key(secret: bytes, view: dict[str, Any], blob: bytes) -> str:
+    ident = (_patient_id(blob) if view["format"] == "dicom" else None) or f"study:{view['id']}"
+    return hmac.new(secret, ident.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
+
+
+def reviewed_labels(view: dict[str, Any]) -> dict[str, float | None]:
+    """finding -> 1.0 / 0.0 / None (unknown), from the latest review of each finding."""
+    labels: dict[str, float | None] = {f["label"]: None for f in view["findings"]}
+    corrected: set[str] = set()
+    for f in view["findings"]:
+        review = f["review"]
+        if review is None:
+            continue
+        call = 1.0 if f["positive"] else 0.0
+        verdict = review["verdict"]
+        labels[f["label"]] = (
+            call if verdict == "agree" else 1.0 - call if verdict == "disagree" else None
+        )
+        if review["corrected_label"]:
+            corrected.add(review["corrected_label"])
+    for r in view.get("unlisted", []):
+        corrected.add(r["corrected_label"])
+    for label in corrected:
+        labels[label] = 1.0
+    return labels
+
+
+def export_manifest(
+    store: Store, out: Path, data_dir: Path, *, since: Any = None, clinic: str | None = None
+) -> int:
+    """Write the manifest; returns the number of studies written."""
+    views = store.reviewed_studies(since=since, clinic=clinic)
+    secret = pseudonym_secret(data_dir)
+    rows = []
+    columns: list[str] = []
+    for view in views:
+        blob_path = store.blobs.path(view["sha256"])
+        labels = reviewed_labels(view)
+        for label in labels:
+            if label not in columns:
+                columns.append(label)
+        rows.append(
+            {
+                "path": str(blob_path.resolve()),
+                "patient_key": patient_key(secret, view, blob_path.read_bytes()),
+                "site": view["clinic"],
+                "study_id": view["id"],
+                **{k: ("" if v is None else int(v)) for k, v in labels.items()},
+            }
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(
+            fh, fieldnames=["path", "patient_key", "site", "study_id", *columns]
+        )
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in writer.fieldnames})
+    return len(rows)

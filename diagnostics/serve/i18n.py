@@ -1,0 +1,226 @@
+"""The one message catalogue for the review page and the reports: English and Vietnamese.
+
+`t(lang, key, **values)` looks a message up; `finding(lang, label)` names a finding. A key missing
+in Vietnamese falls back to English, and a test checks that none is missing.
+"""
+
+from __future__ import annotations
+
+LANGS = ("vi", "en")
+
+FINDINGS: dict[str, dict[str, str]] = {
+    "en": {
+        "Pneumonia": "Pneumonia",
+        "Effusion": "Pleural effusion",
+        "Cardiomegaly": "Cardiomegaly",
+        "Nodule": "Nodule",
+        "Pneumothorax": "Pneumothorax",
+        "Atelectasis": "Atelectasis",
+        "Infiltration": "Infiltration",
+        "Mass": "Mass",
+        "Consolidation": "Consolidation",
+        "Edema": "Pulmonary oedema",
+        "Emphysema": "Emphysema",
+        "Fibrosis": "Fibrosis",
+        "Pleural_Thickening": "Pleural thickening",
+        "Hernia": "Hernia",
+        "No_Finding": "No finding",
+        "Lung_Opacity": "Lung opacity",
+        "Lung_Lesion": "Lung lesion",
+        "Fracture": "Fracture",
+        "Support_Devices": "Support devices",
+        "Enlarged_Cardiomediastinum": "Enlarged cardiomediastinum",
+        "Pleural_Other": "Other pleural abnormality",
+    },
+    "vi": {
+        "Pneumonia": "Viêm phổi",
+        "Effusion": "Tràn dịch màng phổi",
+        "Cardiomegaly": "Tim to",
+        "Nodule": "Nốt phổi",
+        "Pneumothorax": "Tràn khí màng phổi",
+        "Atelectasis": "Xẹp phổi",
+        "Infiltration": "Thâm nhiễm phổi",
+        "Mass": "Khối u phổi",
+        "Consolidation": "Đông đặc phổi",
+        "Edema": "Phù phổi",
+        "Emphysema": "Khí phế thũng",
+        "Fibrosis": "Xơ phổi",
+        "Pleural_Thickening": "Dày màng phổi",
+        "Hernia": "Thoát vị",
+        "No_Finding": "Không có bất thường",
+        "Lung_Opacity": "Mờ phổi",
+        "Lung_Lesion": "Tổn thương phổi",
+        "Fracture": "Gãy xương",
+        "Support_Devices": "Thiết bị hỗ trợ",
+        "Enlarged_Cardiomediastinum": "Trung thất giãn rộng",
+        "Pleural_Other": "Bất thường màng phổi khác",
+    },
+}
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "en": {
+        "app_title": "Chest X-ray review",
+        "login": "Sign in",
+        "logout": "Sign out",
+        "username": "User name",
+        "password": "Password",
+        "login_failed": "Wrong user name or password.",
+        "worklist": "Worklist",
+        "agreement": "Agreement",
+        "study": "Study",
+        "clinic": "Clinic",
+        "status": "Status",
+        "received": "Received",
+        "finding": "Finding",
+        "all": "All",
+        "filter": "Filter",
+        "triage": "Triage",
+        "positive_flag": "AI positive",
+        "no_studies": "No studies match.",
+        "page": "Page {page} of {pages}",
+        "previous": "Previous",
+        "next": "Next",
+        "open": "Open",
+        "probability": "AI probability",
+        "threshold": "Threshold",
+        "result": "AI result",
+        "positive": "positive",
+        "negative": "negative",
+        "threshold_help": (
+            "The AI calls a finding positive when its probability is at or above the threshold. "
+            "The threshold was chosen on validation images ({policy}); at it, the model found "
+            "{sensitivity} of true cases and correctly cleared {specificity} of normal images. "
+            "It is a suggestion: your reading decides."
+        ),
+        "heatmap": "Heatmap",
+        "opacity": "Opacity",
+        "qc": "Quality checks",
+        "qc_passed": "passed",
+        "qc_failed": "failed",
+        "model": "Model",
+        "version": "version",
+        "review": "Your review",
+        "agree": "Agree",
+        "disagree": "Disagree",
+        "uncertain": "Uncertain",
+        "no_review": "(no review)",
+        "corrected_label": "Corrected finding (optional)",
+        "note": "Note",
+        "not_listed": "Finding not listed",
+        "submit": "Submit review",
+        "saved": "Review saved.",
+        "latest_review": "Latest review",
+        "history": "Earlier reviews",
+        "impression": "Your impression before seeing the AI",
+        "impression_help": (
+            "This site asks for your own reading first. The AI result is shown after."
+        ),
+        "impression_submit": "Record impression and show the AI result",
+        "language": "Tiếng Việt",
+        "studies_status_scored": "scored",
+        "studies_status_failed_qc": "refused by QC",
+        "studies_status_failed": "failed",
+        "studies_status_queued": "queued",
+        "studies_status_running": "running",
+        "report_title": "Chest X-ray AI findings with clinician review",
+        "report_status_final": "final (reviewed)",
+        "report_status_preliminary": "preliminary (not yet reviewed)",
+        "report_line": "{finding}: AI {result} (probability {probability}, threshold {threshold})",
+        "report_review": "clinician: {verdict}",
+        "report_corrected": "corrected to {label}",
+        "agreement_title": "Agreement between clinicians and the AI",
+        "agreed": "Agreed",
+        "reviewed": "Reviewed",
+        "share": "Share agreed",
+        "forbidden": "You may not see this page.",
+        "csrf_failed": "The form expired. Please try again.",
+    },
+    "vi": {
+        "app_title": "Đọc phim X-quang ngực",
+        "login": "Đăng nhập",
+        "logout": "Đăng xuất",
+        "username": "Tên đăng nhập",
+        "password": "Mật khẩu",
+        "login_failed": "Sai tên đăng nhập hoặc mật khẩu.",
+        "worklist": "Danh sách cần đọc",
+        "agreement": "Mức đồng thuận",
+        "study": "Ca chụp",
+        "clinic": "Cơ sở",
+        "status": "Trạng thái",
+        "received": "Thời điểm nhận",
+        "finding": "Dấu hiệu",
+        "all": "Tất cả",
+        "filter": "Lọc",
+        "triage": "Ưu tiên",
+        "positive_flag": "AI dương tính",
+        "no_studies": "Không có ca nào phù hợp.",
+        "page": "Trang {page} / {pages}",
+        "previous": "Trang trước",
+        "next": "Trang sau",
+        "open": "Mở",
+        "probability": "Xác suất (AI)",
+        "threshold": "Ngưỡng",
+        "result": "Kết quả AI",
+        "positive": "dương tính",
+        "negative": "âm tính",
+        "threshold_help": (
+            "AI kết luận dương tính khi xác suất bằng hoặc vượt ngưỡng. Ngưỡng được chọn trên "
+            "ảnh kiểm định ({policy}); tại ngưỡng này mô hình phát hiện {sensitivity} số ca "
+            "bệnh thật và loại trừ đúng {specificity} số ảnh bình thường. Đây chỉ là gợi ý: "
+            "kết luận là của bác sĩ."
+        ),
+        "heatmap": "Bản đồ nhiệt",
+        "opacity": "Độ đậm",
+        "qc": "Kiểm tra chất lượng",
+        "qc_passed": "đạt",
+        "qc_failed": "không đạt",
+        "model": "Mô hình",
+        "version": "phiên bản",
+        "review": "Đánh giá của bác sĩ",
+        "agree": "Đồng ý",
+        "disagree": "Không đồng ý",
+        "uncertain": "Chưa chắc chắn",
+        "no_review": "(chưa đánh giá)",
+        "corrected_label": "Dấu hiệu đúng (nếu có)",
+        "note": "Ghi chú",
+        "not_listed": "Dấu hiệu không có trong danh sách",
+        "submit": "Gửi đánh giá",
+        "saved": "Đã lưu đánh giá.",
+        "latest_review": "Đánh giá mới nhất",
+        "history": "Các đánh giá trước",
+        "impression": "Nhận định của bác sĩ trước khi xem kết quả AI",
+        "impression_help": "Cơ sở này yêu cầu bác sĩ đọc phim trước. Kết quả AI hiện ra sau đó.",
+        "impression_submit": "Lưu nhận định và xem kết quả AI",
+        "language": "English",
+        "studies_status_scored": "đã chấm",
+        "studies_status_failed_qc": "bị từ chối (chất lượng)",
+        "studies_status_failed": "lỗi",
+        "studies_status_queued": "đang chờ",
+        "studies_status_running": "đang xử lý",
+        "report_title": "Kết quả AI X-quang ngực và đánh giá của bác sĩ",
+        "report_status_final": "chính thức (đã đánh giá)",
+        "report_status_preliminary": "sơ bộ (chưa đánh giá)",
+        "report_line": "{finding}: AI {result} (xác suất {probability}, ngưỡng {threshold})",
+        "report_review": "bác sĩ: {verdict}",
+        "report_corrected": "sửa thành {label}",
+        "agreement_title": "Mức đồng thuận giữa bác sĩ và AI",
+        "agreed": "Đồng ý",
+        "reviewed": "Đã đánh giá",
+        "share": "Tỷ lệ đồng ý",
+        "forbidden": "Bạn không có quyền xem trang này.",
+        "csrf_failed": "Biểu mẫu đã hết hạn. Vui lòng thử lại.",
+    },
+}
+
+
+def norm_lang(lang: str | None) -> str:
+    return lang if lang in LANGS else "vi"
+
+
+def t(lang: str, key: str, **values: object) -> str:
+    text = MESSAGES.get(lang, {}).get(key) or MESSAGES["en"][key]
+    return text.format(**values) if values else text
+
+
+def finding(lang: str, label: str) -> str:
+    return FINDINGS.get(lang, {}).get(label) or FINDINGS["en"].get(label) or label.replace("_", " ")

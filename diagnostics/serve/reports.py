@@ -1,0 +1,177 @@
+"""Reports to the HIS: FHIR R4 DiagnosticReport with one Observation per finding, and the same
+report as plain text in Vietnamese or English. Torch-free, plain dicts (tests validate them
+with `fhir.resources`).
+
+Status is `preliminary` until every finding has a clinician review, `final` after. The model's
+identity (name, registry version, sha256) is a contained `Device` that each Observation names.
+No patient identity is added: the HIS links the report through the DICOM SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from diagnostics.serve.i18n import finding as finding_name
+from diagnostics.serve.i18n import t
+
+FINDING_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/cxr-finding"
+REPORT_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/report"
+DECISION_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/review-decision"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+def report_status(view: dict[str, Any]) -> str:
+    findings = view["findings"]
+    reviewed = findings and all(f["review"] is not None for f in findings)
+    return "final" if reviewed else "preliminary"
+
+
+def fhir_report(
+    view: dict[str, Any], lang: str = "en", sop_instance_uid: str | None = None
+) -> dict:
+    """A FHIR R4 DiagnosticReport for a scored study view (`Store.study_view`)."""
+    status = report_status(view)
+    findings = view["findings"]
+    first = findings[0] if findings else {}
+    device = {
+        "resourceType": "Device",
+        "id": "model",
+        "identifier": [
+            {"system": "urn:ietf:rfc:3986", "value": f"sha256:{first.get('model_sha256', '')}"}
+        ],
+        "deviceName": [
+            {"name": view.get("result", {}).get("model_name") or "cxr-model", "type": "model-name"}
+        ],
+        "version": [{"value": str(first.get("model_version") or "unregistered")}],
+    }
+    observations = []
+    for f in findings:
+        review = f["review"]
+        components = [
+            {
+                "code": {"text": "threshold"},
+                "valueQuantity": {
+                    "value": f["threshold"],
+                    "unit": "1",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "1",
+                },
+            }
+        ]
+        if review is not None:
+            components.append(
+                {
+                    "code": {"text": "clinician decision"},
+                    "valueCodeableConcept": {
+                        "coding": [{"system": DECISION_SYSTEM, "code": review["verdict"]}]
+                    },
+                }
+            )
+            if review["corrected_label"]:
+                components.append(
+                    {
+                        "code": {"text": "corrected finding"},
+                        "valueCodeableConcept": {
+                            "coding": [
+                                {
+                                    "system": FINDING_SYSTEM,
+                                    "code": review["corrected_label"],
+                                    "display": finding_name(lang, review["corrected_label"]),
+                                }
+                            ]
+                        },
+                    }
+                )
+        obs: dict[str, Any] = {
+            "resourceType": "Observation",
+            "id": f"finding-{f['id']}",
+            "status": "final" if review is not None else "preliminary",
+            "code": {
+                "coding": [
+                    {
+                        "system": FINDING_SYSTEM,
+                        "code": f["label"],
+                        "display": finding_name(lang, f["label"]),
+                    }
+                ],
+                "text": finding_name(lang, f["label"]),
+            },
+            "valueQuantity": {
+                "value": f["probability"],
+                "unit": "1",
+                "system": "http://unitsofmeasure.org",
+                "code": "1",
+            },
+            "interpretation": [
+                {"coding": [{"system": INTERPRETATION, "code": "POS" if f["positive"] else "NEG"}]}
+            ],
+            "device": {"reference": "#model"},
+            "component": components,
+        }
+        if review is not None and review["note"]:
+            obs["note"] = [{"text": review["note"]}]
+        observations.append(obs)
+    identifiers = [{"system": "urn:diagnostics:study", "value": view["id"]}]
+    if sop_instance_uid:
+        identifiers.append({"system": "urn:dicom:uid", "value": f"urn:oid:{sop_instance_uid}"})
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": view["id"],
+        "language": lang,
+        "identifier": identifiers,
+        "status": status,
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "RAD",
+                        "display": "Radiology",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [
+                {
+                    "system": REPORT_SYSTEM,
+                    "code": "cxr-ai-review",
+                    "display": t(lang, "report_title"),
+                }
+            ],
+            "text": t(lang, "report_title"),
+        },
+        "effectiveDateTime": view["created_at"],
+        "issued": datetime.now(UTC).isoformat(timespec="seconds"),
+        "contained": [device, *observations],
+        "result": [{"reference": f"#{o['id']}"} for o in observations],
+        "conclusion": text_report(view, lang, header=False),
+    }
+
+
+def text_report(view: dict[str, Any], lang: str = "en", *, header: bool = True) -> str:
+    """The report in plain words, one line per finding."""
+    lines = []
+    if header:
+        lines.append(t(lang, "report_title"))
+        lines.append(f"{t(lang, 'study')}: {view['id']}  {t(lang, 'clinic')}: {view['clinic']}")
+        lines.append(f"{t(lang, 'status')}: {t(lang, 'report_status_' + report_status(view))}")
+    for f in view["findings"]:
+        line = t(
+            lang,
+            "report_line",
+            finding=finding_name(lang, f["label"]),
+            result=t(lang, "positive" if f["positive"] else "negative"),
+            probability=f"{f['probability']:.2f}",
+            threshold=f"{f['threshold']:.2f}",
+        )
+        review = f["review"]
+        if review is not None:
+            line += "; " + t(lang, "report_review", verdict=t(lang, review["verdict"]).lower())
+            if review["corrected_label"]:
+                line += ", " + t(
+                    lang, "report_corrected", label=finding_name(lang, review["corrected_label"])
+                )
+        lines.append(line)
+    return "\n".join(lines)
