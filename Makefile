@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format venv clean
+.PHONY: demo test test-all lint format venv clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/diagnostics demo
 
+# Browser tests drive Debian's Chromium (no browser download). Installed here when missing and
+# possible (root with apt); otherwise the browser tests skip and say why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+	  echo "note: chromium could not be installed; browser tests will skip"
+
 # Default run: everything except `gpu` tests (see pytest addopts in pyproject.toml).
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

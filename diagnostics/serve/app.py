@@ -19,19 +19,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from diagnostics.serve import qc
 from diagnostics.serve.config import ServeConfig
+from diagnostics.serve.review import ReviewBody, ReviewError, record_reviews
 from diagnostics.serve.runner import OnnxModel, Scorer, ScoreResult
 from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
 from diagnostics.serve.upload import BODY_OVERHEAD, UploadError, receive_file
@@ -127,29 +127,6 @@ class RateLimiter:
                 return max(0.0, 60.0 - (t - q[0]))
             q.append(t)
             return None
-
-
-# --------------------------------------------------------------------------- bodies
-
-
-class ReviewItem(BaseModel):
-    """One finding's review; or, with `unlisted: true`, a finding the model does not list,
-    named in `corrected_label`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    finding_id: int | None = None
-    label: str | None = None
-    unlisted: bool = False
-    verdict: Literal["agree", "disagree", "uncertain"] = "agree"
-    corrected_label: str | None = Field(None, max_length=64)
-    note: str = Field("", max_length=4000)
-
-
-class ReviewBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    reviews: list[ReviewItem] = Field(min_length=1, max_length=100)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -264,6 +241,9 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         redoc_url=None,
     )
     app.state.store, app.state.model, app.state.worker = store, model, worker
+    from diagnostics.serve import web
+
+    web.install(app, cfg, store, model, data_dir)  # the review page under /review
 
     # ----------------------------------------------------------------- errors
 
@@ -536,24 +516,11 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
     def review(study_id: str, body: ReviewBody, p: Principal = Depends(principal)) -> Response:
         need(p, "reviewer", "admin")
         study = visible_study(p, study_id)
-        if study.status != "scored":
-            raise Problem(409, "not_scored", f"The study is {study.status}; nothing to review.")
-        for item in body.reviews:
-            if item.unlisted and not item.corrected_label:
-                raise Problem(422, "invalid_request", "An unlisted finding needs corrected_label.")
-            if not item.unlisted and item.finding_id is None and not item.label:
-                raise Problem(422, "invalid_request", "Each review names a finding_id or label.")
-            if item.corrected_label and item.corrected_label not in review_labels:
-                raise Problem(
-                    422,
-                    "unknown_label",
-                    f"corrected_label must be one of {', '.join(sorted(review_labels))}.",
-                )
         try:
-            rows = store.add_reviews(study_id, p.key_id, [i.model_dump() for i in body.reviews])
-        except KeyError as exc:
-            raise Problem(404, "finding_not_found", f"No finding {exc} in this study.") from None
-        return _json({"reviews": [r.id for r in rows], "study": study_id}, status=201)
+            ids = record_reviews(store, study, p.key_id, body.reviews, review_labels)
+        except ReviewError as exc:
+            raise Problem(exc.status, exc.code, exc.detail) from None
+        return _json({"reviews": ids, "study": study_id}, status=201)
 
     @app.get("/v1/studies/{study_id}/report")
     def report(

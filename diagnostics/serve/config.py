@@ -38,6 +38,16 @@ class WorkerSection(_Strict):
     retry_delay_s: float = Field(5.0, ge=0)
 
 
+class ReviewSection(_Strict):
+    # Secure cookies are only sent over HTTPS (browsers also allow them on localhost). Turn off
+    # only for plain HTTP on a test machine.
+    secure_cookies: bool = True
+    session_hours: float = Field(8.0, gt=0)
+    default_language: Literal["vi", "en"] = "vi"
+    # Sites whose reviewers record their own impression before the AI result is shown.
+    independent_impression_clinics: list[str] = Field(default_factory=list)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -49,6 +59,7 @@ class ServeConfig(_Strict):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     qc: QCConfig = Field(default_factory=QCConfig)
+    review: ReviewSection = Field(default_factory=ReviewSection)
 
     def resolved_data_dir(self, home: Path) -> Path:
         return Path(self.data_dir) if self.data_dir else home / "serve"

@@ -31,6 +31,12 @@ FINDINGS: dict[str, dict[str, str]] = {
         "Support_Devices": "Support devices",
         "Enlarged_Cardiomediastinum": "Enlarged cardiomediastinum",
         "Pleural_Other": "Other pleural abnormality",
+        "Aortic_Enlargement": "Aortic enlargement",
+        "Calcification": "Calcification",
+        "ILD": "Interstitial lung disease",
+        "Other_Lesion": "Other lesion",
+        "Tuberculosis": "Tuberculosis",
+        "COPD": "COPD",
     },
     "vi": {
         "Pneumonia": "Viêm phổi",
@@ -54,6 +60,12 @@ FINDINGS: dict[str, dict[str, str]] = {
         "Support_Devices": "Thiết bị hỗ trợ",
         "Enlarged_Cardiomediastinum": "Trung thất giãn rộng",
         "Pleural_Other": "Bất thường màng phổi khác",
+        "Aortic_Enlargement": "Giãn động mạch chủ",
+        "Calcification": "Vôi hóa",
+        "ILD": "Bệnh phổi kẽ",
+        "Other_Lesion": "Tổn thương khác",
+        "Tuberculosis": "Lao phổi",
+        "COPD": "Bệnh phổi tắc nghẽn mạn tính (COPD)",
     },
 }
 

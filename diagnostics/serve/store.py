@@ -925,6 +925,81 @@ class Store:
 
         return self.write(tx)
 
+    def browse(
+        self,
+        clinics: list[str] | None,
+        *,
+        clinic: str | None = None,
+        status: str | None = None,
+        finding: str | None = None,
+        sort: str = "triage",
+        page: int = 1,
+        per_page: int = 20,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The review page's worklist: filtered, sorted ("triage" = AI-positive first, then by
+        probability, then oldest; "newest"; "oldest"), one page. Returns (items, total)."""
+        agg = (
+            select(
+                FindingRow.study_id.label("sid"),
+                func.max(cast(FindingRow.positive, Integer)).label("any_pos"),
+                func.max(FindingRow.probability).label("top"),
+            )
+            .group_by(FindingRow.study_id)
+            .subquery()
+        )
+        q = select(Study, agg.c.any_pos, agg.c.top).outerjoin(agg, agg.c.sid == Study.id)
+        if clinics is not None:
+            q = q.where(Study.clinic_id.in_(clinics))
+        if clinic:
+            q = q.where(Study.clinic_id == clinic)
+        if status:
+            q = q.where(Study.status == status)
+        if finding:
+            q = q.where(
+                Study.id.in_(
+                    select(FindingRow.study_id).where(
+                        FindingRow.label == finding, FindingRow.positive.is_(True)
+                    )
+                )
+            )
+        order = {
+            "newest": [Study.created_at.desc()],
+            "oldest": [Study.created_at],
+        }.get(
+            sort,
+            [
+                func.coalesce(agg.c.any_pos, 0).desc(),
+                func.coalesce(agg.c.top, 0).desc(),
+                Study.created_at,
+            ],
+        )
+        with self.session() as s:
+            total = int(s.scalar(select(func.count()).select_from(q.subquery())) or 0)
+            rows = s.execute(q.order_by(*order).offset((page - 1) * per_page).limit(per_page)).all()
+            ids = [st.id for st, _, _ in rows]
+            positives: dict[str, list[str]] = {}
+            reviewed = set(s.scalars(select(Review.study_id).where(Review.study_id.in_(ids))))
+            for sid, label in s.execute(
+                select(FindingRow.study_id, FindingRow.label).where(
+                    FindingRow.study_id.in_(ids), FindingRow.positive.is_(True)
+                )
+            ):
+                positives.setdefault(sid, []).append(label)
+        items = [
+            {
+                **study_summary(st),
+                "positives": sorted(positives.get(st.id, [])),
+                "top_probability": float(top) if top is not None else None,
+                "reviewed": st.id in reviewed,
+            }
+            for st, _, top in rows
+        ]
+        return items, total
+
+    def clinics(self) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(Clinic.id).order_by(Clinic.id)))
+
     # ----------------------------------------------------------------- reviewer accounts
 
     def create_reviewer(

@@ -1,0 +1,59 @@
+"""Recording clinician reviews: the one code path the API and the review page share."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diagnostics.serve.store import Store
+
+
+class ReviewItem(BaseModel):
+    """One finding's review; or, with `unlisted: true`, a finding the model does not list,
+    named in `corrected_label`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    finding_id: int | None = None
+    label: str | None = None
+    unlisted: bool = False
+    verdict: Literal["agree", "disagree", "uncertain"] = "agree"
+    corrected_label: str | None = Field(None, max_length=64)
+    note: str = Field("", max_length=4000)
+
+
+class ReviewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reviews: list[ReviewItem] = Field(min_length=1, max_length=100)
+
+
+class ReviewError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def record_reviews(
+    store: Store, study: Any, actor: str, items: list[ReviewItem], allowed_labels: set[str]
+) -> list[int]:
+    """Validate and append reviews of a scored study; returns the new review IDs."""
+    if study.status != "scored":
+        raise ReviewError(409, "not_scored", f"The study is {study.status}; nothing to review.")
+    for item in items:
+        if item.unlisted and not item.corrected_label:
+            raise ReviewError(422, "invalid_request", "An unlisted finding needs corrected_label.")
+        if not item.unlisted and item.finding_id is None and not item.label:
+            raise ReviewError(422, "invalid_request", "Each review names a finding_id or label.")
+        if item.corrected_label and item.corrected_label not in allowed_labels:
+            raise ReviewError(
+                422,
+                "unknown_label",
+                f"corrected_label must be one of {', '.join(sorted(allowed_labels))}.",
+            )
+    try:
+        rows = store.add_reviews(study.id, actor, [i.model_dump() for i in items])
+    except KeyError as exc:
+        raise ReviewError(404, "finding_not_found", f"No finding {exc} in this study.") from None
+    return [r.id for r in rows]
