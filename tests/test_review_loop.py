@@ -77,6 +77,11 @@ def test_export_closes_the_loop_into_training(svc, tmp_path, home):
         if k == 0:
             items.append({"unlisted": True, "corrected_label": "Atelectasis"})
         assert _review(svc, sid, items).status_code == 201
+    # an unreviewed study stays on the worklist, even with "not listed" reviews elsewhere
+    waiting = svc.upload(dicom_bytes(synth_pixels(1, seed=1250)[0])).json()["id"]
+    svc.wait(waiting)
+    listed = {s["id"] for s in svc.get("/v1/worklist", key=svc.reviewer).json()["studies"]}
+    assert waiting in listed and sids[0] not in listed
     refused = svc.upload(
         png_bytes(synth_pixels(1, seed=1200)[0] * 0 + 0.5),
         filename="f.png",

@@ -57,6 +57,7 @@ STATUSES = ("received", "queued", "running", "scored", "failed_qc", "failed")
 FINAL = ("scored", "failed_qc", "failed")
 ROLES = ("submitter", "reviewer", "admin")
 CLINIC_CODE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,25}")  # "user:<name>" fits the 32-char actor
 
 
 def now() -> datetime:
@@ -831,7 +832,8 @@ class Store:
         """Scored studies with a finding not yet reviewed, and failed ones: positives first,
         then by highest probability, then oldest first."""
         with self.session() as s:
-            reviewed = select(Review.finding_id)
+            # NOT IN over a NULL would match nothing: unlisted-finding reviews have no finding_id
+            reviewed = select(Review.finding_id).where(Review.finding_id.is_not(None))
             pending = (
                 select(
                     FindingRow.study_id,
@@ -1009,6 +1011,8 @@ class Store:
 
         if role not in ("reviewer", "admin"):
             raise ValueError("role is reviewer or admin")
+        if not USERNAME.fullmatch(username):
+            raise ValueError("user names are 2-26 lower-case letters, digits, '.', '_' or '-'")
         if role == "reviewer" and not scope:
             raise ValueError("a reviewer needs the clinics they may see")
         if len(password) < 10:
