@@ -371,26 +371,45 @@ def _ms(t0: float, t1: float | None = None) -> float:
     return round(((t1 if t1 is not None else time.perf_counter()) - t0) * 1000.0, 3)
 
 
-def write_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
-    """The model's view of the image (S, S) in grey with the CAM's positive part (h, w) in red.
+def layer_path(overlay: Path) -> Path:
+    """Where the transparent heat layer of an overlay PNG lives (for the review page)."""
+    return overlay.with_name(overlay.stem + ".layer.png")
 
-    The CAM is in logit units; its positive part is scaled to its own maximum, so the overlay
-    shows where the evidence lies, not how strong it is (the probability says that).
+
+def write_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
+    """The model's view of the image (S, S) in grey with the CAM's positive part (h, w) in red;
+    and beside it the heat alone as a transparent layer, which the review page lays over the
+    image with an opacity the reviewer controls.
+
+    The CAM is in logit units. It is scaled from its own minimum to its own maximum, so the
+    overlay shows where in this image the evidence is strongest, not how strong it is (the
+    probability says that; a positive call may have a CAM below 0 everywhere when its
+    threshold is under 0.5).
     """
     from PIL import Image
 
     size = pixels.shape[::-1]
-    heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
-    peak = float(heat.max())
-    heat = heat / peak if peak > 0 else heat
+    heat = np.asarray(cam, dtype=np.float32)
+    span = float(heat.max() - heat.min())
+    heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
     heat_img = Image.fromarray(heat, mode="F").resize(size, Image.Resampling.BILINEAR)
-    alpha = np.clip(np.asarray(heat_img), 0, 1)[..., None] * 0.5  # (S, S, 1)
+    level = np.clip(np.asarray(heat_img), 0, 1)  # (S, S)
+    alpha = level[..., None] * 0.5  # (S, S, 1)
     grey = np.clip(pixels, 0, 1)[..., None].repeat(3, axis=-1)
     red = np.zeros_like(grey)
     red[..., 0] = 1.0
     rgb = (grey * (1 - alpha) + red * alpha) * 255.0
+    # the layer: red to yellow as the evidence rises, transparent where there is none
+    layer = np.zeros((*level.shape, 4), dtype=np.float32)
+    layer[..., 0] = 1.0
+    layer[..., 1] = np.clip(level * 1.5 - 0.5, 0, 1)
+    layer[..., 3] = level**2  # faint where the evidence is middling, solid at its peak
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # no clash between workers
-    Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(tmp, format="PNG")
-    tmp.replace(path)
+    for image, target in (
+        (Image.fromarray(rgb.round().astype(np.uint8), mode="RGB"), path),
+        (Image.fromarray((layer * 255).round().astype(np.uint8), mode="RGBA"), layer_path(path)),
+    ):
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")  # no clash
+        image.save(tmp, format="PNG")
+        tmp.replace(target)
     return path

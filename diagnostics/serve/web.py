@@ -285,10 +285,14 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
 
     @router.get("/studies/{study_id}/heatmaps/{label}.png")
     def heatmap(request: Request, study_id: str, label: str) -> Response:
+        from diagnostics.serve.runner import layer_path
+
         load_study(request, study_id)
         for f in store.study_view(study_id)["findings"]:
             if f["label"] == label and f["heatmap"]:
                 path = data_dir / "heatmaps" / f["heatmap"]
+                if layer_path(path).is_file():  # the transparent layer, for the opacity control
+                    path = layer_path(path)
                 if path.is_file():
                     return Response(
                         path.read_bytes(),
