@@ -670,7 +670,8 @@ def report(
     if study.status != "scored":
         raise _fail(f"study {study_id} is {study.status}: there is no report")
     view = store.study_view(study_id)
-    store.log_access("cli", "report.read", "study", study_id, format=format)
+    shown = view["findings"][0]["model_version"] if view["findings"] else None
+    store.log_access("cli", "report.read", "study", study_id, format=format, model_version=shown)
     if format == "fhir":
         text = json.dumps(
             fhir_report(view, lang, study.sop_instance_uid), indent=2, ensure_ascii=False
@@ -705,7 +706,7 @@ def reviews_export(
         when = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
     store, data_dir = _open_store(_serve_config(config, None))
     n = export_manifest(store, out, data_dir, since=when, clinic=clinic)
-    store.log_access("cli", "reviews.export", "export", str(out.name), studies=n)
+    store.log_access("cli", "reviews.export", "export", out.name[:64], studies=n)
     typer.echo(f"{n} reviewed studies -> {out}")
 
 

@@ -48,6 +48,15 @@ def test_fhir_report_preliminary_then_final(svc):
     assert final["code"]["text"].startswith("Kết quả AI")
     text = svc.get(f"/v1/studies/{sid}/report?format=text&lang=vi").text
     assert "bác sĩ: đồng ý" in text
+    # a finding the clinician adds appears in the report; a listed one cannot be "added"
+    assert _review(svc, sid, [{"unlisted": True, "corrected_label": "Mass"}]).status_code == 201
+    listed = doc["findings"][0]["label"]
+    r = _review(svc, sid, [{"unlisted": True, "corrected_label": listed}])
+    assert r.status_code == 422 and r.json()["code"] == "finding_listed"
+    final = svc.get(f"/v1/studies/{sid}/report").json()
+    DiagnosticReport.model_validate(final)
+    added = [c for c in final["contained"] if c["id"].startswith("added-")]
+    assert [a["code"]["coding"][0]["code"] for a in added] == ["Mass"]
     # another clinic's reviewer or key cannot read it
     assert svc.get(f"/v1/studies/{sid}/report", key=svc.other_clinic).status_code == 404
 

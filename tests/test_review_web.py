@@ -45,6 +45,8 @@ def test_sign_in_and_csrf(svc):
     assert c.get("/review/").status_code == 200
     r = c.post("/review/login", data={"csrf": "forged", "username": "bs.a", "password": "x"})
     assert r.status_code == 400
+    r = c.post("/review/login", data={"csrf": "giả mạo", "username": "bs.a", "password": "x"})
+    assert r.status_code == 400  # non-ASCII tokens are compared as bytes, not a 500
     actions = [a.action for a in svc.store.audit_rows("bs.a")]
     assert "user.login" in actions and "user.login_failed" in actions
 
@@ -80,6 +82,13 @@ def test_independent_impression_comes_first_where_the_site_asks(svc):
     assert 'id="impression-submit"' in html and 'id="review-form"' not in html  # AI hidden
     r = b.post(f"/review/studies/{sid}/review", data={"csrf": _csrf(html)})
     assert r.status_code == 400  # no review before the impression
+    doc = svc.store.study_view(sid)
+    for f in doc["findings"]:  # nor any AI output: heatmaps, worklist flags
+        assert b.get(f"/review/studies/{sid}/heatmaps/{f['label']}.png").status_code == 404
+    assert (
+        "AI positive" not in b.get("/review/").text
+        and "AI dương tính" not in b.get("/review/").text
+    )
     b.post(
         f"/review/studies/{sid}/impression",
         data={"csrf": _csrf(html), "impression": "tràn dịch nhẹ bên phải"},

@@ -535,7 +535,10 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         if study.status != "scored":
             raise Problem(409, "not_scored", f"The study is {study.status}; there is no report.")
         view = store.study_view(study_id)
-        store.log_access(p.key_id, "report.read", "study", study_id, format=format)
+        shown = view["findings"][0]["model_version"] if view["findings"] else None
+        store.log_access(
+            p.key_id, "report.read", "study", study_id, format=format, model_version=shown
+        )
         if format == "text":
             return Response(text_report(view, lang), media_type="text/plain; charset=utf-8")
         doc = fhir_report(view, lang, study.sop_instance_uid)

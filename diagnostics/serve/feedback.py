@@ -5,11 +5,12 @@ Per study: the image blob's path, one column per finding, a pseudonymous patient
 site. Label rules, on each finding's latest review:
 - agree: the AI's call (positive 1, negative 0); disagree: the call flipped; uncertain: empty
   (NaN, unknown, masked out of the loss);
-- a corrected label L: L = 1 (and the reviewed finding follows its verdict, unless it is L);
+- a corrected label L on an agree/disagree review: L = 1 (the reviewed finding follows its
+  verdict, unless it is L); a correction on an uncertain review is not used;
 - a "finding not listed" entry L: L = 1.
 Findings nobody reviewed stay empty. Studies refused by QC are never exported.
 
-The patient key is an HMAC-SHA256 of the DICOM PatientID (of the study ID when there is none)
+The patient key is an HMAC-SHA256 of site + DICOM PatientID (of the study ID when there is none)
 under a secret kept in the service's data folder: stable across exports, not reversible.
 """
 
@@ -50,7 +51,9 @@ def _patient_id(data: bytes) -> str | None:
 
 
 def patient_key(secret: bytes, view: dict[str, Any], blob: bytes) -> str:
-    ident = (_patient_id(blob) if view["format"] == "dicom" else None) or f"study:{view['id']}"
+    pid = _patient_id(blob) if view["format"] == "dicom" else None
+    # one site's patient 123 is not another's: the site is part of the identity
+    ident = f"{view['clinic']}:{pid}" if pid else f"study:{view['id']}"
     return hmac.new(secret, ident.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
 
 
@@ -67,7 +70,7 @@ def reviewed_labels(view: dict[str, Any]) -> dict[str, float | None]:
         labels[f["label"]] = (
             call if verdict == "agree" else 1.0 - call if verdict == "disagree" else None
         )
-        if review["corrected_label"]:
+        if review["corrected_label"] and verdict != "uncertain":
             corrected.add(review["corrected_label"])
     for r in view.get("unlisted", []):
         corrected.add(r["corrected_label"])

@@ -112,6 +112,31 @@ def fhir_report(
         if review is not None and review["note"]:
             obs["note"] = [{"text": review["note"]}]
         observations.append(obs)
+    for r in view.get("unlisted", []):  # findings the clinician added
+        label = r["corrected_label"]
+        obs = {
+            "resourceType": "Observation",
+            "id": f"added-{r['id']}",
+            "status": "final",
+            "code": {
+                "coding": [
+                    {"system": FINDING_SYSTEM, "code": label, "display": finding_name(lang, label)}
+                ],
+                "text": finding_name(lang, label),
+            },
+            "interpretation": [{"coding": [{"system": INTERPRETATION, "code": "POS"}]}],
+            "component": [
+                {
+                    "code": {"text": "clinician decision"},
+                    "valueCodeableConcept": {
+                        "coding": [{"system": DECISION_SYSTEM, "code": "added"}]
+                    },
+                }
+            ],
+        }
+        if r["note"]:
+            obs["note"] = [{"text": r["note"]}]
+        observations.append(obs)
     identifiers = [{"system": "urn:diagnostics:study", "value": view["id"]}]
     if sop_instance_uid:
         identifiers.append({"system": "urn:dicom:uid", "value": f"urn:oid:{sop_instance_uid}"})
@@ -174,4 +199,6 @@ def text_report(view: dict[str, Any], lang: str = "en", *, header: bool = True) 
                     lang, "report_corrected", label=finding_name(lang, review["corrected_label"])
                 )
         lines.append(line)
+    for r in view.get("unlisted", []):
+        lines.append(t(lang, "report_added", finding=finding_name(lang, r["corrected_label"])))
     return "\n".join(lines)

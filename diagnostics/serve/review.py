@@ -52,6 +52,14 @@ def record_reviews(
                 "unknown_label",
                 f"corrected_label must be one of {', '.join(sorted(allowed_labels))}.",
             )
+    listed = {f["label"] for f in (store.study_view(study.id) or {}).get("findings", [])}
+    for item in items:
+        if item.unlisted and item.corrected_label in listed:
+            raise ReviewError(
+                422,
+                "finding_listed",
+                f"{item.corrected_label} is a listed finding: review it there, not as unlisted.",
+            )
     try:
         rows = store.add_reviews(study.id, actor, [i.model_dump() for i in items])
     except KeyError as exc:

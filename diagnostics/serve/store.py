@@ -965,14 +965,15 @@ class Store:
                 )
             )
         order = {
-            "newest": [Study.created_at.desc()],
-            "oldest": [Study.created_at],
+            "newest": [Study.created_at.desc(), Study.id],
+            "oldest": [Study.created_at, Study.id],
         }.get(
             sort,
             [
                 func.coalesce(agg.c.any_pos, 0).desc(),
                 func.coalesce(agg.c.top, 0).desc(),
                 Study.created_at,
+                Study.id,  # a total order: pages never repeat or skip a study
             ],
         )
         with self.session() as s:
@@ -980,7 +981,19 @@ class Store:
             rows = s.execute(q.order_by(*order).offset((page - 1) * per_page).limit(per_page)).all()
             ids = [st.id for st, _, _ in rows]
             positives: dict[str, list[str]] = {}
-            reviewed = set(s.scalars(select(Review.study_id).where(Review.study_id.in_(ids))))
+            # reviewed = every listed finding has a review
+            pending_ids = set(
+                s.scalars(
+                    select(FindingRow.study_id).where(
+                        FindingRow.study_id.in_(ids),
+                        FindingRow.id.not_in(
+                            select(Review.finding_id).where(Review.finding_id.is_not(None))
+                        ),
+                    )
+                )
+            )
+            scored = set(s.scalars(select(FindingRow.study_id).where(FindingRow.study_id.in_(ids))))
+            reviewed = scored - pending_ids
             for sid, label in s.execute(
                 select(FindingRow.study_id, FindingRow.label).where(
                     FindingRow.study_id.in_(ids), FindingRow.positive.is_(True)
@@ -1099,7 +1112,13 @@ class Store:
                 "reviewed": int(r.reviewed),
                 "agreed": int(r.agreed or 0),
                 "disagreed": int(r.disagreed or 0),
-                "share_agreed": (int(r.agreed or 0) / int(r.reviewed)) if r.reviewed else None,
+                "uncertain": int(r.reviewed) - int(r.agreed or 0) - int(r.disagreed or 0),
+                # of the decided reviews: uncertain ones are neither agreement nor disagreement
+                "share_agreed": (
+                    int(r.agreed or 0) / (int(r.agreed or 0) + int(r.disagreed or 0))
+                    if (r.agreed or r.disagreed)
+                    else None
+                ),
             }
             for r in rows
         ]

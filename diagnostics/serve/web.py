@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
 
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.i18n import FINDINGS, norm_lang, t
 from diagnostics.serve.i18n import finding as finding_name
 from diagnostics.serve.review import ReviewError, ReviewItem, record_reviews
 from diagnostics.serve.runner import OnnxModel
-from diagnostics.serve.store import STATUSES, Store
+from diagnostics.serve.store import STATUSES, USERNAME, Store
 
 PER_PAGE = 20
 
@@ -37,11 +39,16 @@ class WebDenied(Exception):
 
 
 def session_secret(data_dir: Path) -> str:
+    """The cookie-signing secret: created once, atomically, readable by this user only."""
     path = data_dir / "session.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # another process made it: use theirs
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
     return path.read_text().strip()
 
 
@@ -67,7 +74,8 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
     async def form_checked(request: Request) -> Any:
         form = await request.form()
         sent = str(form.get("csrf", ""))
-        if not sent or not hmac.compare_digest(sent, request.session.get("csrf", "")):
+        expected = str(request.session.get("csrf", ""))
+        if not sent or not hmac.compare_digest(sent.encode(), expected.encode()):
             raise WebDenied(400, lang_of(request))
         return form
 
@@ -104,9 +112,9 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
     async def login(request: Request) -> Response:
         form = await form_checked(request)
         name, password = str(form.get("username", "")), str(form.get("password", ""))
-        row = store.check_password(name, password)
+        row = store.check_password(name, password) if USERNAME.fullmatch(name) else None
         if row is None:
-            store.log_access("web", "user.login_failed", "user", name[:64])
+            store.log_access("web", "user.login_failed", "user", name[:64].replace("\x00", ""))
             return render(
                 request, "login.html", status=401, error=t(lang_of(request), "login_failed")
             )
@@ -142,7 +150,7 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
         page: int = 1,
     ) -> HTMLResponse:
         row = user(request)
-        page = max(1, page)
+        page = min(max(1, page), 100_000)
         items, total = store.browse(
             visible(row),
             clinic=clinic or None,
@@ -169,6 +177,8 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
             filters=query,
             page_url=lambda n: "/review/?" + urlencode({**query, "page": n}),
             admin=row.role == "admin",
+            # sites that read before the AI: no AI flags on their worklist rows
+            blind=set(cfg.review.independent_impression_clinics),
         )
 
     # ----------------------------------------------------------------- study
@@ -235,6 +245,19 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
         if impression_pending(row, study):
             raise WebDenied(400, lang_of(request))
         view = store.study_view(study_id)
+        try:
+            items = _form_reviews(form, view)
+        except ValidationError:
+            raise WebDenied(400, lang_of(request)) from None
+        if not items:
+            return RedirectResponse(f"/review/studies/{quote(study_id)}", status_code=303)
+        try:
+            record_reviews(store, study, f"user:{row.username}", items, allowed_labels)
+        except ReviewError:
+            raise WebDenied(400, lang_of(request)) from None
+        return RedirectResponse(f"/review/studies/{quote(study_id)}?saved=1", status_code=303)
+
+    def _form_reviews(form: Any, view: dict[str, Any]) -> list[ReviewItem]:
         items = []
         for f in view["findings"]:
             verdict = str(form.get(f"verdict_{f['id']}", ""))
@@ -257,24 +280,21 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
                     note=str(form.get("unlisted_note", ""))[:4000],
                 )
             )
-        if not items:
-            return RedirectResponse(f"/review/studies/{quote(study_id)}", status_code=303)
-        try:
-            record_reviews(store, study, f"user:{row.username}", items, allowed_labels)
-        except ReviewError:
-            raise WebDenied(400, lang_of(request)) from None
-        return RedirectResponse(f"/review/studies/{quote(study_id)}?saved=1", status_code=303)
+        return items
 
     @router.get("/studies/{study_id}/image.png")
     def image(request: Request, study_id: str) -> Response:
         """The image as the model saw it (square, model size): heatmaps align with it."""
         from PIL import Image
 
-        from diagnostics.imaging import decode, resize_square
+        from diagnostics.imaging import ImageError, decode, resize_square
 
         _, study = load_study(request, study_id)
         spec = model.metadata.preprocessing
-        pixels = resize_square(decode(store.blobs.read(study.content_sha256)).pixels, spec)
+        try:
+            pixels = resize_square(decode(store.blobs.read(study.content_sha256)).pixels, spec)
+        except (ImageError, ValueError, OSError):  # e.g. a study that failed to decode
+            raise WebDenied(404, lang_of(request)) from None
         buf = io.BytesIO()
         Image.fromarray((pixels * 255).round().astype("uint8")).save(buf, "PNG")
         return Response(
@@ -287,7 +307,9 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
     def heatmap(request: Request, study_id: str, label: str) -> Response:
         from diagnostics.serve.runner import layer_path
 
-        load_study(request, study_id)
+        row, study = load_study(request, study_id)
+        if impression_pending(row, study):  # no AI output before the reviewer's own reading
+            raise WebDenied(404, lang_of(request))
         for f in store.study_view(study_id)["findings"]:
             if f["label"] == label and f["heatmap"]:
                 path = data_dir / "heatmaps" / f["heatmap"]
