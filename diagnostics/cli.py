@@ -26,6 +26,11 @@ users_app = typer.Typer(help="Reviewer accounts for the review page.", no_args_i
 app.add_typer(users_app, name="users")
 reviews_app = typer.Typer(help="Clinician reviews: export for training.", no_args_is_help=True)
 app.add_typer(reviews_app, name="reviews")
+models_app = typer.Typer(
+    help="Registered models: list, compare, promote behind a gate, roll back, recalibrate.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
 
 log = logging.getLogger("diagnostics")
 
@@ -708,6 +713,118 @@ def reviews_export(
     n = export_manifest(store, out, data_dir, since=when, clinic=clinic)
     store.log_access("cli", "reviews.export", "export", out.name[:64], studies=n)
     typer.echo(f"{n} reviewed studies -> {out}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered versions with aliases, sha256, training run, dataset digest, val AUROC."""
+    from diagnostics.train.governance import list_models
+
+    rows = list_models()
+    if not rows:
+        typer.echo("no registered models (train one: `make demo`)")
+        return
+    typer.echo(
+        f"{'model':<18}{'ver':>4}  {'aliases':<14}{'sha256':<14}{'run':<10}"
+        f"{'dataset':<14}{'val AUROC':>9}"
+    )
+    for r in rows:
+        auc = f"{r['val_mean_auroc']:.4f}" if r["val_mean_auroc"] is not None else "—"
+        typer.echo(
+            f"{r['name']:<18}{r['version']:>4}  {','.join(r['aliases']) or '-':<14}"
+            f"{(r['sha256'] or '-')[:12]:<14}{(r['run_id'] or '-')[:8]:<10}"
+            f"{(r['dataset_digest'] or '-')[:12]:<14}{auc:>9}"
+        )
+
+
+@models_app.command("compare")
+def models_compare(
+    candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION, @ALIAS or a .onnx")],
+    baseline: Annotated[str, typer.Argument(help="the model to compare against")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="evaluation dataset config")],
+    split: Annotated[str, typer.Option(help="split to score, or 'all'")] = "val",
+    subgroup: Annotated[
+        list[str] | None, typer.Option(help="a subgroup column (repeatable): sex, view, site")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(min=0)] = 1000,
+    out: Annotated[Path, typer.Option(help="folder for compare.md and compare.json")] = Path(
+        "compare"
+    ),
+    set_: SetOption = None,
+) -> None:
+    """Both models on the same images: AUROC difference (paired bootstrap, DeLong),
+    calibration, operating points, disagreements, subgroups; logged to MLflow."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.governance import compare
+
+    try:
+        report = compare(
+            candidate,
+            baseline,
+            load_data_config(config, set_),
+            split=split,
+            subgroups=subgroup or [],
+            n_boot=bootstrap,
+            out_dir=out,
+        )
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo((out / "compare.md").read_text())
+    typer.echo(f"wrote {out}/compare.md and compare.json; MLflow run {report['evidence_run']}")
+
+
+@models_app.command("promote")
+def models_promote(
+    candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION")],
+    gate: Annotated[Path, typer.Option(help="gate YAML (configs/gates/)")],
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "champion",
+    out: Annotated[Path, typer.Option(help="folder for the evidence report")] = Path("promotion"),
+    dry_run: Annotated[bool, typer.Option(help="check the gate, move nothing")] = False,
+) -> None:
+    """Move an alias to a candidate only if every rule of the gate passes."""
+    from pydantic import ValidationError
+
+    from diagnostics.configio import validation_lines
+    from diagnostics.train.governance import load_gate, promote
+
+    try:
+        rules = load_gate(gate)
+    except ValidationError as exc:
+        raise _fail(f"{gate}:\n{validation_lines(exc)}") from None
+    except FileNotFoundError:
+        raise _fail(f"{gate} not found") from None
+    try:
+        result = promote(candidate, alias, rules, out_dir=out, dry_run=dry_run)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    for rule, ok, detail in result["rules"]:
+        typer.echo(f"  [{'pass' if ok else 'FAIL'}] {rule}: {detail}")
+    name, version = result["name"], result["version"]
+    if result["promoted"]:
+        typer.echo(
+            f"{name} version {version} is now @{alias} (was {result['previous'] or 'none'}); "
+            f"evidence run {result['evidence_run']}"
+        )
+    elif dry_run:
+        typer.echo("dry run: nothing moved")
+    else:
+        typer.secho(f"not promoted: @{alias} stays on {result['previous'] or 'none'}", fg="red")
+        raise typer.Exit(code=1)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    alias: Annotated[str, typer.Option()] = "champion",
+) -> None:
+    """Move the alias back to the version it held before the latest promotion."""
+    from diagnostics.train.governance import rollback
+
+    try:
+        r = rollback(name, alias)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{name}@{alias}: {r['from']} -> {r['to'] or '(unset)'}")
 
 
 @app.command()

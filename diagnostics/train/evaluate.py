@@ -86,21 +86,7 @@ def evaluate(
     shared = [f for f in meta.labels if f in table.findings]
     if not shared:
         raise ValueError(f"the dataset annotates none of the model's findings {meta.labels}")
-    paths = frame["path"].tolist()
-    probs = np.zeros((len(paths), len(meta.labels)))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(paths), desc="evaluate", unit="img", leave=False, disable=None)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        batch = np.stack([load_for_model(p, meta.preprocessing) for p in chunk])
-        probs[start : start + len(chunk)] = runner.predict(batch).probabilities
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+    probs, _ = score_paths(runner, frame["path"].tolist(), batch_size, progress)
     report = {}
     for f in shared:
         i = meta.labels.index(f)
@@ -120,6 +106,31 @@ def evaluate(
         "mean_auroc": float(np.mean(aurocs)) if aurocs else None,
         "skipped_findings": [f for f in meta.labels if f not in shared],
     }
+
+
+def score_paths(
+    runner: Any, paths: list[str], batch_size: int = 16, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and raw logits (N, F) for image files, clinic preprocessing."""
+    meta = runner.metadata
+    probs = np.zeros((len(paths), len(meta.labels)))
+    logits = np.zeros_like(probs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="score", unit="img", leave=False, disable=None)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        batch = np.stack([load_for_model(p, meta.preprocessing) for p in chunk])
+        pred = runner.predict(batch)
+        probs[start : start + len(chunk)] = pred.probabilities
+        logits[start : start + len(chunk)] = pred.logits
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return probs, logits
 
 
 def model_task(model: str) -> str:

@@ -1,0 +1,211 @@
+"""`diagnostics models compare`: two models on the same images, per finding.
+
+- Discrimination: AUROC of each, their difference with a paired bootstrap 95% CI (the same
+  resampled patients' images for both models) and DeLong's test (DeLong et al. 1988, the fast
+  midrank form of Sun & Xu 2014).
+- Calibration: slope (logistic regression of the label on logit(p); 1 is ideal) and ECE.
+- The operating point: sensitivity and specificity of each model at its own threshold.
+- Disagreements: images whose positive/negative call differs, by a study key (the manifest's
+  study_id, or a hash of the file name), never a patient identifier.
+- Subgroups: the same AUROC figures per value of each subgroup column asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from diagnostics.train.metrics import at_threshold, auroc, ece
+
+
+def _midrank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    n = len(x)
+    ranks = np.zeros(n)
+    i = 0
+    while i < n:
+        j = i
+        while j < n and xs[j] == xs[i]:
+            j += 1
+        ranks[i:j] = 0.5 * (i + j - 1) + 1  # 1-based mean rank of the tie
+        i = j
+    out = np.empty(n)
+    out[order] = ranks
+    return out
+
+
+def delong(y: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> dict[str, float]:
+    """AUROCs of two scores on the same cases, and DeLong's two-sided p-value for equality."""
+    y = np.asarray(y, dtype=float)
+    pos, neg = y == 1, y == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    if m < 2 or n < 2:
+        return {"auc1": math.nan, "auc2": math.nan, "z": math.nan, "p_value": math.nan}
+    v10, v01, aucs = [], [], []
+    for p in (np.asarray(p1, float), np.asarray(p2, float)):
+        x, yy = p[pos], p[neg]
+        tx, ty, tz = _midrank(x), _midrank(yy), _midrank(np.concatenate([x, yy]))
+        auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
+        v10.append((tz[:m] - tx) / n)  # structural components, positives
+        v01.append(1.0 - (tz[m:] - ty) / m)  # and negatives
+        aucs.append(auc)
+    s10, s01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
+    s = s10 / m + s01 / n
+    var = s[0, 0] + s[1, 1] - 2 * s[0, 1]
+    if var <= 0:
+        return {"auc1": aucs[0], "auc2": aucs[1], "z": 0.0, "p_value": 1.0}
+    z = (aucs[0] - aucs[1]) / math.sqrt(var)
+    return {"auc1": aucs[0], "auc2": aucs[1], "z": z, "p_value": float(2 * stats.norm.sf(abs(z)))}
+
+
+def paired_bootstrap(
+    y: np.ndarray,
+    p1: np.ndarray,
+    p2: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95% CI of AUROC(p1) - AUROC(p2), resampling patients (`groups`) or images, paired."""
+    if n == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    keys = np.asarray(groups) if groups is not None else np.arange(len(y))
+    uniq, inv = np.unique(keys, return_inverse=True)
+    members = [np.flatnonzero(inv == k) for k in range(len(uniq))]
+    diffs = []
+    for _ in range(n):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[k] for k in pick])
+        a, b = auroc(y[idx], p1[idx]), auroc(y[idx], p2[idx])
+        if np.isfinite(a) and np.isfinite(b):
+            diffs.append(a - b)
+    if not diffs:
+        return (math.nan, math.nan)
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return (float(lo), float(hi))
+
+
+def calibration_slope(y: np.ndarray, p: np.ndarray) -> float:
+    """Slope of a logistic regression of y on logit(p): 1 is ideal, < 1 overconfident."""
+    y = np.asarray(y, float)
+    x = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+    if len(np.unique(y)) < 2:
+        return math.nan
+    a, b = 0.0, 1.0
+    for _ in range(50):  # Newton-Raphson on (intercept, slope)
+        eta = a + b * x
+        mu = 1 / (1 + np.exp(-eta))
+        w = mu * (1 - mu) + 1e-12
+        g = np.array([(y - mu).sum(), ((y - mu) * x).sum()])
+        h = np.array([[w.sum(), (w * x).sum()], [(w * x).sum(), (w * x * x).sum()]])
+        try:
+            step = np.linalg.solve(h, g)
+        except np.linalg.LinAlgError:
+            return math.nan
+        a, b = a + step[0], b + step[1]
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(b)
+
+
+def study_key(path: str, study_id: str | None = None) -> str:
+    """A key to find an image again, without patient identity."""
+    if study_id:
+        return str(study_id)
+    return hashlib.sha256(Path(path).name.encode()).hexdigest()[:12]
+
+
+def compare_finding(
+    y: np.ndarray,
+    p_cand: np.ndarray,
+    p_base: np.ndarray,
+    t_cand: float,
+    t_base: float,
+    groups: np.ndarray | None,
+    n_boot: int,
+) -> dict[str, Any]:
+    known = ~np.isnan(y)
+    y, pc, pb = y[known], p_cand[known], p_base[known]
+    g = groups[known] if groups is not None else None
+    dl = delong(y, pc, pb)
+    lo, hi = paired_bootstrap(y, pc, pb, g, n=n_boot)
+    return {
+        "n": len(y),
+        "positives": int(y.sum()),
+        "candidate": {
+            "auroc": auroc(y, pc),
+            "calibration_slope": calibration_slope(y, pc),
+            "ece": ece(y, pc),
+            "threshold": t_cand,
+            **{k: at_threshold(y, pc, t_cand)[k] for k in ("sensitivity", "specificity")},
+        },
+        "baseline": {
+            "auroc": auroc(y, pb),
+            "calibration_slope": calibration_slope(y, pb),
+            "ece": ece(y, pb),
+            "threshold": t_base,
+            **{k: at_threshold(y, pb, t_base)[k] for k in ("sensitivity", "specificity")},
+        },
+        "auroc_diff": auroc(y, pc) - auroc(y, pb),
+        "auroc_diff_ci": [lo, hi],
+        "delong_p": dl["p_value"],
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    c, b = report["candidate"], report["baseline"]
+    lines = [
+        f"# Compare: {c['label']} vs {b['label']}",
+        "",
+        f"Dataset: {report['dataset']['name']}, split {report['dataset']['split']}, "
+        f"{report['dataset']['images']} images. Candidate sha256 `{c['sha256'][:12]}`, "
+        f"baseline sha256 `{b['sha256'][:12]}`.",
+        "",
+        "| finding | n (pos) | AUROC cand | AUROC base | diff [95% CI] | DeLong p | "
+        "slope cand/base | ECE cand/base | sens cand/base | spec cand/base | disagree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f, r in report["findings"].items():
+        rc, rb = r["candidate"], r["baseline"]
+        lo, hi = r["auroc_diff_ci"]
+        lines.append(
+            f"| {f} | {r['n']} ({r['positives']}) | {rc['auroc']:.4f} | {rb['auroc']:.4f} | "
+            f"{r['auroc_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {r['delong_p']:.3g} | "
+            f"{rc['calibration_slope']:.2f}/{rb['calibration_slope']:.2f} | "
+            f"{rc['ece']:.3f}/{rb['ece']:.3f} | "
+            f"{rc['sensitivity']:.3f}/{rb['sensitivity']:.3f} | "
+            f"{rc['specificity']:.3f}/{rb['specificity']:.3f} | {len(r['disagreements'])} |"
+        )
+    for col, groups in report.get("subgroups", {}).items():
+        lines += [
+            "",
+            f"## By {col}",
+            "",
+            "| value | finding | n | AUROC cand | AUROC base |",
+            "|---|---|---|---|---|",
+        ]
+        for value, per in groups.items():
+            for f, r in per.items():
+                lines.append(
+                    f"| {value} | {f} | {r['n']} | {r['candidate_auroc']:.4f} | "
+                    f"{r['baseline_auroc']:.4f} |"
+                )
+    lines += ["", "Disagreements (study keys, first 20 per finding):"]
+    for f, r in report["findings"].items():
+        lines.append(f"- {f}: {', '.join(r['disagreements'][:20]) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def json_dump(report: dict[str, Any], path: Path) -> None:
+    from diagnostics.train.evaluate import json_safe
+
+    path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))

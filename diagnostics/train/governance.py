@@ -1,0 +1,402 @@
+"""Model governance on the MLflow registry: list, compare, promote behind a gate, roll back.
+
+Every promotion and rollback is written on the registered model as a JSON history tag
+(`alias_history`: who, when, alias, from which version to which, the evidence run) and on the
+promoted version's tags, so it can be undone and audited. The clinic side only ever follows
+the alias (`models:/NAME@champion`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from diagnostics.settings import get_settings
+
+HISTORY_TAG = "alias_history"
+
+
+def _client() -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(get_settings().mlflow_uri())
+    return MlflowClient()
+
+
+def actor() -> str:
+    return os.environ.get("DIAGNOSTICS_USER") or getpass.getuser()
+
+
+# --------------------------------------------------------------------------- list
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered version: aliases, sha256, run, dataset digest, headline metric."""
+    client = _client()
+    rows = []
+    for rm in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in sorted(
+            client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)
+        ):
+            run = client.get_run(mv.run_id) if mv.run_id else None
+            metrics = run.data.metrics if run else {}
+            digest = None
+            if run and run.inputs and run.inputs.dataset_inputs:
+                digest = run.inputs.dataset_inputs[0].dataset.digest
+            rows.append(
+                {
+                    "name": rm.name,
+                    "version": str(mv.version),
+                    "aliases": sorted(aliases.get(str(mv.version), [])),
+                    "sha256": (run.data.tags.get("onnx_sha256") if run else None),
+                    "run_id": mv.run_id,
+                    "dataset_digest": digest,
+                    "val_mean_auroc": metrics.get("val.mean_auroc"),
+                    "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
+                        timespec="seconds"
+                    ),
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare(
+    candidate: str,
+    baseline: str,
+    data_cfg: Any,
+    *,
+    split: str = "val",
+    subgroups: list[str] | None = None,
+    n_boot: int = 1000,
+    out_dir: Path,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Both models on the same images; report (JSON + markdown) written to `out_dir` and, with
+    `log`, to an MLflow evaluation run tagged with both model versions."""
+    from diagnostics.data.cxr import load_dataset
+    from diagnostics.serve.runner import OnnxModel
+    from diagnostics.train.compare import (
+        compare_finding,
+        json_dump,
+        render_markdown,
+        study_key,
+    )
+    from diagnostics.train.evaluate import registry_version, resolve_model, score_paths
+    from diagnostics.train.metrics import auroc
+
+    runners, infos = [], []
+    for ref in (candidate, baseline):
+        path = resolve_model(ref)
+        version = registry_version(ref) if ref.startswith("models:/") else None
+        runner = OnnxModel(path, version=version)
+        runners.append(runner)
+        infos.append(
+            {
+                "label": ref,
+                "sha256": runner.sha256,
+                "version": version,
+                "name": runner.metadata.name,
+            }
+        )
+    table = load_dataset(data_cfg)
+    frame = table.frame if split == "all" else table.frame[table.frame["split"] == split]
+    if frame.empty:
+        raise ValueError(f"split {split!r} is empty")
+    paths = frame["path"].tolist()
+    probs = [score_paths(r, paths)[0] for r in runners]
+    groups = frame["patient_id"].to_numpy() if "patient_id" in frame else None
+    keys = [
+        study_key(p, sid)
+        for p, sid in zip(
+            paths,
+            frame["study_id"] if "study_id" in frame else [None] * len(paths),
+            strict=True,
+        )
+    ]
+    findings = [f for f in runners[0].labels if f in runners[1].labels and f in table.findings]
+    if not findings:
+        raise ValueError("the two models and the dataset share no finding")
+    report: dict[str, Any] = {
+        "candidate": infos[0],
+        "baseline": infos[1],
+        "dataset": {"name": table.source, "split": split, "images": len(frame)},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "findings": {},
+        "subgroups": {},
+    }
+    for f in findings:
+        i, j = runners[0].labels.index(f), runners[1].labels.index(f)
+        y = frame[f].to_numpy(dtype=float)
+        tc = runners[0].metadata.thresholds[f].value
+        tb = runners[1].metadata.thresholds[f].value
+        r = compare_finding(y, probs[0][:, i], probs[1][:, j], tc, tb, groups, n_boot)
+        calls_c, calls_b = probs[0][:, i] >= tc, probs[1][:, j] >= tb
+        r["disagreements"] = [keys[k] for k in np.flatnonzero(calls_c != calls_b)]
+        report["findings"][f] = r
+    for col in subgroups or []:
+        if col not in frame:
+            raise ValueError(f"subgroup column {col!r} is not in the dataset")
+        per: dict[str, Any] = {}
+        for value in sorted(frame[col].dropna().astype(str).unique()):
+            mask = (frame[col].astype(str) == value).to_numpy()
+            per[value] = {}
+            for f in findings:
+                i, j = runners[0].labels.index(f), runners[1].labels.index(f)
+                y = frame[f].to_numpy(dtype=float)[mask]
+                per[value][f] = {
+                    "n": int(np.isfinite(y).sum()),
+                    "candidate_auroc": auroc(y, probs[0][mask, i]),
+                    "baseline_auroc": auroc(y, probs[1][mask, j]),
+                }
+        report["subgroups"][col] = per
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_dump(report, out_dir / "compare.json")
+    (out_dir / "compare.md").write_text(render_markdown(report))
+    if log:
+        report["evidence_run"] = _log_compare(report, out_dir)
+        json_dump(report, out_dir / "compare.json")
+    return report
+
+
+def _log_compare(report: dict[str, Any], out_dir: Path) -> str:
+    import mlflow
+
+    from diagnostics.train import tracking
+
+    settings = get_settings()
+    exp = tracking.setup(settings.mlflow_uri(), "model-compare", settings.artifact_root)
+    c, b = report["candidate"], report["baseline"]
+    with mlflow.start_run(
+        experiment_id=exp, run_name=f"compare {c['label']} vs {b['label']}"
+    ) as run:
+        mlflow.set_tags(
+            {
+                "diagnostics.kind": "compare",
+                "candidate": c["label"],
+                "candidate_version": str(c["version"]),
+                "candidate_sha256": c["sha256"],
+                "baseline": b["label"],
+                "baseline_version": str(b["version"]),
+                "baseline_sha256": b["sha256"],
+                "dataset": report["dataset"]["name"],
+                "split": report["dataset"]["split"],
+            }
+        )
+        flat = {}
+        for f, r in report["findings"].items():
+            for who in ("candidate", "baseline"):
+                for k, v in r[who].items():
+                    if isinstance(v, float) and np.isfinite(v):
+                        flat[f"{f}.{who}.{k}"] = v
+            for k in ("auroc_diff", "delong_p"):
+                if np.isfinite(r[k]):
+                    flat[f"{f}.{k}"] = r[k]
+            if np.isfinite(r["auroc_diff_ci"][0]):
+                flat[f"{f}.auroc_diff_lo"] = r["auroc_diff_ci"][0]
+                flat[f"{f}.auroc_diff_hi"] = r["auroc_diff_ci"][1]
+        mlflow.log_metrics(flat)
+        mlflow.log_artifact(str(out_dir / "compare.md"))
+        mlflow.log_artifact(str(out_dir / "compare.json"))
+        return run.info.run_id
+
+
+# --------------------------------------------------------------------------- gate, promote
+
+
+class Gate(BaseModel):
+    """Rules a candidate must pass to take an alias. Missing rules are not checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: dict[str, Any]  # the evaluation dataset config (a `data:` section)
+    split: str = "val"
+    bootstrap: int = Field(1000, ge=0)
+    # AUROC may be worse than the champion's by at most this much, on the bootstrap lower bound
+    # of (candidate - champion), for every shared finding.
+    auroc_margin: float | None = Field(None, ge=0)
+    min_sensitivity: float | None = Field(None, ge=0, le=1)
+    min_specificity: float | None = Field(None, ge=0, le=1)
+    max_ece: float | None = Field(None, ge=0, le=1)
+    require_parity: bool = True  # the training run logged an ONNX parity check
+    require_qc_reference: bool = True  # the model carries an OOD reference for input QC
+
+
+def load_gate(path: Path) -> Gate:
+    return Gate.model_validate(yaml.safe_load(path.read_text()))
+
+
+def check_gate(
+    gate: Gate, report: dict[str, Any] | None, parity: float | None, has_qc: bool
+) -> list[tuple[str, bool, str]]:
+    """(rule, passed, detail) for every rule of the gate."""
+    out: list[tuple[str, bool, str]] = []
+    if gate.require_parity:
+        ok = parity is not None and parity <= 1e-4
+        out.append(("onnx_parity", ok, f"recorded max |dp| {parity}"))
+    if gate.require_qc_reference:
+        out.append(("qc_reference", has_qc, "OOD reference in metadata" if has_qc else "none"))
+    if report is None:
+        return out
+    for f, r in report["findings"].items():
+        c = r["candidate"]
+        if gate.auroc_margin is not None and report["baseline"]["label"] != "(none)":
+            lo = r["auroc_diff_ci"][0]
+            ok = bool(np.isfinite(lo) and lo >= -gate.auroc_margin)
+            out.append(
+                (
+                    f"{f}: AUROC not worse than champion by > {gate.auroc_margin}",
+                    ok,
+                    f"diff {r['auroc_diff']:+.4f}, 95% CI lower bound {lo:+.4f}",
+                )
+            )
+        if gate.min_sensitivity is not None:
+            ok = bool(c["sensitivity"] >= gate.min_sensitivity)
+            out.append(
+                (f"{f}: sensitivity >= {gate.min_sensitivity}", ok, f"{c['sensitivity']:.3f}")
+            )
+        if gate.min_specificity is not None:
+            ok = bool(c["specificity"] >= gate.min_specificity)
+            out.append(
+                (f"{f}: specificity >= {gate.min_specificity}", ok, f"{c['specificity']:.3f}")
+            )
+        if gate.max_ece is not None:
+            ok = bool(c["ece"] <= gate.max_ece)
+            out.append((f"{f}: ECE <= {gate.max_ece}", ok, f"{c['ece']:.3f}"))
+    return out
+
+
+def _name_version(ref: str) -> tuple[str, str]:
+    if not ref.startswith("models:/"):
+        raise ValueError("give a registry URI: models:/NAME/VERSION or models:/NAME@ALIAS")
+    from diagnostics.train.evaluate import registry_version
+
+    body = ref[len("models:/") :]
+    name = body.split("@")[0].split("/")[0]
+    version = registry_version(ref)
+    if version is None:
+        raise ValueError(f"{ref}: no such version")
+    return name, version
+
+
+def _history(client: Any, name: str) -> list[dict[str, Any]]:
+    tags = client.get_registered_model(name).tags or {}
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def _record(client: Any, name: str, entry: dict[str, Any]) -> None:
+    history = [*_history(client, name), entry]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def promote(
+    candidate: str, alias: str, gate: Gate, *, out_dir: Path, dry_run: bool = False
+) -> dict[str, Any]:
+    """Compare with the current holder of `alias`, check the gate, move the alias if every
+    rule passes. Returns {"promoted", "rules", "evidence_run", "previous"}."""
+    from diagnostics.data.config import parse_dataset_config
+    from diagnostics.serve.runner import OnnxModel
+    from diagnostics.train.evaluate import resolve_model
+
+    client = _client()
+    name, version = _name_version(candidate)
+    try:
+        previous = str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        previous = None
+    if previous == version:
+        raise ValueError(f"{name} version {version} already holds @{alias}")
+    runner = OnnxModel(resolve_model(f"models:/{name}/{version}"))
+    run = client.get_run(runner.metadata.run_id) if runner.metadata.run_id else None
+    parity = run.data.metrics.get("onnx_parity_max_abs_diff") if run else None
+    report = None
+    if previous is not None or gate.min_sensitivity or gate.min_specificity or gate.max_ece:
+        baseline = f"models:/{name}/{previous}" if previous else f"models:/{name}/{version}"
+        report = compare(
+            f"models:/{name}/{version}",
+            baseline,
+            parse_dataset_config(gate.data),
+            split=gate.split,
+            n_boot=gate.bootstrap,
+            out_dir=out_dir,
+        )
+        if previous is None:
+            report["baseline"]["label"] = "(none)"
+    rules = check_gate(gate, report, parity, runner.ood is not None)
+    passed = all(ok for _, ok, _ in rules)
+    evidence = report.get("evidence_run") if report else None
+    if passed and not dry_run:
+        client.set_registered_model_alias(name, alias, version)
+        when = datetime.now(UTC).isoformat(timespec="seconds")
+        entry = {
+            "action": "promote",
+            "alias": alias,
+            "version": version,
+            "previous": previous,
+            "by": actor(),
+            "at": when,
+            "evidence_run": evidence,
+        }
+        _record(client, name, entry)
+        for k, v in (
+            ("promoted_to", alias),
+            ("promoted_by", actor()),
+            ("promoted_at", when),
+            ("evidence_run", str(evidence)),
+            ("previous_champion", str(previous)),
+        ):
+            client.set_model_version_tag(name, version, k, v)
+    return {
+        "name": name,
+        "version": version,
+        "promoted": passed and not dry_run,
+        "rules": rules,
+        "evidence_run": evidence,
+        "previous": previous,
+    }
+
+
+def rollback(name: str, alias: str = "champion") -> dict[str, Any]:
+    """Move `alias` back to the version it held before the latest promotion."""
+    client = _client()
+    history = [h for h in _history(client, name) if h["alias"] == alias]
+    if not history:
+        raise ValueError(f"no recorded promotion of {name}@{alias} to roll back")
+    last = history[-1]
+    current = str(client.get_model_version_by_alias(name, alias).version)
+    target = last["previous"] if last["action"] == "promote" else None
+    if last["action"] == "rollback":
+        raise ValueError(f"the latest change of @{alias} was already a rollback; promote instead")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    if target is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, target)
+    _record(
+        client,
+        name,
+        {
+            "action": "rollback",
+            "alias": alias,
+            "version": target,
+            "previous": current,
+            "by": actor(),
+            "at": when,
+            "evidence_run": None,
+        },
+    )
+    return {"name": name, "alias": alias, "from": current, "to": target}
