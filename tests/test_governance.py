@@ -1,0 +1,220 @@
+"""Registry governance: two registered demo models, compared, promoted behind gates, rolled
+back; MLflow is real (SQLite store in a temp home)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from diagnostics.cli import app
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A home with cxr-gov versions 1 (weak: 1 step) and 2 (trained longer)."""
+    from diagnostics.data.synthetic import write_dataset
+    from diagnostics.settings import get_settings
+    from diagnostics.train.config import CXRTrainConfig
+    from diagnostics.train.cxr import train_cxr
+
+    root = tmp_path_factory.mktemp("gov")
+    manifest = write_dataset(root / "data", 200, size=48, seed=21, difficulty=0.2)
+    before = os.environ.get("DIAGNOSTICS_HOME")
+    os.environ["DIAGNOSTICS_HOME"] = str(root / "home")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    get_settings.cache_clear()
+
+    def train(steps: int, epochs: int):
+        cfg = CXRTrainConfig.model_validate(
+            {
+                "name": f"gov{steps}",
+                "data": {
+                    "source": "manifest",
+                    "labels_file": str(manifest),
+                    "split": {"fractions": {"train": 0.6, "val": 0.4}},
+                },
+                "model": {"name": "tiny_cnn", "options": {"width": 8, "blocks": 3}},
+                "preprocess": {"size": 48},
+                "train": {
+                    "epochs": epochs,
+                    "batch_size": 16,
+                    "max_steps_per_epoch": steps,
+                    "threads": 2,
+                    "lr": 0.003,
+                },
+                "eval": {"bootstrap": 0, "parity_images": 2},
+                "tracking": {"experiment": "gov", "registered_model": "cxr-gov"},
+            }
+        )
+        return train_cxr(cfg, progress=False)
+
+    weak, strong = train(1, 1), train(20, 4)
+    data = {
+        "source": "manifest",
+        "labels_file": str(manifest),
+        "split": {"fractions": {"train": 0.6, "val": 0.4}},
+    }
+    yield {"root": root, "weak": weak, "strong": strong, "data": data, "manifest": manifest}
+    if before is None:
+        os.environ.pop("DIAGNOSTICS_HOME", None)
+    else:
+        os.environ["DIAGNOSTICS_HOME"] = before
+    get_settings.cache_clear()
+
+
+def test_delong_matches_a_known_case():
+    import numpy as np
+
+    from diagnostics.train.compare import delong
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    same = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    r = delong(y, same, same)
+    assert r["auc1"] == r["auc2"] == 1.0 and r["p_value"] == 1.0
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    good = y + rng.normal(0, 0.6, 400)
+    poor = y + rng.normal(0, 3.0, 400)
+    r = delong(y, good, poor)
+    assert r["auc1"] > r["auc2"] and r["p_value"] < 1e-6
+
+
+def test_list_compare_promote_rollback(registry, tmp_path):
+    import yaml
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["models", "list"])
+    assert out.exit_code == 0 and "cxr-gov" in out.stdout, out.output
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"data": registry["data"]}))
+    r = runner.invoke(
+        app,
+        [
+            "models",
+            "compare",
+            "models:/cxr-gov/2",
+            "models:/cxr-gov/1",
+            "-c",
+            str(cfg),
+            "--bootstrap",
+            "50",
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    f = report["findings"]["Pneumonia"]
+    assert {"auroc_diff", "auroc_diff_ci", "delong_p", "disagreements"} <= set(f)
+    assert {"calibration_slope", "ece", "sensitivity", "specificity"} <= set(f["candidate"])
+    assert report["evidence_run"]
+    assert "| Pneumonia |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+    # first champion: version 1, gate without comparison rules
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(yaml.safe_dump({"data": registry["data"], "bootstrap": 20}))
+    r = runner.invoke(
+        app,
+        [
+            "models",
+            "promote",
+            "models:/cxr-gov/1",
+            "--gate",
+            str(loose),
+            "--out",
+            str(tmp_path / "p1"),
+        ],
+    )
+    assert r.exit_code == 0 and "is now @champion" in r.stdout, r.output
+    # a gate version 2 cannot pass (sensitivity >= 1.01 is impossible): the alias stays
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(
+        yaml.safe_dump(
+            {
+                "data": registry["data"],
+                "bootstrap": 20,
+                "min_specificity": 1.0,
+                "min_sensitivity": 1.0,
+            }
+        )
+    )
+    from diagnostics.train.governance import _client
+
+    client = _client()
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("cxr-gov", "champion").version)
+
+    r = runner.invoke(
+        app,
+        [
+            "models",
+            "promote",
+            "models:/cxr-gov/2",
+            "--gate",
+            str(strict),
+            "--out",
+            str(tmp_path / "p2"),
+        ],
+    )
+    assert r.exit_code == 1 and "FAIL" in r.stdout and "stays on 1" in r.stdout, r.output
+    assert champion() == "1"
+    # a gate it passes moves the alias, with the evidence recorded
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(
+        yaml.safe_dump(
+            {"data": registry["data"], "bootstrap": 20, "auroc_margin": 0.5, "max_ece": 1.0}
+        )
+    )
+    r = runner.invoke(
+        app,
+        [
+            "models",
+            "promote",
+            "models:/cxr-gov/2",
+            "--gate",
+            str(ok),
+            "--out",
+            str(tmp_path / "p3"),
+        ],
+    )
+    assert r.exit_code == 0 and "is now @champion (was 1)" in r.stdout, r.output
+    assert champion() == "2"
+    tags = client.get_model_version("cxr-gov", "2").tags
+    assert tags["previous_champion"] == "1" and tags["evidence_run"] != "None"
+    # roll back
+    r = runner.invoke(app, ["models", "rollback", "cxr-gov"])
+    assert r.exit_code == 0 and "2 -> 1" in r.stdout
+    assert champion() == "1"
+    history = json.loads(client.get_registered_model("cxr-gov").tags["alias_history"])
+    assert [h["action"] for h in history] == ["promote", "promote", "rollback"]
+
+
+def test_a_failing_gate_never_moves_the_alias(registry, tmp_path):
+    import yaml
+
+    from diagnostics.train.governance import _client, load_gate, promote
+
+    client = _client()
+    holder = str(client.get_model_version_by_alias("cxr-gov", "champion").version)
+    other = "2" if holder == "1" else "1"
+    gate = tmp_path / "impossible.yaml"
+    gate.write_text(
+        yaml.safe_dump(
+            {
+                "data": registry["data"],
+                "bootstrap": 0,
+                "min_sensitivity": 1.0,
+                "min_specificity": 1.0,
+            }
+        )
+    )
+    result = promote(
+        f"models:/cxr-gov/{other}", "champion", load_gate(gate), out_dir=tmp_path / "x"
+    )
+    assert not result["promoted"]
+    assert [r for r in result["rules"] if not r[1]]  # names the failing rules
+    assert str(client.get_model_version_by_alias("cxr-gov", "champion").version) == holder
