@@ -481,6 +481,26 @@ def _check_port_free(host: str, port: int) -> None:
             raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _model_source(cfg: Any) -> Any:
+    """For a registry URI: a source the service polls, returning a new (file, version) when the
+    alias (or `latest`) points elsewhere. A plain file never changes under the service."""
+    ref = cfg.model.path
+    if not ref.startswith("models:/"):
+        return None
+
+    def source(current: str | None) -> tuple[Path, str | None] | None:
+        from diagnostics.train.evaluate import registry_version, resolve_model
+
+        version = registry_version(ref)
+        if version is None or version == current:
+            return None
+        return resolve_model(
+            f"models:/{ref[len('models:/') :].split('@')[0].split('/')[0]}/{version}"
+        ), version
+
+    return source
+
+
 @app.command()
 def serve(
     config: ServeConfigOption = Path("configs/serve.yaml"),
@@ -511,7 +531,7 @@ def serve(
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
-    api = create_app(cfg, model, store, data_dir)
+    api = create_app(cfg, model, store, data_dir, _model_source(cfg))
     uvicorn.run(api, host=cfg.host, port=cfg.port, log_config=None, access_log=False)
 
 
@@ -525,19 +545,17 @@ def worker(
     import threading
 
     from diagnostics.serve import logs
-    from diagnostics.serve.runner import Scorer
+    from diagnostics.serve.models import ModelHolder
     from diagnostics.serve.worker import Worker
 
     cfg = _serve_config(config, set_)
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
-    scorer = Scorer(
-        model, cfg.qc, heatmap_dir=data_dir / "heatmaps", batch_size=cfg.model.batch_size
-    )
+    holder = ModelHolder(model, cfg, data_dir / "heatmaps", _model_source(cfg))
     w = Worker(
         store,
-        scorer,
+        holder,
         lease_s=cfg.worker.lease_s,
         batch_size=cfg.model.batch_size,
         poll_s=cfg.worker.poll_s,
@@ -546,6 +564,8 @@ def worker(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if holder.source is not None and cfg.model.refresh_s > 0:
+        threading.Thread(target=holder.run, args=(stop, cfg.model.refresh_s), daemon=True).start()
     w.run(stop)
 
 

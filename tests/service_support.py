@@ -146,7 +146,7 @@ def serve_config(model_path: Path, data_dir: Path, database_url: str = "", **sec
 
 
 @contextmanager
-def running_service(cfg: Any) -> Iterator[Service]:
+def running_service(cfg: Any, model_source: Any = None) -> Iterator[Service]:
     """The real app under a real uvicorn server on a free loopback port, in a thread."""
     import uvicorn
 
@@ -157,8 +157,14 @@ def running_service(cfg: Any) -> Iterator[Service]:
     data_dir = Path(cfg.data_dir)
     store = Store(cfg.resolved_database_url(data_dir.parent), data_dir / "blobs")
     store.migrate()
-    model = OnnxModel(cfg.model.path, device=cfg.model.device)
-    app = create_app(cfg, model, store, data_dir)
+    if cfg.model.path.startswith("models:/"):
+        from diagnostics.cli import resolve_model_ref
+
+        path, version = resolve_model_ref(cfg.model.path)
+        model = OnnxModel(path, device=cfg.model.device, version=version)
+    else:
+        model = OnnxModel(cfg.model.path, device=cfg.model.device)
+    app = create_app(cfg, model, store, data_dir, model_source)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False)
     )

@@ -218,3 +218,63 @@ def test_a_failing_gate_never_moves_the_alias(registry, tmp_path):
     assert not result["promoted"]
     assert [r for r in result["rules"] if not r[1]]  # names the failing rules
     assert str(client.get_model_version_by_alias("cxr-gov", "champion").version) == holder
+
+
+def test_service_follows_the_champion_without_dropping_a_request(registry, tmp_path):
+    """Uploads from 4 threads while @champion moves from version 1 to 2: every upload is
+    accepted and scored, and each finding names the version that scored it."""
+    import threading
+    import time
+
+    from service_support import dicom_bytes, running_service, serve_config, synth_pixels
+
+    from diagnostics.cli import _model_source
+    from diagnostics.train.governance import _client
+
+    client = _client()
+    client.set_registered_model_alias("cxr-gov", "champion", "1")
+    cfg = serve_config(
+        "models:/cxr-gov@champion",
+        tmp_path / "serve",
+        model={"path": "models:/cxr-gov@champion", "refresh_s": 0.2},
+        qc={"ood": False, "min_side": 32},  # tiny models, 48 px; what is tested is the switch
+    )
+    payloads = [dicom_bytes(px) for px in synth_pixels(40, seed=2000, size=48)]
+    with running_service(cfg, _model_source(cfg)) as svc:
+        assert svc.app.state.holder.model.version == "1"
+        results, lock = [], threading.Lock()
+
+        def client_thread(chunk: list[bytes]) -> None:
+            for data in chunk:
+                r = svc.upload(data)
+                with lock:
+                    results.append(r)
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=client_thread, args=(payloads[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        client.set_registered_model_alias("cxr-gov", "champion", "2")  # the alias moves
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [202] * 40
+        docs = [svc.wait(r.json()["id"]) for r in results]
+        assert {d["status"] for d in docs} == {"scored"}
+        versions = {d["findings"][0]["model_version"] for d in docs}
+        deadline = time.monotonic() + 10
+        while svc.app.state.holder.model.version != "2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert svc.app.state.holder.model.version == "2"
+        assert versions == {"1", "2"}  # the switch happened under load (seen: 11 by v1, 29 by v2)
+        # an admin reload reports the current model; a failed load keeps the old one
+        import httpx
+
+        r = httpx.post(f"{svc.url}/v1/admin/model/reload", headers=svc.headers(svc.admin))
+        assert r.status_code == 200 and r.json()["model"]["version"] == "2"
+        holder = svc.app.state.holder
+        holder.source = lambda current: (tmp_path / "missing.onnx", "3")
+        assert holder.refresh() is False and holder.model.version == "2"
+        assert "missing.onnx" in holder.last_error
+        late = svc.upload(dicom_bytes(synth_pixels(1, seed=2100, size=48)[0]))
+        assert svc.wait(late.json()["id"])["findings"][0]["model_version"] == "2"

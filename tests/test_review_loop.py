@@ -100,7 +100,7 @@ def test_export_closes_the_loop_into_training(svc, tmp_path, home):
 
     stats = svc.get("/v1/stats/agreement", key=svc.reviewer).json()["agreement"]
     assert stats and all(0 <= s["share_agreed"] <= 1 for s in stats)
-    assert sum(s["reviewed"] for s in stats) >= 12 * len(svc.app.state.model.labels)
+    assert sum(s["reviewed"] for s in stats) >= 12 * len(svc.app.state.holder.model.labels)
 
     out = tmp_path / "manifest.csv"
     n = export_manifest(svc.store, out, svc.data_dir)
@@ -110,7 +110,7 @@ def test_export_closes_the_loop_into_training(svc, tmp_path, home):
     first = table[table["study_id"] == sids[0]].iloc[0]
     assert first["Atelectasis"] == 1
     # uncertain -> NaN; the same DICOM PatientID -> the same key, never the ID itself
-    assert table[svc.app.state.model.labels].isna().any().any()
+    assert table[svc.app.state.holder.model.labels].isna().any().any()
     dicom_keys = table[table["study_id"].isin(sids[1::2])]["patient_key"]
     assert dicom_keys.nunique() == 2 and not dicom_keys.str.contains("HIS").any()  # HIS-1, HIS-3
     # a manifest `train cxr` accepts: one batch

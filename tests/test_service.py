@@ -39,9 +39,9 @@ def test_upload_score_and_read_back(service):
     assert r.headers["location"] == f"/v1/studies/{r.json()['id']}"
     doc = service.wait(r.json()["id"])
     assert doc["status"] == "scored", doc
-    assert {f["label"] for f in doc["findings"]} == set(service.app.state.model.labels)
+    assert {f["label"] for f in doc["findings"]} == set(service.app.state.holder.model.labels)
     f = doc["findings"][0]
-    assert f["model_sha256"] == service.app.state.model.sha256
+    assert f["model_sha256"] == service.app.state.holder.model.sha256
     assert f["provider"] == "CPUExecutionProvider" and f["preprocess_version"] == "1"
     assert doc["result"]["timing_ms"]["total"] > 0
 
@@ -196,7 +196,7 @@ def test_grey_photo_and_real_chest_are_out_of_distribution_for_a_synthetic_model
     doc = _qc_refusal(
         service, grey.getvalue(), "out_of_distribution", filename="g.png", content_type="image/png"
     )
-    assert doc["result"]["ood_score"] > service.app.state.model.metadata.ood.threshold
+    assert doc["result"]["ood_score"] > service.app.state.holder.model.metadata.ood.threshold
 
 
 # --------------------------------------------------------------------------- idempotency
@@ -352,7 +352,7 @@ def test_health_and_metrics(service):
     assert httpx.get(f"{service.url}/health/live").json() == {"status": "ok"}
     ready = httpx.get(f"{service.url}/health/ready").json()
     assert ready["status"] == "ok"
-    assert ready["checks"]["model"]["sha256"] == service.app.state.model.sha256
+    assert ready["checks"]["model"]["sha256"] == service.app.state.holder.model.sha256
     assert ready["checks"]["model"]["provider"] == "CPUExecutionProvider"
     text = httpx.get(f"{service.url}/metrics").text
     assert "diagnostics_queue_depth" in text

@@ -114,7 +114,7 @@ def test_sigkill_while_scoring_then_restart_loses_nothing(cxr_model, tmp_path):
         finally:
             proc.terminate()
             proc.wait(10)
-        _check_exactly_once(store, n, len(svc.app.state.model.labels))
+        _check_exactly_once(store, n, len(svc.app.state.holder.model.labels))
         with store.session() as s:
             reclaimed = s.scalar(
                 select(func.count()).select_from(Audit).where(Audit.action == "study.reclaimed")
@@ -145,7 +145,7 @@ def test_two_workers_on_postgresql_never_score_a_job_twice(cxr_model, tmp_path, 
                 p.terminate()
             for p in procs:
                 p.wait(10)
-        _check_exactly_once(svc.store, n, len(svc.app.state.model.labels))
+        _check_exactly_once(svc.store, n, len(svc.app.state.holder.model.labels))
         with svc.store.session() as s:
             assert s.scalar(select(func.max(Job.attempts))) == 1  # no job claimed twice
             owners = {

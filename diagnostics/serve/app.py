@@ -31,8 +31,9 @@ from starlette.requests import ClientDisconnect
 
 from diagnostics.serve import qc
 from diagnostics.serve.config import ServeConfig
+from diagnostics.serve.models import ModelHolder, ModelSource
 from diagnostics.serve.review import ReviewBody, ReviewError, record_reviews
-from diagnostics.serve.runner import OnnxModel, Scorer, ScoreResult
+from diagnostics.serve.runner import OnnxModel, ScoreResult
 from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
 from diagnostics.serve.upload import BODY_OVERHEAD, UploadError, receive_file
 from diagnostics.serve.worker import Worker, start_thread
@@ -192,20 +193,24 @@ class Metrics:
 # --------------------------------------------------------------------------- app
 
 
-def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path) -> FastAPI:
-    scorer = Scorer(
-        model, cfg.qc, heatmap_dir=data_dir / "heatmaps", batch_size=cfg.model.batch_size
-    )
+def create_app(
+    cfg: ServeConfig,
+    model: OnnxModel,
+    store: Store,
+    data_dir: Path,
+    model_source: ModelSource | None = None,
+) -> FastAPI:
+    holder = ModelHolder(model, cfg, data_dir / "heatmaps", model_source)
     metrics = Metrics(store)
     limiter = RateLimiter(cfg.limits.rate_per_minute)
     max_bytes = int(cfg.limits.max_upload_mb * 1024 * 1024)
     reserve = int(cfg.limits.disk_reserve_mb * 1024 * 1024)
     from diagnostics.serve.i18n import FINDINGS
 
-    review_labels = set(model.labels) | set(FINDINGS["en"])  # the harmonised vocabulary
+    review_labels = set(FINDINGS["en"]) | set(model.labels)  # the harmonised vocabulary
     worker = Worker(
         store,
-        scorer,
+        holder,
         lease_s=cfg.worker.lease_s,
         batch_size=cfg.model.batch_size,
         poll_s=cfg.worker.poll_s,
@@ -219,6 +224,14 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         thread = stop = None
         if cfg.worker.in_process:
             thread, stop = start_thread(worker)
+        refresher_stop = threading.Event()
+        if model_source is not None and cfg.model.refresh_s > 0:
+            threading.Thread(
+                target=holder.run,
+                args=(refresher_stop, cfg.model.refresh_s),
+                name="model-refresh",
+                daemon=True,
+            ).start()
         log.info(
             "service ready: model %s sha256 %s on %s, auth %s, worker %s",
             model.metadata.name,
@@ -228,6 +241,7 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
             "in-process" if cfg.worker.in_process else "external",
         )
         yield
+        refresher_stop.set()
         if stop is not None:
             stop.set()
             worker.wake.set()
@@ -240,10 +254,10 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.store, app.state.model, app.state.worker = store, model, worker
+    app.state.store, app.state.holder, app.state.worker = store, holder, worker
     from diagnostics.serve import web
 
-    web.install(app, cfg, store, model, data_dir)  # the review page under /review
+    web.install(app, cfg, store, holder, data_dir)  # the review page under /review
 
     # ----------------------------------------------------------------- errors
 
@@ -569,12 +583,30 @@ def create_app(cfg: ServeConfig, model: OnnxModel, store: Store, data_dir: Path)
         checks["disk"] = {"ok": free >= reserve, "free_mb": round(free / 2**20)}
         if free < reserve:
             status = "unavailable"
-        checks["model"] = {"ok": True, **model.describe()}
-        if model.fallback and status == "ok":
+        current = holder.model
+        checks["model"] = {"ok": True, **current.describe(), "refresh_error": holder.last_error}
+        if current.fallback and status == "ok":
             status = "degraded"  # CUDA wanted, CPU in use: scoring works, slower
         checks["worker"] = {"in_process": cfg.worker.in_process}
         return _json(
             {"status": status, "checks": checks}, status=503 if status == "unavailable" else 200
+        )
+
+    @app.post("/v1/admin/model/reload")
+    def reload_model(p: Principal = Depends(principal)) -> Response:
+        """Check the model source now (e.g. right after an alias moved)."""
+        need(p, "admin")
+        switched = holder.refresh()
+        store.log_access(
+            p.key_id,
+            "model.reload",
+            "model",
+            holder.model.sha256[:16],
+            switched=switched,
+            version=holder.model.version,
+        )
+        return _json(
+            {"switched": switched, "model": holder.model.describe(), "error": holder.last_error}
         )
 
     @app.get("/metrics")

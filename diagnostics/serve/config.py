@@ -21,6 +21,8 @@ class ModelSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = ORT default")
     batch_size: int = Field(8, ge=1)
+    # How often to check a registry alias for a new version (0 = only on the admin call).
+    refresh_s: float = Field(60.0, ge=0)
 
 
 class LimitsSection(_Strict):

@@ -24,7 +24,6 @@ from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.i18n import FINDINGS, norm_lang, t
 from diagnostics.serve.i18n import finding as finding_name
 from diagnostics.serve.review import ReviewError, ReviewItem, record_reviews
-from diagnostics.serve.runner import OnnxModel
 from diagnostics.serve.store import STATUSES, USERNAME, Store
 
 PER_PAGE = 20
@@ -52,7 +51,8 @@ def session_secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir: Path) -> Any:
+def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Path) -> Any:
+    """`holder`: the service's ModelHolder; its current model is read per request."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(
@@ -60,7 +60,7 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
         autoescape=select_autoescape(["html"]),  # patient-supplied text is always escaped
     )
     router = APIRouter(prefix="/review")
-    allowed_labels = set(model.labels) | set(FINDINGS["en"])
+    allowed_labels = set(FINDINGS["en"]) | set(holder.model.labels)
 
     def lang_of(request: Request) -> str:
         return norm_lang(request.session.get("lang") or cfg.review.default_language)
@@ -173,7 +173,7 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
             pages=pages,
             clinics=clinics,
             statuses=STATUSES,
-            findings=model.labels,
+            findings=holder.model.labels,
             filters=query,
             page_url=lambda n: "/review/?" + urlencode({**query, "page": n}),
             admin=row.role == "admin",
@@ -215,7 +215,7 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
             ai_shown=not pending,
             independent_impression=study.clinic_id in cfg.review.independent_impression_clinics,
         )
-        thresholds = model.metadata.thresholds
+        thresholds = holder.model.metadata.thresholds
         return render(
             request,
             "study.html",
@@ -290,7 +290,7 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
         from diagnostics.imaging import ImageError, decode, resize_square
 
         _, study = load_study(request, study_id)
-        spec = model.metadata.preprocessing
+        spec = holder.model.metadata.preprocessing
         try:
             pixels = resize_square(decode(store.blobs.read(study.content_sha256)).pixels, spec)
         except (ImageError, ValueError, OSError):  # e.g. a study that failed to decode
@@ -335,12 +335,12 @@ def create_web_router(cfg: ServeConfig, store: Store, model: OnnxModel, data_dir
     return router, env
 
 
-def install(app: Any, cfg: ServeConfig, store: Store, model: OnnxModel, data_dir: Path) -> None:
+def install(app: Any, cfg: ServeConfig, store: Store, holder: Any, data_dir: Path) -> None:
     """Mount the review page, its static files and its session middleware on `app`."""
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.sessions import SessionMiddleware
 
-    router, env = create_web_router(cfg, store, model, data_dir)
+    router, env = create_web_router(cfg, store, holder, data_dir)
     app.include_router(router)
     app.mount(
         "/review/static",

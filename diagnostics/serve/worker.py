@@ -38,7 +38,7 @@ class Worker:
     def __init__(
         self,
         store: Store,
-        scorer: Scorer,
+        scorer: Scorer | Any,
         *,
         lease_s: float = 60.0,
         batch_size: int = 8,
@@ -48,7 +48,8 @@ class Worker:
         on_result: Callable[[ScoreResult], None] | None = None,
     ) -> None:
         self.store = store
-        self.scorer = scorer
+        # a Scorer, or a ModelHolder whose current scorer is read at each batch
+        self._scorer = scorer
         self.lease_s = lease_s
         self.batch_size = batch_size
         self.poll_s = poll_s
@@ -57,6 +58,11 @@ class Worker:
         self.on_result = on_result
         self.wake = threading.Event()  # set by the API after an upload
         self.processed = 0
+
+    @property
+    def scorer(self) -> Scorer:
+        s = self._scorer
+        return s.scorer if hasattr(s, "scorer") else s
 
     def run_once(self) -> int:
         """Claim up to `batch_size` jobs and finish them. Returns how many were claimed."""
@@ -73,8 +79,9 @@ class Worker:
                 log.error("blob missing for study %s", study.id)
                 self._finish_failed(job, "blob_missing", "The stored upload could not be read.")
         if ready:
+            scorer = self.scorer  # one model for the whole batch, even if it switches meanwhile
             try:
-                results = self.scorer.score_many(data, [study.id for _, study in ready])
+                results = scorer.score_many(data, [study.id for _, study in ready])
             except Exception as exc:  # an unexpected error: retry later, never lose the job
                 log.exception("scoring failed")
                 for job, _ in ready:
