@@ -832,6 +832,57 @@ def models_promote(
         raise typer.Exit(code=1)
 
 
+@models_app.command("recalibrate")
+def models_recalibrate(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or .onnx")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="the site's labelled data")],
+    site: Annotated[str, typer.Option(help="the clinic code the profile applies to")],
+    policy: Annotated[
+        str | None, typer.Option(help="threshold policy; default: the model's own")
+    ] = None,
+    min_cases: Annotated[int, typer.Option(min=1, help="positives and negatives needed")] = 30,
+    serve_config: Annotated[
+        Path, typer.Option(help="the service config (its database holds the profiles)")
+    ] = Path("configs/serve.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Fit a site's temperature and thresholds; store them as a site profile for this model
+    file. The service applies it to that site's studies; the ONNX file is not changed."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.governance import actor
+    from diagnostics.train.recalibrate import SampleTooSmall, recalibrate
+
+    try:
+        path, _ = resolve_model_ref(model)
+        result = recalibrate(
+            path, load_data_config(config, set_), policy=policy, min_cases=min_cases
+        )
+    except SampleTooSmall as exc:
+        raise _fail(f"sample too small: {exc}") from None
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    store, _ = _open_store(_serve_config(serve_config, None))
+    row = store.save_profile(
+        model_sha256=result["model_sha256"],
+        site=site,
+        temperatures=result["temperatures"],
+        thresholds=result["thresholds"],
+        policy=result["policy"],
+        evidence=result["evidence"],
+        created_by=actor()[:64],
+    )
+    for f, e in result["evidence"].items():
+        b, a = e["before"], e["after"]
+        typer.echo(
+            f"{f}: n={e['n']} ({e['positives']} positive), policy {e['policy']}: "
+            f"threshold {e['model_threshold']:.3f} -> {result['thresholds'][f]:.3f}, "
+            f"temperature {e['model_temperature']:.2f} -> {result['temperatures'][f]:.2f}; "
+            f"sensitivity {b['sensitivity']:.3f} -> {a['sensitivity']:.3f}, "
+            f"specificity {b['specificity']:.3f} -> {a['specificity']:.3f}"
+        )
+    typer.echo(f"site profile {row.id} for {site}, model sha256 {result['model_sha256'][:12]}")
+
+
 @models_app.command("rollback")
 def models_rollback(
     name: Annotated[str, typer.Argument(help="registered model name")],

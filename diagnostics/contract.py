@@ -109,6 +109,7 @@ class Finding(BaseModel):
     threshold: float
     positive: bool
     heatmap: str | None = None  # file name of the CAM overlay PNG, positive findings only
+    logit: float | None = None  # raw model output, before the temperature
 
 
 class ModelMetadata(BaseModel):

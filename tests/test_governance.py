@@ -278,3 +278,54 @@ def test_service_follows_the_champion_without_dropping_a_request(registry, tmp_p
         assert "missing.onnx" in holder.last_error
         late = svc.upload(dicom_bytes(synth_pixels(1, seed=2100, size=48)[0]))
         assert svc.wait(late.json()["id"])["findings"][0]["model_version"] == "2"
+
+
+def test_site_recalibration_is_applied_to_that_site_only(registry, tmp_path):
+    import yaml
+    from service_support import dicom_bytes, running_service, serve_config, synth_pixels
+
+    cfg = serve_config(
+        registry["weak"].onnx_path, tmp_path / "serve", qc={"ood": False, "min_side": 32}
+    )
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    site_cfg = tmp_path / "site.yaml"
+    site_cfg.write_text(yaml.safe_dump({"data": registry["data"]}))
+    runner = CliRunner()
+    args = [
+        "models",
+        "recalibrate",
+        str(registry["weak"].onnx_path),
+        "-c",
+        str(site_cfg),
+        "--site",
+        "clinic-a",
+        "--serve-config",
+        str(serve_yaml),
+    ]
+    r = runner.invoke(app, [*args, "--min-cases", "100000"])
+    assert r.exit_code == 2 and "sample too small" in r.output
+    r = runner.invoke(app, [*args, "--min-cases", "5", "--policy", "sensitivity>=0.9"])
+    assert r.exit_code == 0 and "site profile" in r.stdout, r.output
+    with running_service(cfg) as svc:
+        profile = svc.store.site_profile(svc.app.state.holder.model.sha256, "clinic-a")
+        assert profile is not None and profile.evidence["Pneumonia"]["n"] > 0
+        (px,) = synth_pixels(1, seed=2200, size=48)
+        a = svc.wait(svc.upload(dicom_bytes(px)).json()["id"])
+        b_id = svc.upload(dicom_bytes(px), key=svc.other_clinic).json()["id"]
+        import time
+
+        for _ in range(200):
+            if svc.store.get_study(b_id).status == "scored":
+                break
+            time.sleep(0.05)
+        b = svc.store.study_view(b_id)
+        fa = {f["label"]: f for f in a["findings"]}
+        fb = {f["label"]: f for f in b["findings"]}
+        assert fa["Pneumonia"]["site_profile"] == profile.id
+        assert fa["Pneumonia"]["threshold"] == pytest.approx(profile.thresholds["Pneumonia"])
+        assert fb["Pneumonia"]["site_profile"] is None  # clinic-b: the model's own
+        assert fb["Pneumonia"]["threshold"] == pytest.approx(
+            svc.app.state.holder.model.metadata.thresholds["Pneumonia"].value
+        )
+        assert a["result"]["site_profile"] == profile.id

@@ -358,6 +358,7 @@ class Scorer:
                     threshold=thr,
                     positive=positive,
                     heatmap=heatmap,
+                    logit=float(logits[i]),
                 )
             )
         res.timing_ms["heatmaps"] = _ms(t0)

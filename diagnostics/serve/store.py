@@ -37,6 +37,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -151,6 +152,25 @@ class FindingRow(Base):
     preprocess_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
     provider: Mapped[str] = mapped_column(String(64))
     heatmap: Mapped[str | None] = mapped_column(String(255), nullable=True)  # file name
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    logit: Mapped[float | None] = mapped_column(Float, nullable=True)  # raw, before calibration
+    profile_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # site profile used
+
+
+class SiteProfile(Base):
+    """A site's own temperatures and thresholds for one model file (by sha256). The newest
+    profile for (model, site) applies; older ones stay, for the record."""
+
+    __tablename__ = "site_profiles"
+    __table_args__ = (Index("ix_site_profiles_model_site", "model_sha256", "site"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    site: Mapped[str] = mapped_column(String(64))
+    temperatures: Mapped[dict[str, Any]] = mapped_column()  # finding -> T
+    thresholds: Mapped[dict[str, Any]] = mapped_column()  # finding -> threshold
+    policy: Mapped[str] = mapped_column(String(64))
+    evidence: Mapped[dict[str, Any]] = mapped_column()  # n, positives, before/after
+    created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -651,6 +671,7 @@ class Store:
                     "model_version": f.model_version,
                     "preprocess_version": f.preprocess_version,
                     "provider": f.provider,
+                    "site_profile": f.profile_id,
                     "review": review_dict(by_finding[f.id][0]) if f.id in by_finding else None,
                     "review_history": [review_dict(r) for r in by_finding.get(f.id, [])],
                 }
@@ -1014,6 +1035,36 @@ class Store:
     def clinics(self) -> list[str]:
         with self.session() as s:
             return list(s.scalars(select(Clinic.id).order_by(Clinic.id)))
+
+    # ----------------------------------------------------------------- site profiles
+
+    def save_profile(self, **fields: Any) -> SiteProfile:
+        def tx(s: Session) -> SiteProfile:
+            row = SiteProfile(**fields)
+            s.add(row)
+            s.flush()
+            self.audit(
+                s,
+                fields["created_by"],
+                "profile.create",
+                "site",
+                fields["site"],
+                profile=row.id,
+                model_sha256=fields["model_sha256"],
+            )
+            return row
+
+        return self.write(tx)
+
+    def site_profile(self, model_sha256: str, site: str) -> SiteProfile | None:
+        """The newest profile for this model file at this site, if any."""
+        with self.session() as s:
+            return s.scalar(
+                select(SiteProfile)
+                .where(SiteProfile.model_sha256 == model_sha256, SiteProfile.site == site)
+                .order_by(SiteProfile.id.desc())
+                .limit(1)
+            )
 
     # ----------------------------------------------------------------- reviewer accounts
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -98,6 +99,9 @@ class Worker:
     def _store(self, job: Any, study: Any, result: ScoreResult) -> None:
         doc = result.as_dict()
         findings = doc.pop("findings")
+        profile = (
+            self.store.site_profile(result.model_sha256, study.clinic_id) if findings else None
+        )
         rows = [
             {
                 "label": f["label"],
@@ -105,6 +109,8 @@ class Worker:
                 "threshold": f["threshold"],
                 "positive": f["positive"],
                 "heatmap": f["heatmap"],
+                "logit": f["logit"],
+                "profile_id": None,
                 "model_sha256": result.model_sha256,
                 "model_version": result.model_version,
                 "preprocess_version": result.preprocess_version,
@@ -112,6 +118,16 @@ class Worker:
             }
             for f in findings
         ]
+        if profile is not None:  # this site's own calibration and operating points
+            for row in rows:
+                label = row["label"]
+                if label in profile.temperatures and row["logit"] is not None:
+                    z = max(-60.0, min(60.0, row["logit"] / profile.temperatures[label]))
+                    row["probability"] = 1.0 / (1.0 + math.exp(-z))
+                    row["threshold"] = float(profile.thresholds[label])
+                    row["positive"] = row["probability"] >= row["threshold"]
+                    row["profile_id"] = profile.id
+            doc["site_profile"] = profile.id
         try:
             if result.status == "failed" and result.code not in PERMANENT:
                 self._retry(job, result.code or "worker_error", result.message or "")

@@ -1,0 +1,75 @@
+"""Per-site recalibration: a site's own temperature and thresholds for one model file.
+
+Fitted on the site's labelled images (e.g. `diagnostics reviews export`); stored as a site
+profile in the service's database, tied to the model's sha256; the ONNX file is unchanged.
+Thresholds must be re-chosen whenever the model or the site changes: a threshold chosen
+elsewhere may no longer give the sensitivity it promised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from diagnostics.train.calibrate import choose_threshold, fit_temperature, sigmoid
+from diagnostics.train.metrics import at_threshold
+
+
+class SampleTooSmall(ValueError):
+    pass
+
+
+def recalibrate(
+    model_path: Any, data_cfg: Any, *, policy: str | None = None, min_cases: int = 30
+) -> dict[str, Any]:
+    """Temperatures and thresholds per finding from the site's data (every row), with the
+    sensitivity/specificity before (the model's own) and after (the site's) on that data."""
+    from diagnostics.data.cxr import load_dataset
+    from diagnostics.serve.runner import OnnxModel
+    from diagnostics.train.evaluate import score_paths
+
+    runner = OnnxModel(model_path)
+    meta = runner.metadata
+    table = load_dataset(data_cfg)
+    frame = table.frame
+    _, logits = score_paths(runner, frame["path"].tolist())
+    temps, thresholds, evidence = {}, {}, {}
+    for i, f in enumerate(meta.labels):
+        if f not in table.findings:
+            continue
+        y = frame[f].to_numpy(dtype=float)
+        known = ~np.isnan(y)
+        y, z = y[known], logits[known, i]
+        pos, neg = int(y.sum()), int(len(y) - y.sum())
+        chosen = policy or meta.thresholds[f].policy
+        if pos < min_cases or neg < min_cases:
+            raise SampleTooSmall(
+                f"{f}: {pos} positive and {neg} negative labelled images; the policy "
+                f"{chosen!r} needs at least {min_cases} of each (--min-cases)"
+            )
+        t = fit_temperature(z, y)
+        p_site = sigmoid(z / t)
+        thr = choose_threshold(y, p_site, chosen)
+        p_model = sigmoid(z / meta.temperature[i])
+        before = at_threshold(y, p_model, meta.thresholds[f].value)
+        after = at_threshold(y, p_site, thr)
+        temps[f], thresholds[f] = float(t), float(thr)
+        evidence[f] = {
+            "n": len(y),
+            "positives": pos,
+            "policy": chosen,
+            "model_temperature": meta.temperature[i],
+            "model_threshold": meta.thresholds[f].value,
+            "before": {k: before[k] for k in ("sensitivity", "specificity")},
+            "after": {k: after[k] for k in ("sensitivity", "specificity")},
+        }
+    if not temps:
+        raise ValueError(f"the site data annotates none of the model's findings {meta.labels}")
+    return {
+        "model_sha256": runner.sha256,
+        "temperatures": temps,
+        "thresholds": thresholds,
+        "policy": policy or "model's own",
+        "evidence": evidence,
+    }
