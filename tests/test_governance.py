@@ -329,3 +329,40 @@ def test_site_recalibration_is_applied_to_that_site_only(registry, tmp_path):
             svc.app.state.holder.model.metadata.thresholds["Pneumonia"].value
         )
         assert a["result"]["site_profile"] == profile.id
+
+
+def test_reviewer_notebook_runs_against_a_temporary_store(registry, tmp_path):
+    """notebooks/compare_runs.ipynb, executed (nbclient) on this module's registry."""
+    import nbformat
+    import yaml
+    from conftest import REPO
+    from nbclient import NotebookClient
+
+    path = REPO / "notebooks" / "compare_runs.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stripped
+    data_cfg = tmp_path / "data.yaml"
+    data_cfg.write_text(yaml.safe_dump({"data": registry["data"]}))
+    from diagnostics.data.config import parse_dataset_config
+    from diagnostics.train.governance import compare
+
+    compare(
+        "models:/cxr-gov/2",
+        "models:/cxr-gov/1",
+        parse_dataset_config(registry["data"]),
+        n_boot=0,
+        out_dir=tmp_path / "cmp",
+    )  # a report for the notebook to show
+    os.environ.update(NB_MODEL="cxr-gov", NB_VERSIONS="1,2", NB_DATA_CONFIG=str(data_cfg))
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
+    finally:
+        for k in ("NB_MODEL", "NB_VERSIONS", "NB_DATA_CONFIG"):
+            os.environ.pop(k, None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = json.dumps([o.get("data", {}) for o in outputs])
+    assert "image/png" in text  # the ROC and calibration figure
+    assert "Compare:" in text  # the latest compare report
