@@ -24,7 +24,7 @@ def scorer() -> Scorer:
     found = (
         [Path(named)]
         if named
-        else sorted((REPO / ".diagnostics" / "runs").glob("kermany-*/model.onnx"))
+        else sorted((REPO / ".diagnostics" / "runs").glob("kermany-[0-9]*/model.onnx"))
     )
     if not found or not found[-1].is_file():
         pytest.skip("no Kermany-trained model here (train configs/cxr/kermany.yaml, ~11 min)")
