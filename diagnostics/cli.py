@@ -684,7 +684,7 @@ def report(
     config: ServeConfigOption = Path("configs/serve.yaml"),
 ) -> None:
     """A study's report, as the HIS receives it: FHIR R4 DiagnosticReport or plain text."""
-    from diagnostics.serve.reports import fhir_report, text_report
+    from diagnostics.serve.reports import fhir_report, shown_model, text_report
 
     if format not in ("fhir", "text") or lang not in ("vi", "en"):
         raise _fail("--format is fhir or text; --lang is vi or en")
@@ -695,8 +695,7 @@ def report(
     if study.status != "scored":
         raise _fail(f"study {study_id} is {study.status}: there is no report")
     view = store.study_view(study_id)
-    shown = view["findings"][0]["model_version"] if view["findings"] else None
-    store.log_access("cli", "report.read", "study", study_id, format=format, model_version=shown)
+    store.log_access("cli", "report.read", "study", study_id, format=format, **shown_model(view))
     if format == "fhir":
         text = json.dumps(
             fhir_report(view, lang, study.sop_instance_uid), indent=2, ensure_ascii=False

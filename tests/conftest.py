@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,45 +41,77 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     get_settings.cache_clear()
 
 
-@pytest.fixture(scope="session")
-def cxr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real ONNX CXR model exported by the project: tiny CNN, synthetic 64 px images, CPU.
+def tiny_cxr_config(
+    manifest: Path,
+    *,
+    name: str,
+    size: int,
+    width: int = 4,
+    blocks: int = 2,
+    val: float = 0.4,
+    train: dict | None = None,
+    tracking: dict | None = None,
+):
+    """A tiny-CNN training config on a manifest: CPU, no bootstrap, a few parity images."""
+    from diagnostics.train.config import CXRTrainConfig
 
-    Trained once per session in its own home (MLflow store included), with its OOD reference.
-    """
+    return CXRTrainConfig.model_validate(
+        {
+            "name": name,
+            "data": {
+                "source": "manifest",
+                "labels_file": str(manifest),
+                "split": {"fractions": {"train": 1 - val, "val": val}},
+            },
+            "model": {"name": "tiny_cnn", "options": {"width": width, "blocks": blocks}},
+            "preprocess": {"size": size},
+            "train": {"threads": 2, **(train or {})},
+            "eval": {"bootstrap": 0, "parity_images": 2},
+            "tracking": tracking or {"registered_model": None},
+        }
+    )
+
+
+@contextmanager
+def diagnostics_home(path: Path) -> Iterator[Path]:
+    """DIAGNOSTICS_HOME (runs, MLflow store) at `path` for a block longer than one test."""
     import os
 
-    from diagnostics.data.synthetic import write_dataset
     from diagnostics.settings import get_settings
-    from diagnostics.train.config import CXRTrainConfig
-    from diagnostics.train.cxr import train_cxr
 
-    root = tmp_path_factory.mktemp("cxr_model")
-    manifest = write_dataset(root / "data", 160, size=64, seed=11)
     before = os.environ.get("DIAGNOSTICS_HOME")
-    os.environ["DIAGNOSTICS_HOME"] = str(root / "home")
+    os.environ["DIAGNOSTICS_HOME"] = str(path)
     get_settings.cache_clear()
     try:
-        cfg = CXRTrainConfig.model_validate(
-            {
-                "name": "fixture",
-                "data": {
-                    "source": "manifest",
-                    "labels_file": str(manifest),
-                    "split": {"fractions": {"train": 0.7, "val": 0.3}},
-                },
-                "model": {"name": "tiny_cnn", "options": {"width": 8, "blocks": 3}},
-                "preprocess": {"size": 64},
-                "train": {"epochs": 3, "batch_size": 16, "threads": 2, "lr": 0.003},
-                "eval": {"bootstrap": 0, "parity_images": 4},
-                "tracking": {"experiment": "fixture", "registered_model": None},
-            }
-        )
-        result = train_cxr(cfg, progress=False)
+        yield path
     finally:
         if before is None:
             os.environ.pop("DIAGNOSTICS_HOME", None)
         else:
             os.environ["DIAGNOSTICS_HOME"] = before
         get_settings.cache_clear()
-    return result.onnx_path
+
+
+@pytest.fixture(scope="session")
+def cxr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ONNX CXR model exported by the project: tiny CNN, synthetic 64 px images, CPU.
+
+    Trained once per session in its own home (MLflow store included), with its OOD reference.
+    """
+    from diagnostics.data.synthetic import write_dataset
+    from diagnostics.train.cxr import train_cxr
+
+    root = tmp_path_factory.mktemp("cxr_model")
+    manifest = write_dataset(root / "data", 160, size=64, seed=11)
+    cfg = tiny_cxr_config(
+        manifest,
+        name="fixture",
+        size=64,
+        width=8,
+        blocks=3,
+        val=0.3,
+        train={"epochs": 3, "batch_size": 16, "lr": 0.003},
+        tracking={"experiment": "fixture", "registered_model": None},
+    )
+    with diagnostics_home(root / "home"):
+        return train_cxr(cfg, progress=False).onnx_path

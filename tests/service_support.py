@@ -129,6 +129,15 @@ class Service:
             time.sleep(0.05)
         raise TimeoutError(f"study {study_id} still {doc['status']}")
 
+    def wait_stored(self, study_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """`wait` through the store: for a study of any clinic."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.store.get_study(study_id).status in ("scored", "failed_qc", "failed"):
+                return self.store.study_view(study_id)
+            time.sleep(0.05)
+        raise TimeoutError(f"study {study_id} not final")
+
 
 def serve_config(model_path: Path, data_dir: Path, database_url: str = "", **sections: Any):
     from diagnostics.serve.config import ServeConfig

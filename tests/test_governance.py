@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from conftest import diagnostics_home, tiny_cxr_config
 from typer.testing import CliRunner
 
 from diagnostics.cli import app
@@ -16,53 +17,32 @@ from diagnostics.cli import app
 def registry(tmp_path_factory):
     """A home with cxr-gov versions 1 (weak: 1 step) and 2 (trained longer)."""
     from diagnostics.data.synthetic import write_dataset
-    from diagnostics.settings import get_settings
-    from diagnostics.train.config import CXRTrainConfig
     from diagnostics.train.cxr import train_cxr
 
     root = tmp_path_factory.mktemp("gov")
     manifest = write_dataset(root / "data", 200, size=48, seed=21, difficulty=0.2)
-    before = os.environ.get("DIAGNOSTICS_HOME")
-    os.environ["DIAGNOSTICS_HOME"] = str(root / "home")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    get_settings.cache_clear()
 
     def train(steps: int, epochs: int):
-        cfg = CXRTrainConfig.model_validate(
-            {
-                "name": f"gov{steps}",
-                "data": {
-                    "source": "manifest",
-                    "labels_file": str(manifest),
-                    "split": {"fractions": {"train": 0.6, "val": 0.4}},
-                },
-                "model": {"name": "tiny_cnn", "options": {"width": 8, "blocks": 3}},
-                "preprocess": {"size": 48},
-                "train": {
-                    "epochs": epochs,
-                    "batch_size": 16,
-                    "max_steps_per_epoch": steps,
-                    "threads": 2,
-                    "lr": 0.003,
-                },
-                "eval": {"bootstrap": 0, "parity_images": 2},
-                "tracking": {"experiment": "gov", "registered_model": "cxr-gov"},
-            }
+        cfg = tiny_cxr_config(
+            manifest,
+            name=f"gov{steps}",
+            size=48,
+            width=8,
+            blocks=3,
+            train={"epochs": epochs, "batch_size": 16, "max_steps_per_epoch": steps, "lr": 0.003},
+            tracking={"experiment": "gov", "registered_model": "cxr-gov"},
         )
         return train_cxr(cfg, progress=False)
 
-    weak, strong = train(1, 1), train(20, 4)
-    data = {
-        "source": "manifest",
-        "labels_file": str(manifest),
-        "split": {"fractions": {"train": 0.6, "val": 0.4}},
-    }
-    yield {"root": root, "weak": weak, "strong": strong, "data": data, "manifest": manifest}
-    if before is None:
-        os.environ.pop("DIAGNOSTICS_HOME", None)
-    else:
-        os.environ["DIAGNOSTICS_HOME"] = before
-    get_settings.cache_clear()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with diagnostics_home(root / "home"):
+        weak, strong = train(1, 1), train(20, 4)
+        data = {
+            "source": "manifest",
+            "labels_file": str(manifest),
+            "split": {"fractions": {"train": 0.6, "val": 0.4}},
+        }
+        yield {"root": root, "weak": weak, "strong": strong, "data": data, "manifest": manifest}
 
 
 def test_delong_matches_a_known_case():
@@ -313,13 +293,7 @@ def test_site_recalibration_is_applied_to_that_site_only(registry, tmp_path):
         (px,) = synth_pixels(1, seed=2200, size=48)
         a = svc.wait(svc.upload(dicom_bytes(px)).json()["id"])
         b_id = svc.upload(dicom_bytes(px), key=svc.other_clinic).json()["id"]
-        import time
-
-        for _ in range(200):
-            if svc.store.get_study(b_id).status == "scored":
-                break
-            time.sleep(0.05)
-        b = svc.store.study_view(b_id)
+        b = svc.wait_stored(b_id)
         fa = {f["label"]: f for f in a["findings"]}
         fb = {f["label"]: f for f in b["findings"]}
         assert fa["Pneumonia"]["site_profile"] == profile.id

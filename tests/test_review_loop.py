@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pandas as pd
 import pytest
+from conftest import tiny_cxr_config
 from service_support import dicom_bytes, png_bytes, running_service, serve_config, synth_pixels
 
 
@@ -68,7 +69,6 @@ def test_clinic_key_cannot_use_reviewer_endpoints(svc):
 
 def test_export_closes_the_loop_into_training(svc, tmp_path, home):
     from diagnostics.serve.feedback import export_manifest
-    from diagnostics.train.config import CXRTrainConfig
     from diagnostics.train.cxr import train_cxr
 
     sids = []
@@ -114,20 +114,11 @@ def test_export_closes_the_loop_into_training(svc, tmp_path, home):
     dicom_keys = table[table["study_id"].isin(sids[1::2])]["patient_key"]
     assert dicom_keys.nunique() == 2 and not dicom_keys.str.contains("HIS").any()  # HIS-1, HIS-3
     # a manifest `train cxr` accepts: one batch
-    cfg = CXRTrainConfig.model_validate(
-        {
-            "name": "feedback",
-            "data": {
-                "source": "manifest",
-                "labels_file": str(out),
-                "split": {"fractions": {"train": 0.6, "val": 0.4}},
-            },
-            "model": {"name": "tiny_cnn", "options": {"width": 4, "blocks": 2}},
-            "preprocess": {"size": 32},
-            "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 1, "threads": 2},
-            "eval": {"bootstrap": 0, "parity_images": 2},
-            "tracking": {"registered_model": None},
-        }
+    cfg = tiny_cxr_config(
+        out,
+        name="feedback",
+        size=32,
+        train={"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 1},
     )
     result = train_cxr(cfg, progress=False, log_to_mlflow=False)
     assert result.onnx_path.is_file()

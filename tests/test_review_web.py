@@ -71,12 +71,7 @@ def test_patient_text_is_escaped_and_sites_are_separate(svc):
 
 def test_independent_impression_comes_first_where_the_site_asks(svc):
     sid = svc.upload(dicom_bytes(synth_pixels(1, seed=1700)[0]), key=svc.other_clinic).json()["id"]
-    import time
-
-    for _ in range(400):  # scored (its clinic's key is not the one `svc.wait` uses)
-        if svc.store.get_study(sid).status == "scored":
-            break
-        time.sleep(0.05)
+    svc.wait_stored(sid)
     b = _login(svc, "bs.b")
     html = b.get(f"/review/studies/{sid}").text
     assert 'id="impression-submit"' in html and 'id="review-form"' not in html  # AI hidden

@@ -205,9 +205,6 @@ def create_app(
     limiter = RateLimiter(cfg.limits.rate_per_minute)
     max_bytes = int(cfg.limits.max_upload_mb * 1024 * 1024)
     reserve = int(cfg.limits.disk_reserve_mb * 1024 * 1024)
-    from diagnostics.serve.i18n import FINDINGS
-
-    review_labels = set(FINDINGS["en"]) | set(model.labels)  # the harmonised vocabulary
     worker = Worker(
         store,
         holder,
@@ -531,7 +528,7 @@ def create_app(
         need(p, "reviewer", "admin")
         study = visible_study(p, study_id)
         try:
-            ids = record_reviews(store, study, p.key_id, body.reviews, review_labels)
+            ids = record_reviews(store, study, p.key_id, body.reviews)
         except ReviewError as exc:
             raise Problem(exc.status, exc.code, exc.detail) from None
         return _json({"reviews": ids, "study": study_id}, status=201)
@@ -543,15 +540,14 @@ def create_app(
         lang: str = Query("en", pattern="^(en|vi)$"),
         format: str = Query("fhir", pattern="^(fhir|text)$"),
     ) -> Response:
-        from diagnostics.serve.reports import fhir_report, text_report
+        from diagnostics.serve.reports import fhir_report, shown_model, text_report
 
         study = visible_study(p, study_id)
         if study.status != "scored":
             raise Problem(409, "not_scored", f"The study is {study.status}; there is no report.")
         view = store.study_view(study_id)
-        shown = view["findings"][0]["model_version"] if view["findings"] else None
         store.log_access(
-            p.key_id, "report.read", "study", study_id, format=format, model_version=shown
+            p.key_id, "report.read", "study", study_id, format=format, **shown_model(view)
         )
         if format == "text":
             return Response(text_report(view, lang), media_type="text/plain; charset=utf-8")

@@ -97,27 +97,37 @@ def _tag(tags: dict[str, object], name: str) -> str:
 def check_tags(tags: dict[str, object], cfg: QCConfig) -> list[QCResult]:
     """Modality, body part and view from DICOM tags. Absent tags pass with a note."""
     out = []
-    modality = _tag(tags, "Modality")
-    if modality and modality not in cfg.modalities:
-        msg = (
-            f"Modality {modality} is not accepted: this service reads radiographs "
-            f"({', '.join(cfg.modalities)})."
-        )
-        out.append(QCResult(MODALITY, False, msg, "intake"))
-    else:
-        out.append(_ok("modality", "intake", modality or "no Modality tag"))
-    part = _tag(tags, "BodyPartExamined")
-    if part and part not in cfg.body_parts:
-        msg = f"Body part {part} is not a chest; the model reads chest radiographs only."
-        out.append(QCResult(BODY_PART, False, msg, "intake"))
-    else:
-        out.append(_ok("body_part", "intake", part or "no BodyPartExamined tag"))
-    view = _tag(tags, "ViewPosition")
-    if view and view not in cfg.views:
-        msg = f"View {view} is not frontal; the model reads {'/'.join(cfg.views)} views only."
-        out.append(QCResult(VIEW, False, msg, "intake"))
-    else:
-        out.append(_ok("view", "intake", view or "no ViewPosition tag"))
+    rules = (
+        # (tag, allowed values, refusal code, result name, refusal message)
+        (
+            "Modality",
+            cfg.modalities,
+            MODALITY,
+            "modality",
+            "Modality {v} is not accepted: this service reads radiographs ({allowed}).",
+        ),
+        (
+            "BodyPartExamined",
+            cfg.body_parts,
+            BODY_PART,
+            "body_part",
+            "Body part {v} is not a chest; the model reads chest radiographs only.",
+        ),
+        (
+            "ViewPosition",
+            cfg.views,
+            VIEW,
+            "view",
+            "View {v} is not frontal; the model reads {slashed} views only.",
+        ),
+    )
+    for tag, allowed, code, name, message in rules:
+        value = _tag(tags, tag)
+        if value and value not in allowed:
+            msg = message.format(v=value, allowed=", ".join(allowed), slashed="/".join(allowed))
+            out.append(QCResult(code, False, msg, "intake"))
+        else:
+            out.append(_ok(name, "intake", value or f"no {tag} tag"))
     return out
 
 

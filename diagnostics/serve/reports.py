@@ -21,6 +21,12 @@ DECISION_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/review-decision"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 
+def shown_model(view: dict[str, Any]) -> dict[str, Any]:
+    """The model version and sha256 a study's findings came from (for the audit trail)."""
+    first = view["findings"][0] if view["findings"] else {}
+    return {"model_version": first.get("model_version"), "model_sha256": first.get("model_sha256")}
+
+
 def report_status(view: dict[str, Any]) -> str:
     findings = view["findings"]
     reviewed = findings and all(f["review"] is not None for f in findings)

@@ -35,10 +35,17 @@ class ReviewError(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
-def record_reviews(
-    store: Store, study: Any, actor: str, items: list[ReviewItem], allowed_labels: set[str]
-) -> list[int]:
+def review_labels(listed: list[str]) -> list[str]:
+    """What a correction may name: the harmonised vocabulary and the study's own findings."""
+    from diagnostics.serve.i18n import FINDINGS
+
+    return sorted(set(FINDINGS["en"]) | set(listed))
+
+
+def record_reviews(store: Store, study: Any, actor: str, items: list[ReviewItem]) -> list[int]:
     """Validate and append reviews of a scored study; returns the new review IDs."""
+    listed = [f["label"] for f in (store.study_view(study.id) or {}).get("findings", [])]
+    allowed_labels = review_labels(listed)
     if study.status != "scored":
         raise ReviewError(409, "not_scored", f"The study is {study.status}; nothing to review.")
     for item in items:
@@ -50,9 +57,8 @@ def record_reviews(
             raise ReviewError(
                 422,
                 "unknown_label",
-                f"corrected_label must be one of {', '.join(sorted(allowed_labels))}.",
+                f"corrected_label must be one of {', '.join(allowed_labels)}.",
             )
-    listed = {f["label"] for f in (store.study_view(study.id) or {}).get("findings", [])}
     for item in items:
         if item.unlisted and item.corrected_label in listed:
             raise ReviewError(

@@ -356,6 +356,28 @@ def new_key() -> tuple[str, str]:
     return prefix, f"dk_{prefix}_{secrets.token_urlsafe(32)}"
 
 
+def _key_row(
+    prefix: str,
+    key: str,
+    role: str,
+    clinic: str | None,
+    scope: list[str] | None,
+    label: str,
+    replaces: str | None,
+) -> ApiKey:
+    """A key row: only the hash of the key; the clinic for submitters, the scope for reviewers."""
+    return ApiKey(
+        id=f"key_{prefix}",
+        prefix=prefix,
+        key_hash=hash_key(key),
+        role=role,
+        clinic_id=clinic if role == "submitter" else None,
+        scope=list(scope or []) if role == "reviewer" else [],
+        label=label,
+        replaces=replaces,
+    )
+
+
 class Store:
     """The repository: every read and write the service makes."""
 
@@ -451,16 +473,7 @@ class Store:
                 self.ensure_clinic(cid)
 
         def tx(s: Session) -> ApiKey:
-            row = ApiKey(
-                id=f"key_{prefix}",
-                prefix=prefix,
-                key_hash=hash_key(key),
-                role=role,
-                clinic_id=clinic if role == "submitter" else None,
-                scope=list(scope or []) if role == "reviewer" else [],
-                label=label,
-                replaces=replaces,
-            )
+            row = _key_row(prefix, key, role, clinic, scope, label, replaces)
             s.add(row)
             self.audit(s, actor, "key.create", "api_key", row.id, role=role, clinic=clinic)
             return row
@@ -506,16 +519,7 @@ class Store:
                 raise KeyError(f"no key {key_id}")
             if old.revoked_at is not None:
                 raise ValueError(f"{key_id} is revoked; create a new key instead")
-            row = ApiKey(
-                id=f"key_{prefix}",
-                prefix=prefix,
-                key_hash=hash_key(key),
-                role=old.role,
-                clinic_id=old.clinic_id,
-                scope=list(old.scope or []),
-                label=old.label,
-                replaces=key_id,
-            )
+            row = _key_row(prefix, key, old.role, old.clinic_id, old.scope, old.label, key_id)
             s.add(row)
             old.revoked_at = now()
             self.audit(s, actor, "key.create", "api_key", row.id, role=row.role, replaces=key_id)
@@ -558,26 +562,16 @@ class Store:
         """(existing study, conflict code). Same bytes -> that study; the same idempotency key
         or SOP Instance UID with other bytes -> a conflict."""
         with self.session() as s:
-            if idempotency_key:
-                hit = s.scalar(
-                    select(Study).where(
-                        Study.clinic_id == clinic, Study.idempotency_key == idempotency_key
-                    )
-                )
+            # a retry names the same key or the same instance; other bytes under it conflict
+            for column, value, conflict in (
+                (Study.idempotency_key, idempotency_key, "idempotency_key_reused"),
+                (Study.sop_instance_uid, sop_uid, "sop_instance_conflict"),
+            ):
+                if not value:
+                    continue
+                hit = s.scalar(select(Study).where(Study.clinic_id == clinic, column == value))
                 if hit is not None:
-                    if hit.content_sha256 != sha256:
-                        return hit, "idempotency_key_reused"
-                    return hit, None
-            if sop_uid:
-                hit = s.scalar(
-                    select(Study).where(
-                        Study.clinic_id == clinic, Study.sop_instance_uid == sop_uid
-                    )
-                )
-                if hit is not None:
-                    if hit.content_sha256 != sha256:
-                        return hit, "sop_instance_conflict"
-                    return hit, None
+                    return hit, (conflict if hit.content_sha256 != sha256 else None)
             hit = s.scalar(
                 select(Study).where(Study.clinic_id == clinic, Study.content_sha256 == sha256)
             )

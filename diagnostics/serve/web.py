@@ -21,9 +21,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from diagnostics.serve.config import ServeConfig
-from diagnostics.serve.i18n import FINDINGS, norm_lang, t
 from diagnostics.serve.i18n import finding as finding_name
-from diagnostics.serve.review import ReviewError, ReviewItem, record_reviews
+from diagnostics.serve.i18n import norm_lang, t
+from diagnostics.serve.reports import shown_model
+from diagnostics.serve.review import ReviewError, ReviewItem, record_reviews, review_labels
 from diagnostics.serve.store import STATUSES, USERNAME, Store
 
 PER_PAGE = 20
@@ -60,7 +61,6 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
         autoescape=select_autoescape(["html"]),  # patient-supplied text is always escaped
     )
     router = APIRouter(prefix="/review")
-    allowed_labels = set(FINDINGS["en"]) | set(holder.model.labels)
 
     def lang_of(request: Request) -> str:
         return norm_lang(request.session.get("lang") or cfg.review.default_language)
@@ -204,14 +204,12 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
         row, study = load_study(request, study_id)
         view = store.study_view(study_id)
         pending = impression_pending(row, study)
-        shown = view["findings"][0]["model_version"] if view["findings"] else None
         store.log_access(
             f"user:{row.username}",
             "study.view",
             "study",
             study_id,
-            model_version=shown,
-            model_sha256=view["findings"][0]["model_sha256"] if view["findings"] else None,
+            **shown_model(view),
             ai_shown=not pending,
             independent_impression=study.clinic_id in cfg.review.independent_impression_clinics,
         )
@@ -224,7 +222,7 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
             pending_impression=pending,
             saved=bool(saved),
             thresholds=thresholds,
-            labels=sorted(allowed_labels),
+            labels=review_labels([f["label"] for f in view["findings"]]),
             pct=lambda x: "—" if x is None else f"{100 * x:.1f}%",
         )
 
@@ -252,7 +250,7 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
         if not items:
             return RedirectResponse(f"/review/studies/{quote(study_id)}", status_code=303)
         try:
-            record_reviews(store, study, f"user:{row.username}", items, allowed_labels)
+            record_reviews(store, study, f"user:{row.username}", items)
         except ReviewError:
             raise WebDenied(400, lang_of(request)) from None
         return RedirectResponse(f"/review/studies/{quote(study_id)}?saved=1", status_code=303)
