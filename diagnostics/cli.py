@@ -908,11 +908,20 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="where to write metrics.json")] = Path("metrics.json"),
     bootstrap: Annotated[int, typer.Option(min=0, help="resamples for the 95% CIs")] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "cpu",
+    population_check: Annotated[
+        bool,
+        typer.Option(
+            help="run the clinic's QC and population check, and compute metrics only on what "
+            "the clinic would score (the default); off: score everything, with a warning"
+        ),
+    ] = True,
 ) -> None:
     """Score a dataset with an exported ONNX model (ONNX Runtime, clinic preprocessing).
 
-    CXR models take a dataset config (data: section); risk models take a risk config, whose
-    table is validated against the schema inside the model file.
+    CXR models: every image goes through the clinic's QC and intended-population check;
+    metrics cover what the clinic would score, and the images it would withhold are counted
+    by reason. Risk models take a risk config, whose table is validated against the schema
+    inside the model file.
     """
     from diagnostics.configio import ConfigError
     from diagnostics.data.clinical import SchemaError
@@ -930,7 +939,12 @@ def evaluate(
             result = evaluate_risk(model, config, set_ or [], n_boot=bootstrap)
         else:
             result = run_eval(
-                model, load_data_config(config, set_), split=split, n_boot=bootstrap, device=device
+                model,
+                load_data_config(config, set_),
+                split=split,
+                n_boot=bootstrap,
+                device=device,
+                population_check=population_check,
             )
     except (DatasetError, FileNotFoundError, ValueError, SchemaError, ConfigError) as exc:
         raise _fail(str(exc)) from None

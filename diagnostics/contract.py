@@ -101,13 +101,74 @@ class OODReference(BaseModel):
     validation_scores: dict[str, float] = Field(default_factory=dict)  # median, q99, max
 
 
+class PopulationCheck(BaseModel):
+    """The model's own measured judgement of whether an image comes from its intended population.
+
+    A logistic head on the pooled features, trained inside the exported graph with images from
+    outside the population as negatives (e.g. adult chests for a paediatric model). Its output
+    `output` (B,) is a logit: an image scores inside when the logit is at or above `threshold`.
+    `rule` says in words how the threshold was set; `metrics` holds what was measured at training
+    time on images the head never saw (held-out outside images, the validation split).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["population-head"] = "population-head"
+    output: str = "population"
+    threshold: float
+    rule: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Population(BaseModel):
+    """Who the model was made for. QC refuses (or flags, where a site chooses) anyone else.
+
+    `age_years` is a half-open range [min, max) in years: (1, 6) admits ages from the first to
+    the sixth birthday, "1 to 5 years" as a clinician says it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    age_years: tuple[float, float] | None = None
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    views: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    description: str = ""  # where the training images came from, in plain words
+    check: PopulationCheck | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> Population:
+        if self.age_years is not None:
+            lo, hi = self.age_years
+            if not 0 <= lo < hi <= 150:
+                raise ValueError("age_years is [min, max) with 0 <= min < max <= 150")
+        self.modalities = [m.strip().upper() for m in self.modalities]
+        self.views = [v.strip().upper() for v in self.views]
+        return self
+
+    def age_inside(self, age_years: float) -> bool:
+        if self.age_years is None:
+            return True
+        lo, hi = self.age_years
+        return lo <= age_years < hi
+
+    def age_text(self) -> str:
+        """'1 to 5 years' for (1, 6): whole years as clinicians count them."""
+        if self.age_years is None:
+            return "any age"
+        lo, hi = self.age_years
+        if float(lo).is_integer() and float(hi).is_integer():
+            return f"{int(lo)} to {int(hi) - 1} years"
+        return f"{lo:g} to under {hi:g} years"
+
+
 class Finding(BaseModel):
-    """One label's result for one image."""
+    """One label's result for one image. `positive` is None when no call is made: the image is
+    outside the model's intended population and the site chose to score it with a flag."""
 
     label: str
     probability: float = Field(ge=0.0, le=1.0)  # calibrated
     threshold: float
-    positive: bool
+    positive: bool | None
     heatmap: str | None = None  # file name of the CAM overlay PNG, positive findings only
     logit: float | None = None  # raw model output, before the temperature
 
@@ -133,6 +194,7 @@ class ModelMetadata(BaseModel):
     table_schema: dict[str, Any] | None = None  # risk models: the validated table schema
     outputs: list[str] = Field(default_factory=lambda: ["logits", "cam", "embedding"])
     ood: OODReference | None = None  # CXR models: the reference for out-of-distribution QC
+    population: Population | None = None  # CXR models: who the model was made for
     quantization: str | None = None  # e.g. "int8-static-qdq-per-channel"; None = fp32
     # Provenance
     run_id: str | None = None

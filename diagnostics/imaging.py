@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,6 +108,8 @@ class DecodedImage:
     photometric: str  # of the source; MONOCHROME1 has already been inverted in `pixels`
     dicom: dict[str, Any] = field(default_factory=dict)  # SAFE_DICOM_TAGS present in the file
     chroma: float = 0.0  # colour spread of the source, 0 for grey (see `_chroma`)
+    age_years: float | None = None  # DICOM only: see `patient_age`; None = unknown
+    age_source: str | None = None  # "PatientAge" | "StudyDate-PatientBirthDate"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -158,6 +162,8 @@ class HeaderInfo:
     cols: int
     dicom: dict[str, Any] = field(default_factory=dict)  # SAFE_DICOM_TAGS
     sop_instance_uid: str | None = None  # DICOM only; an instance identifier, never logged
+    age_years: float | None = None  # DICOM only: see `patient_age`
+    age_source: str | None = None
 
 
 def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> HeaderInfo:
@@ -166,7 +172,8 @@ def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Head
     if kind == "dicom":
         ds = read_dicom_header(data, max_pixels=max_pixels)
         uid = str(ds.get("SOPInstanceUID", "") or "").strip() or None
-        return HeaderInfo("dicom", int(ds.Rows), int(ds.Columns), _safe_tags(ds), uid)
+        age, source = patient_age(ds)
+        return HeaderInfo("dicom", int(ds.Rows), int(ds.Columns), _safe_tags(ds), uid, age, source)
     if kind in ("png", "jpeg"):
         img = _open_bitmap(data, max_pixels)
         return HeaderInfo(kind, img.size[1], img.size[0])
@@ -274,13 +281,69 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
     pixels = dicom_to_display(stored, ds)
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels  # MONOCHROME1: low values are bright; flip so air is dark
+    age, age_source = patient_age(ds)
     return DecodedImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         format="dicom",
         bits_stored=int(ds.BitsStored),
         photometric=photometric,
         dicom=tags,
+        age_years=age,
+        age_source=age_source,
     )
+
+
+_AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")  # DICOM AS: 045Y, 018M, 006W, 010D
+_DAYS_PER_YEAR = 365.2425
+_AGE_UNIT_YEARS = {"D": 1 / _DAYS_PER_YEAR, "W": 7 / _DAYS_PER_YEAR, "M": 1 / 12, "Y": 1.0}
+
+
+def parse_age_string(value: Any) -> float | None:
+    """A DICOM Age String (AS) in years, or None when absent or malformed (never an error)."""
+    m = _AGE_STRING.match(str(value or "").strip().upper())
+    return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)] if m else None
+
+
+def parse_dicom_date(value: Any) -> date | None:
+    """A DICOM Date (DA, YYYYMMDD) or None when absent or malformed."""
+    text = str(value or "").strip()
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def patient_age(ds: Any) -> tuple[float | None, str | None]:
+    """(age in years, where it came from): `PatientAge`, else `StudyDate - PatientBirthDate`.
+
+    A malformed, missing or impossible value (a birth after the study, over 150 years) is
+    unknown: (None, None). Only the age leaves this function; the birth date never does.
+    """
+    age = parse_age_string(_text_tag(ds, "PatientAge"))
+    if age is not None and age <= 150:
+        return age, "PatientAge"
+    born = parse_dicom_date(_text_tag(ds, "PatientBirthDate"))
+    seen = parse_dicom_date(_text_tag(ds, "StudyDate"))
+    if born is not None and seen is not None and born <= seen:
+        years = (seen - born).days / _DAYS_PER_YEAR
+        if years <= 150:
+            return years, "StudyDate-PatientBirthDate"
+    return None, None
+
+
+def _text_tag(ds: Any, name: str) -> str:
+    """A tag's value as text; '' when absent, binary or multi-valued (all malformed here)."""
+    try:
+        value = ds.get(name)
+    except Exception:  # a damaged element raises on access
+        return ""
+    if value is None or isinstance(value, bytes | bytearray | list | tuple):
+        return ""
+    if type(value).__name__ == "MultiValue":
+        return ""
+    return str(value)
 
 
 def _ends_early(ds: Any, caught: list[warnings.WarningMessage]) -> bool:

@@ -115,3 +115,43 @@ def cxr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     with diagnostics_home(root / "home"):
         return train_cxr(cfg, progress=False).onnx_path
+
+
+def with_population(cfg, outside_manifest: Path, **check):
+    """The config with an intended population (ages 1 to 5 years) and a population check
+    trained against `outside_manifest`'s images."""
+    from diagnostics.train.config import PopulationConfig
+
+    population = PopulationConfig.model_validate(
+        {
+            "age_years": [1, 6],
+            "description": "synthetic standard-habitus chests",
+            "check": {"outside": {"labels_file": str(outside_manifest)}, **check},
+        }
+    )
+    return cfg.model_copy(update={"population": population})
+
+
+@pytest.fixture(scope="session")
+def population_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real exported model with an intended population (ages 1 to 5 years) and a population
+    check: synthetic standard-habitus chests inside, broad-habitus ones outside. CPU, 64 px."""
+    from diagnostics.data.synthetic import write_dataset
+    from diagnostics.train.cxr import train_cxr
+
+    root = tmp_path_factory.mktemp("population_model")
+    inside = write_dataset(root / "inside", 160, size=64, seed=21)
+    outside = write_dataset(root / "outside", 80, size=64, seed=22, habitus="broad")
+    cfg = tiny_cxr_config(
+        inside,
+        name="population",
+        size=64,
+        width=8,
+        blocks=3,
+        val=0.3,
+        train={"epochs": 4, "batch_size": 16, "lr": 0.003},
+        tracking={"experiment": "population", "registered_model": None},
+    )
+    cfg = with_population(cfg, outside, max_inside_refused=0.02)
+    with diagnostics_home(root / "home"):
+        return train_cxr(cfg, progress=False).onnx_path

@@ -65,7 +65,21 @@ class _Anatomy:
     tilt: float
 
 
-def _anatomy(rng: np.random.Generator) -> _Anatomy:
+Habitus = Literal["standard", "broad"]
+
+
+def _anatomy(rng: np.random.Generator, habitus: Habitus = "standard") -> _Anatomy:
+    """Per-patient geometry. `broad`: wider, longer lungs and a smaller heart, a body the
+    standard images never show; tests use it as a population outside the model's."""
+    if habitus == "broad":
+        return _Anatomy(
+            lung_dx=rng.uniform(0.20, 0.22),
+            lung_cy=rng.uniform(0.50, 0.53),
+            lung_rx=rng.uniform(0.14, 0.16),
+            lung_ry=rng.uniform(0.31, 0.34),
+            heart_r=rng.uniform(0.075, 0.085),
+            tilt=rng.uniform(-0.02, 0.02),
+        )
     return _Anatomy(
         lung_dx=rng.uniform(0.15, 0.18),
         lung_cy=rng.uniform(0.44, 0.48),
@@ -190,7 +204,7 @@ def draw(
 
 
 def generate(
-    n: int, spec: SynthSpec, seed: int = 0
+    n: int, spec: SynthSpec, seed: int = 0, habitus: Habitus = "standard"
 ) -> list[tuple[str, SynthImage, dict[str, object]]]:
     """n images as (patient_id, image, demographics). Patients have 1-3 images each."""
     master = np.random.default_rng(seed)
@@ -202,7 +216,7 @@ def generate(
         k = int(min(master.choice([1, 1, 2, 3]), n - i))
         patient = f"SYN{seed:03d}-{p:05d}"
         prng = np.random.default_rng([seed, 1_000_000 + p])
-        anatomy = _anatomy(prng)
+        anatomy = _anatomy(prng, habitus)
         demo = {"sex": ("F", "M")[int(prng.integers(0, 2))], "age": int(prng.integers(18, 90))}
         for _ in range(k):
             rng = np.random.default_rng([seed, i])
@@ -276,6 +290,7 @@ def write_dataset(
     bits: int = 12,
     photometric: Literal["MONOCHROME1", "MONOCHROME2"] = "MONOCHROME2",
     prevalence: dict[str, float] | None = None,
+    habitus: Habitus = "standard",
 ) -> Path:
     """Write images, masks and `manifest.csv` (the generic manifest format) under `out`."""
     from PIL import Image
@@ -290,7 +305,7 @@ def write_dataset(
         size=size, difficulty=difficulty, prevalence=prevalence or SynthSpec().prevalence
     )
     rows = []
-    for i, (patient, image, demo) in enumerate(generate(n, spec, seed)):
+    for i, (patient, image, demo) in enumerate(generate(n, spec, seed, habitus)):
         stem = f"{i:06d}"
         if fmt == "png":
             rel = f"images/{stem}.png"

@@ -23,7 +23,13 @@ from diagnostics.models.registry import register_model
 
 
 class CAMClassifier(nn.Module):
-    """features (B, C, h, w) -> CAM (B, F, h, w) and logits (B, F) = CAM averaged over h, w."""
+    """features (B, C, h, w) -> CAM (B, F, h, w) and logits (B, F) = CAM averaged over h, w.
+
+    Optionally a population head (`add_population_head`): one logit per image from the pooled
+    features, high for images of the population the model is made for, trained with images
+    from outside it (outlier exposure). It is part of the exported graph, so the clinic's input
+    QC needs no torch.
+    """
 
     def __init__(
         self, features: nn.Module, n_features: int, num_classes: int, dropout: float = 0.0
@@ -33,6 +39,20 @@ class CAMClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(n_features, num_classes, kernel_size=1)
         self.num_classes = num_classes
+        self.n_features = n_features
+        self.population: nn.Linear | None = None
+
+    def add_population_head(self) -> CAMClassifier:
+        self.population = nn.Linear(self.n_features, 1)
+        return self
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, F) and the population logit (B,) or None, in one pass."""
+        feats = self.features(x)  # (B, C, h, w)
+        logits = self.head(self.dropout(feats)).mean(dim=(2, 3))
+        if self.population is None:
+            return logits, None
+        return logits, self.population(self.dropout(feats.mean(dim=(2, 3)))).squeeze(1)
 
     def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cam = self.head(self.dropout(self.features(x)))  # (B, F, h, w), logit units
@@ -52,14 +72,22 @@ class CAMClassifier(nn.Module):
 
 
 class WithCAM(nn.Module):
-    """Export wrapper: outputs (logits, cam, embedding)."""
+    """Export wrapper: outputs (logits, cam, embedding), and `population` (B,) when the model
+    has a population head."""
 
     def __init__(self, model: CAMClassifier):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.forward_all(x)
+    def output_names(self) -> list[str]:
+        names = ["logits", "cam", "embedding"]
+        return [*names, "population"] if self.model.population is not None else names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, cam, embedding = self.model.forward_all(x)
+        if self.model.population is None:
+            return logits, cam, embedding
+        return logits, cam, embedding, self.model.population(embedding).squeeze(1)
 
 
 def adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:

@@ -30,8 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from diagnostics.serve import qc
-from diagnostics.serve.config import ServeConfig
+from diagnostics.serve.config import MonitorSection, ServeConfig
 from diagnostics.serve.models import ModelHolder, ModelSource
+from diagnostics.serve.monitor import WATCHED, AlertLog, daily
 from diagnostics.serve.review import ReviewBody, ReviewError, record_reviews
 from diagnostics.serve.runner import OnnxModel, ScoreResult
 from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
@@ -134,7 +135,7 @@ class RateLimiter:
 
 
 class Metrics:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, monitor_cfg: MonitorSection | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -183,11 +184,60 @@ class Metrics:
                 for k, v in store.qc_refusal_counts().items():
                     refusals.add_metric([k], v)
                 yield refusals
+                yield from population_gauges()
 
+        mcfg = monitor_cfg or MonitorSection()
+
+        def population_gauges() -> Any:
+            """Today's (UTC) shares per site: outside the population or the training
+            distribution (refused or flagged), AI-positive calls, and the alert."""
+            today = daily(store, None, mcfg.model_copy(update={"days": 1}))
+            gauges = {
+                "outside_share": GaugeMetricFamily(
+                    "diagnostics_outside_population_share",
+                    "Share of today's studies refused or flagged as outside the model's "
+                    "intended population or training distribution, per site (UTC day)",
+                    labels=["clinic", "day"],
+                ),
+                "positive_share": GaugeMetricFamily(
+                    "diagnostics_positive_share",
+                    "Share of today's studies with a call that the AI called positive, per site",
+                    labels=["clinic", "day"],
+                ),
+                "alert": GaugeMetricFamily(
+                    "diagnostics_population_alert",
+                    "1 when today's outside share reached monitor.alert_share (with at least "
+                    "monitor.min_studies studies), per site",
+                    labels=["clinic", "day"],
+                ),
+            }
+            outcomes = GaugeMetricFamily(
+                "diagnostics_studies_today",
+                "Today's finished studies per site by population outcome",
+                labels=["clinic", "day", "outcome"],
+            )
+            for r in today:
+                key = [r["clinic"], r["day"]]
+                gauges["outside_share"].add_metric(key, r["outside_share"])
+                if r["positive_share"] is not None:
+                    gauges["positive_share"].add_metric(key, r["positive_share"])
+                gauges["alert"].add_metric(key, 1.0 if r["alert"] else 0.0)
+                for outcome in ("refused_population", "flagged_population", "refused_ood"):
+                    outcomes.add_metric([*key, outcome], r[outcome])
+                outcomes.add_metric([*key, "all"], r["studies"])
+            yield from gauges.values()
+            yield outcomes
+
+        self.alerts = AlertLog(store, mcfg)
         self.registry.register(FromStore())
 
     def observe_result(self, result: ScoreResult) -> None:
         self.scoring.observe(result.timing_ms.get("total", 0.0) / 1000.0)
+        if result.code in WATCHED or result.flags:
+            try:
+                self.alerts.check()
+            except Exception:  # monitoring must never fail a study
+                log.exception("population monitoring check failed")
 
 
 # --------------------------------------------------------------------------- app
@@ -201,7 +251,7 @@ def create_app(
     model_source: ModelSource | None = None,
 ) -> FastAPI:
     holder = ModelHolder(model, cfg, data_dir / "heatmaps", model_source)
-    metrics = Metrics(store)
+    metrics = Metrics(store, cfg.monitor)
     limiter = RateLimiter(cfg.limits.rate_per_minute)
     max_bytes = int(cfg.limits.max_upload_mb * 1024 * 1024)
     reserve = int(cfg.limits.disk_reserve_mb * 1024 * 1024)
@@ -558,6 +608,19 @@ def create_app(
     def agreement(p: Principal = Depends(principal)) -> Response:
         need(p, "reviewer", "admin")
         return _json({"agreement": store.agreement(p.visible())})
+
+    @app.get("/v1/stats/population")
+    def population(p: Principal = Depends(principal)) -> Response:
+        """Per site and day: refused or flagged outside the population or distribution, and
+        the share called positive, with the alert level from serve.yaml."""
+        need(p, "reviewer", "admin")
+        return _json(
+            {
+                "alert_share": cfg.monitor.alert_share,
+                "min_studies": cfg.monitor.min_studies,
+                "days": daily(store, p.visible(), cfg.monitor),
+            }
+        )
 
     # ----------------------------------------------------------------- health
 

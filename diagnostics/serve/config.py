@@ -50,6 +50,17 @@ class ReviewSection(_Strict):
     independent_impression_clinics: list[str] = Field(default_factory=list)
 
 
+class MonitorSection(_Strict):
+    """Per site and day: the share of studies refused or flagged as outside the model's
+    population or training distribution. A sudden rise means a site is sending patients the
+    model was not made for (a new ward, a new machine, adults sent to a paediatric model)."""
+
+    # Alert when a site's share for the day reaches this, over at least `min_studies`.
+    alert_share: float = Field(0.2, gt=0.0, le=1.0)
+    min_studies: int = Field(10, ge=1)
+    days: int = Field(14, ge=1, le=366, description="days shown on the agreement page")
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -62,6 +73,7 @@ class ServeConfig(_Strict):
     worker: WorkerSection = Field(default_factory=WorkerSection)
     qc: QCConfig = Field(default_factory=QCConfig)
     review: ReviewSection = Field(default_factory=ReviewSection)
+    monitor: MonitorSection = Field(default_factory=MonitorSection)
 
     def resolved_data_dir(self, home: Path) -> Path:
         return Path(self.data_dir) if self.data_dir else home / "serve"

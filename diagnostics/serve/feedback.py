@@ -8,7 +8,9 @@ site. Label rules, on each finding's latest review:
 - a corrected label L on an agree/disagree review: L = 1 (the reviewed finding follows its
   verdict, unless it is L); a correction on an uncertain review is not used;
 - a "finding not listed" entry L: L = 1.
-Findings nobody reviewed stay empty. Studies refused by QC are never exported.
+Findings nobody reviewed stay empty. Studies refused by QC are never exported. A study scored
+with a flag (outside the model's population) has no AI call: agree and disagree say nothing
+there, so only corrections and added findings give labels.
 
 The patient key is an HMAC-SHA256 of site + DICOM PatientID (of the study ID when there is none)
 under a secret kept in the service's data folder: stable across exports, not reversible.
@@ -65,11 +67,12 @@ def reviewed_labels(view: dict[str, Any]) -> dict[str, float | None]:
         review = f["review"]
         if review is None:
             continue
-        call = 1.0 if f["positive"] else 0.0
         verdict = review["verdict"]
-        labels[f["label"]] = (
-            call if verdict == "agree" else 1.0 - call if verdict == "disagree" else None
-        )
+        if f["positive"] is not None:  # no call (outside the population): nothing to agree with
+            call = 1.0 if f["positive"] else 0.0
+            labels[f["label"]] = (
+                call if verdict == "agree" else 1.0 - call if verdict == "disagree" else None
+            )
         if review["corrected_label"] and verdict != "uncertain":
             corrected.add(review["corrected_label"])
     for r in view.get("unlisted", []):

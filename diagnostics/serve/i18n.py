@@ -147,6 +147,45 @@ MESSAGES: dict[str, dict[str, str]] = {
         "share": "Share agreed",
         "forbidden": "You may not see this page.",
         "csrf_failed": "The form expired. Please try again.",
+        "population": "Intended population",
+        "population_line": (
+            "Made for: {ages}; {modalities}, {views} views. Training images: {description}"
+        ),
+        "ages_range": "ages {lo} to {hi} years",
+        "ages_any": "any age",
+        "years": "{n} years",
+        "months": "{n} months",
+        "no_call": "no call",
+        "model_output": "model output (not a call)",
+        "flag_outside": "Outside the model's population",
+        "outside_by_age": (
+            "The patient's age ({age}) is outside the ages the model was made for ({ages})."
+        ),
+        "outside_by_check": (
+            "No age was given, and the image does not look like a patient the model was made for "
+            "({ages})."
+        ),
+        "no_call_help": (
+            "The AI makes no positive or negative call for this study, and it is not triaged: "
+            "{reason} Read it without the AI."
+        ),
+        "report_no_call": "No AI call: {reason}",
+        "report_line_no_call": "{finding}: no AI call (model output {probability}, not a call)",
+        "monitor_title": "Patients outside the model's population, per site and day",
+        "monitor_help": (
+            "Refused or flagged as outside the model's intended population, or unlike its "
+            "training images (out of distribution). An alert is raised when a day's share reaches"
+            " {level} with at least {n} studies: the site may be sending patients the model was "
+            "not made for."
+        ),
+        "day": "Day (UTC)",
+        "studies": "Studies",
+        "refused_population": "Refused: population",
+        "flagged_population": "Flagged: population",
+        "refused_ood": "Refused: unlike training",
+        "outside_share": "Share outside",
+        "positive_share": "Share AI positive",
+        "alert": "Alert",
     },
     "vi": {
         "app_title": "Đọc phim X-quang ngực",
@@ -223,6 +262,46 @@ MESSAGES: dict[str, dict[str, str]] = {
         "share": "Tỷ lệ đồng ý",
         "forbidden": "Bạn không có quyền xem trang này.",
         "csrf_failed": "Biểu mẫu đã hết hạn. Vui lòng thử lại.",
+        "population": "Nhóm bệnh nhân dự kiến",
+        "population_line": (
+            "Dành cho: {ages}; {modalities}, tư thế {views}. Ảnh huấn luyện: {description}"
+        ),
+        "ages_range": "từ {lo} đến {hi} tuổi",
+        "ages_any": "mọi lứa tuổi",
+        "years": "{n} tuổi",
+        "months": "{n} tháng",
+        "no_call": "không kết luận",
+        "model_output": "đầu ra mô hình (không phải kết luận)",
+        "flag_outside": "Ngoài nhóm bệnh nhân của mô hình",
+        "outside_by_age": (
+            "Tuổi của bệnh nhân ({age}) nằm ngoài độ tuổi mà mô hình được xây dựng ({ages})."
+        ),
+        "outside_by_check": (
+            "Không có thông tin tuổi, và hình ảnh không giống bệnh nhân mà mô hình được xây dựng "
+            "({ages})."
+        ),
+        "no_call_help": (
+            "AI không đưa ra kết luận dương tính hay âm tính cho ca này và không xếp ưu tiên: "
+            "{reason} Hãy đọc phim không dựa vào AI."
+        ),
+        "report_no_call": "AI không kết luận: {reason}",
+        "report_line_no_call": (
+            "{finding}: AI không kết luận (đầu ra mô hình {probability}, không phải kết luận)"
+        ),
+        "monitor_title": "Bệnh nhân ngoài nhóm của mô hình, theo cơ sở và ngày",
+        "monitor_help": (
+            "Bị từ chối hoặc đánh dấu vì ngoài nhóm bệnh nhân dự kiến của mô hình, hoặc không "
+            "giống ảnh huấn luyện. Cảnh báo khi tỷ lệ trong ngày đạt {level} với ít nhất {n} ca: "
+            "cơ sở có thể đang gửi bệnh nhân mà mô hình không được xây dựng cho."
+        ),
+        "day": "Ngày (UTC)",
+        "studies": "Số ca",
+        "refused_population": "Từ chối: ngoài nhóm",
+        "flagged_population": "Đánh dấu: ngoài nhóm",
+        "refused_ood": "Từ chối: khác ảnh huấn luyện",
+        "outside_share": "Tỷ lệ ngoài nhóm",
+        "positive_share": "Tỷ lệ AI dương tính",
+        "alert": "Cảnh báo",
     },
 }
 
@@ -238,3 +317,27 @@ def t(lang: str, key: str, **values: object) -> str:
 
 def finding(lang: str, label: str) -> str:
     return FINDINGS.get(lang, {}).get(label) or FINDINGS["en"].get(label) or label.replace("_", " ")
+
+
+def age_text(lang: str, years: float) -> str:
+    """An age as a clinician writes it: months under 2 years, whole years above."""
+    if years < 2:
+        return t(lang, "months", n=int(years * 12 + 1e-9))
+    return t(lang, "years", n=int(years + 1e-9))
+
+
+def ages_text(lang: str, age_years: list[float] | tuple[float, float] | None) -> str:
+    """[1, 6) -> 'ages 1 to 5 years' (whole years, as `contract.Population.age_text`)."""
+    if not age_years:
+        return t(lang, "ages_any")
+    lo, hi = age_years
+    top = hi - 1 if float(hi).is_integer() else hi
+    return t(lang, "ages_range", lo=f"{lo:g}", hi=f"{top:g}")
+
+
+def outside_reason(lang: str, population: dict) -> str:
+    """Why a study is outside the model's population, from `ScoreResult.population`."""
+    ages = ages_text(lang, population.get("ages"))
+    if population.get("evidence") == "age" and population.get("age_years") is not None:
+        return t(lang, "outside_by_age", age=age_text(lang, population["age_years"]), ages=ages)
+    return t(lang, "outside_by_check", ages=ages)

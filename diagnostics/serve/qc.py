@@ -1,6 +1,6 @@
 """Input quality control: refuse what the model was not made for, and say why. Torch-free.
 
-Three stages, each returning `QCResult`s with a stable `code` and a plain message:
+Four stages, each returning `QCResult`s with a stable `code` and a plain message:
 
 - intake (`check_intake`): from the file header alone, cheap enough to answer an upload at once:
   format, truncation, pixel data, frames, photometric, transfer syntax, pixel cap, modality,
@@ -8,6 +8,10 @@ Three stages, each returning `QCResult`s with a stable `code` and a plain messag
 - image (`check_image`): on decoded pixels: size, constant images, colour photographs.
 - model (`OODDetector`): distance of the model's pooled features to the training distribution,
   with the reference stored in the model metadata at export time.
+- population (`check_population`): is the patient one the model was made for? By the age in
+  the DICOM header when there is one, else by the model's own population check (a head in the
+  exported graph, with a threshold measured at training time). A site chooses in `serve.yaml`
+  whether a patient outside the population is refused or scored with a flag and no call.
 
 A refusal is never a score. Codes are part of the API: clinics and reviewers see them.
 """
@@ -16,11 +20,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from diagnostics.contract import OODReference
+from diagnostics.contract import OODReference, Population
 from diagnostics.imaging import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -39,6 +44,7 @@ COLOUR = "colour_image"
 OOD = "out_of_distribution"
 INVALID_UID = "invalid_uid"
 NON_FINITE = "non_finite_output"  # the model produced NaN or Inf: the job fails, nothing stored
+OUTSIDE_POPULATION = "outside_intended_population"
 
 
 class QCConfig(BaseModel):
@@ -55,6 +61,10 @@ class QCConfig(BaseModel):
     # Colour photographs: mean channel spread above this (grey films measure about 0.01).
     max_chroma: float = Field(0.06, ge=0.0, le=1.0)
     ood: bool = True  # refuse inputs the model's OOD reference places outside training
+    # A patient outside the model's intended population (age from DICOM, else the model's own
+    # population check): `refuse` it, or `flag`: score it, but with no positive/negative call
+    # and no triage, and say why on the page, in the API and in the report.
+    population: Literal["refuse", "flag"] = "refuse"
 
 
 @dataclass(frozen=True)
@@ -217,3 +227,45 @@ class OODDetector:
             )
             return QCResult(OOD, False, msg, "model")
         return _ok("distribution", "model", f"distance {score:.2f} (limit {t:.2f})")
+
+
+def age_words(years: float) -> str:
+    """An age as a clinician writes it: months under 2 years, whole years above."""
+    if years < 2:
+        return f"{int(years * 12 + 1e-9)} months"
+    return f"{int(years + 1e-9)} years"
+
+
+def check_age(
+    population: Population | None, age_years: float | None, source: str | None
+) -> QCResult | None:
+    """The age rule, when both the model states an age range and the file gives an age.
+    None: the age cannot decide (no range, or no age known)."""
+    if population is None or population.age_years is None or age_years is None:
+        return None
+    stated = f"{age_words(age_years)}, from {source}"
+    if population.age_inside(age_years):
+        return _ok("population", "population", f"age {stated}: inside {population.age_text()}")
+    msg = (
+        f"The patient's age ({stated}) is outside the ages the model was made for "
+        f"({population.age_text()})."
+    )
+    return QCResult(OUTSIDE_POPULATION, False, msg, "population")
+
+
+def check_population_score(
+    population: Population, score: float, threshold: float | None = None
+) -> QCResult:
+    """The model's population check when no age is known: its logit against its threshold
+    (or a site's own threshold, from a site profile)."""
+    if population.check is None:
+        raise ValueError("the model has no population check")
+    limit = population.check.threshold if threshold is None else threshold
+    if np.isfinite(score) and score >= limit:
+        return _ok("population", "population", f"population check {score:.2f} (limit {limit:.2f})")
+    msg = (
+        f"No age was given, and the image does not look like a patient the model was made for "
+        f"({population.age_text()}; {population.description or 'see the model card'}): "
+        f"population check {score:.2f}, limit {limit:.2f}."
+    )
+    return QCResult(OUTSIDE_POPULATION, False, msg, "population")

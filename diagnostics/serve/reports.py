@@ -2,7 +2,9 @@
 report as plain text in Vietnamese or English. Torch-free, plain dicts (tests validate them
 with `fhir.resources`).
 
-Status is `preliminary` until every finding has a clinician review, `final` after. The model's
+Status is `preliminary` until every finding has a clinician review, `final` after. A study
+scored with a flag (outside the model's intended population) has findings with no
+interpretation, and each says why in a note. The model's
 identity (name, registry version, sha256) is a contained `Device` that each Observation names.
 No patient identity is added: the HIS links the report through the DICOM SOP Instance UID.
 """
@@ -13,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from diagnostics.serve.i18n import finding as finding_name
-from diagnostics.serve.i18n import t
+from diagnostics.serve.i18n import outside_reason, t
 
 FINDING_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/cxr-finding"
 REPORT_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/report"
@@ -25,6 +27,11 @@ def shown_model(view: dict[str, Any]) -> dict[str, Any]:
     """The model version and sha256 a study's findings came from (for the audit trail)."""
     first = view["findings"][0] if view["findings"] else {}
     return {"model_version": first.get("model_version"), "model_sha256": first.get("model_sha256")}
+
+
+def no_call_reason(view: dict[str, Any], lang: str) -> str:
+    """Why a flagged study's findings carry no call, in the reader's language."""
+    return outside_reason(lang, (view.get("result") or {}).get("population") or {})
 
 
 def report_status(view: dict[str, Any]) -> str:
@@ -89,6 +96,11 @@ def fhir_report(
                         },
                     }
                 )
+        notes = []
+        if f["positive"] is None:  # scored with a flag: say why there is no call
+            notes.append({"text": t(lang, "report_no_call", reason=no_call_reason(view, lang))})
+        if review is not None and review["note"]:
+            notes.append({"text": review["note"]})
         obs: dict[str, Any] = {
             "resourceType": "Observation",
             "id": f"finding-{f['id']}",
@@ -109,14 +121,14 @@ def fhir_report(
                 "system": "http://unitsofmeasure.org",
                 "code": "1",
             },
-            "interpretation": [
-                {"coding": [{"system": INTERPRETATION, "code": "POS" if f["positive"] else "NEG"}]}
-            ],
             "device": {"reference": "#model"},
             "component": components,
         }
-        if review is not None and review["note"]:
-            obs["note"] = [{"text": review["note"]}]
+        if f["positive"] is not None:  # no interpretation where no call was made
+            code = "POS" if f["positive"] else "NEG"
+            obs["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": code}]}]
+        if notes:
+            obs["note"] = notes
         observations.append(obs)
     for r in view.get("unlisted", []):  # findings the clinician added
         label = r["corrected_label"]
@@ -188,15 +200,25 @@ def text_report(view: dict[str, Any], lang: str = "en", *, header: bool = True) 
         lines.append(t(lang, "report_title"))
         lines.append(f"{t(lang, 'study')}: {view['id']}  {t(lang, 'clinic')}: {view['clinic']}")
         lines.append(f"{t(lang, 'status')}: {t(lang, 'report_status_' + report_status(view))}")
+    if view.get("flag"):
+        lines.append(t(lang, "report_no_call", reason=no_call_reason(view, lang)))
     for f in view["findings"]:
-        line = t(
-            lang,
-            "report_line",
-            finding=finding_name(lang, f["label"]),
-            result=t(lang, "positive" if f["positive"] else "negative"),
-            probability=f"{f['probability']:.2f}",
-            threshold=f"{f['threshold']:.2f}",
-        )
+        if f["positive"] is None:
+            line = t(
+                lang,
+                "report_line_no_call",
+                finding=finding_name(lang, f["label"]),
+                probability=f"{f['probability']:.2f}",
+            )
+        else:
+            line = t(
+                lang,
+                "report_line",
+                finding=finding_name(lang, f["label"]),
+                result=t(lang, "positive" if f["positive"] else "negative"),
+                probability=f"{f['probability']:.2f}",
+                threshold=f"{f['threshold']:.2f}",
+            )
         review = f["review"]
         if review is not None:
             line += "; " + t(lang, "report_review", verdict=t(lang, review["verdict"]).lower())

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ class Prediction:
     probabilities: np.ndarray  # (B, F), calibrated
     cam: np.ndarray | None  # (B, F, h, w), logit units
     embedding: np.ndarray | None = None  # (B, C) pooled features, for the OOD check
+    population: np.ndarray | None = None  # (B,) the population check's logit (>= limit: inside)
 
 
 class OnnxModel:
@@ -109,6 +110,13 @@ class OnnxModel:
             if self.metadata.ood is not None and "embedding" in self.output_names
             else None
         )
+        pop = self.metadata.population
+        # the graph output holding the population check's logit, when the model has one
+        self.population_output = (
+            pop.check.output
+            if pop is not None and pop.check is not None and pop.check.output in self.output_names
+            else None
+        )
 
     @property
     def labels(self) -> list[str]:
@@ -126,6 +134,20 @@ class OnnxModel:
             "fallback": self.fallback,
             "preprocess_version": self._preprocess_version(),
             "ood_reference": self.ood is not None,
+            "population": self._population_summary(),
+        }
+
+    def _population_summary(self) -> dict[str, Any] | None:
+        pop = self.metadata.population
+        if pop is None:
+            return None
+        return {
+            "ages": pop.age_text(),
+            "age_years": list(pop.age_years) if pop.age_years else None,
+            "modalities": pop.modalities,
+            "views": pop.views,
+            "description": pop.description,
+            "check": self.population_output is not None,
         }
 
     def _preprocess_version(self) -> str | None:
@@ -139,6 +161,8 @@ class OnnxModel:
             names.append("cam")
         if "embedding" in self.output_names:
             names.append("embedding")
+        if self.population_output is not None:
+            names.append(self.population_output)
         batch = np.ascontiguousarray(batch, np.float32)
         step = self.max_batch or len(batch) or 1
         parts = [
@@ -159,8 +183,13 @@ class OnnxModel:
         z = np.clip(logits / self._temperature, -60, 60)
         probs = 1.0 / (1.0 + np.exp(-z))
         probs[~np.isfinite(logits)] = np.nan  # a NaN logit must stay visible, not clip to 0/1
+        population = cat(self.population_output) if self.population_output else None
         return Prediction(
-            logits=logits, probabilities=probs, cam=cat("cam"), embedding=cat("embedding")
+            logits=logits,
+            probabilities=probs,
+            cam=cat("cam"),
+            embedding=cat("embedding"),
+            population=None if population is None else population.reshape(-1).astype(np.float64),
         )
 
 
@@ -188,12 +217,20 @@ class ScoreResult:
     provider: str = ""
     timing_ms: dict[str, float] = field(default_factory=dict)
     image: dict[str, Any] = field(default_factory=dict)  # format, size, safe DICOM tags
+    # Scored, but with no call: e.g. ["outside_intended_population"] where a site flags instead
+    # of refusing. `message` then says why.
+    flags: list[str] = field(default_factory=list)
+    # How the population was decided: evidence ("age" | "check" | "none"), inside, age_years,
+    # age_source, check_score, check_limit.
+    population: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
             "code": self.code,
             "message": self.message,
+            "flags": list(self.flags),
+            "population": dict(self.population),
             "findings": [f.model_dump() for f in self.findings],
             "qc": [r.as_dict() for r in self.qc],
             "ood_score": self.ood_score,
@@ -213,6 +250,8 @@ class _Pending:
     pixels: np.ndarray | None = None  # (S, S) in [0, 1] as the model sees it, for overlays
     x: np.ndarray | None = None  # (C, S, S) model input
     t0: float = 0.0
+    age_decided: bool = False  # the DICOM age settled the population question
+    population_limit: float | None = None  # a site's own population-check threshold
 
 
 class Scorer:
@@ -230,6 +269,15 @@ class Scorer:
             raise ValueError(f"{model.path.name} is not a CXR model (task {model.metadata.task})")
         self.model = model
         self.qc = qc_config or QCConfig()
+        self.population = model.metadata.population
+        pop = self.population
+        if pop is not None:  # the model's own population narrows the site's lists
+            self.qc = self.qc.model_copy(
+                update={
+                    "modalities": [m for m in self.qc.modalities if m in pop.modalities],
+                    "views": [v for v in self.qc.views if v in pop.views],
+                }
+            )
         self.spec = model.metadata.preprocessing
         self.heatmap_dir = Path(heatmap_dir) if heatmap_dir is not None else None
         self.batch_size = max(1, batch_size)
@@ -285,15 +333,51 @@ class Scorer:
         if failed:
             res.status, res.code, res.message = "failed_qc", failed[0].code, failed[0].message
             return
+        # The intended population, by the patient's age, before any score.
+        ages = self.population.age_years if self.population is not None else None
+        res.population = {"evidence": "none", "inside": None, "ages": list(ages) if ages else None}
+        if image.age_years is not None:
+            res.population.update(age_years=round(image.age_years, 2), age_source=image.age_source)
+        by_age = qc.check_age(self.population, image.age_years, image.age_source)
+        if by_age is not None:
+            pending.age_decided = True
+            res.population.update(evidence="age", inside=by_age.passed)
+            if not by_age.passed and self._outside(res, by_age):
+                return
+            if by_age.passed:
+                res.qc.append(by_age)
         pending.pixels = resize_square(image.pixels, self.spec)  # (S, S)
         pending.x = normalize(pending.pixels, self.spec)  # (C, S, S)
         res.timing_ms["preprocess"] = _ms(t2)
 
-    def score_many(self, items: list[bytes], names: list[str] | None = None) -> list[ScoreResult]:
+    def _outside(self, res: ScoreResult, check: QCResult) -> bool:
+        """A patient outside the intended population: refuse (True: stop here), or flag and go
+        on to score with no call (False), as the site's QC config says."""
+        if self.qc.population == "refuse":
+            message = check.message + " It was not scored."
+            res.qc.append(replace(check, message=message))
+            res.status, res.code, res.message = "failed_qc", check.code, message
+            return True
+        message = check.message + " It was scored with a flag: the AI makes no call."
+        res.qc.append(replace(check, message=message))
+        res.flags.append(check.code)
+        res.message = message
+        return False
+
+    def score_many(
+        self,
+        items: list[bytes],
+        names: list[str] | None = None,
+        population_limits: list[float | None] | None = None,
+    ) -> list[ScoreResult]:
         """One result per input, in order. Inputs that pass QC are run through the model in
-        batches of `batch_size`. `names` (for heatmap file names) default to item indices."""
+        batches of `batch_size`. `names` (for heatmap file names) default to item indices.
+        `population_limits` are per-input thresholds for the population check (a site's own,
+        from its profile); None keeps the model's."""
         names = names or [str(i) for i in range(len(items))]
         pendings = [self._prepare(d) for d in items]
+        for p, limit in zip(pendings, population_limits or [], strict=False):
+            p.population_limit = limit
         ready = [i for i, p in enumerate(pendings) if p.x is not None]
         for start in range(0, len(ready), self.batch_size):
             chunk = ready[start : start + self.batch_size]
@@ -342,11 +426,14 @@ class Scorer:
             res.qc.append(
                 QCResult("distribution", True, "skipped: the model has no OOD reference", "model")
             )
+        if self._population_check(p, pred, k):
+            return
+        flagged = bool(res.flags)
         t0 = time.perf_counter()
         meta = self.model.metadata
         for i, label in enumerate(meta.labels):
             thr = meta.thresholds[label].value
-            positive = bool(probs[i] >= thr)
+            positive = None if flagged else bool(probs[i] >= thr)  # flagged: no call
             heatmap = None
             if positive and pred.cam is not None and self.heatmap_dir is not None:
                 heatmap = f"{name}_{label}.png"
@@ -362,7 +449,36 @@ class Scorer:
                 )
             )
         res.timing_ms["heatmaps"] = _ms(t0)
-        res.status, res.code, res.message = "scored", None, None
+        res.status, res.code = "scored", None
+        if not flagged:
+            res.message = None
+
+    def _population_check(self, p: _Pending, pred: Prediction, k: int) -> bool:
+        """The model's own population check, which decides when no age is known (True: refused).
+        With a known age it is only recorded: the age decides."""
+        res, pop = p.result, self.population
+        if pop is None or pop.check is None or pred.population is None:
+            if not p.age_decided:
+                note = "skipped: the model has no population check"
+                res.qc.append(QCResult("population", True, note, "population"))
+            return False
+        score = float(pred.population[k])
+        check = qc.check_population_score(pop, score, p.population_limit)
+        limit = pop.check.threshold if p.population_limit is None else p.population_limit
+        res.population.update(check_score=round(score, 4), check_limit=limit)
+        if p.age_decided:
+            if res.population.get("inside") and not check.passed:  # worth a second look
+                note = (
+                    f"the image looks unlike the intended population (population check "
+                    f"{score:.2f} < {limit:.2f}); the age in the file decided. Check it."
+                )
+                res.qc.append(QCResult("population_check", True, note, "population"))
+            return False
+        res.population.update(evidence="check", inside=check.passed)
+        if check.passed:
+            res.qc.append(check)
+            return False
+        return self._outside(res, check)
 
 
 _REPORTED_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation")

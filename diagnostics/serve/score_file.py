@@ -19,7 +19,7 @@ class FindingsWriter:
         self._fh: TextIO = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115
         self._csv: csv.DictWriter | None = None
         if path.suffix.lower() == ".csv":
-            cols = ["input", "status", "code", "message"]
+            cols = ["input", "status", "code", "flags", "message"]
             for label in labels:
                 cols += [f"{label}_probability", f"{label}_positive", f"{label}_heatmap"]
             cols += ["threshold_" + label for label in labels] + [
@@ -43,6 +43,7 @@ class FindingsWriter:
                 "input": input_path,
                 "status": record.get("status"),
                 "code": record.get("code") or "",
+                "flags": ";".join(record.get("flags") or []),
                 "message": record.get("message") or "",
                 "ood_score": record.get("ood_score"),
                 "qc_failed": ";".join(
@@ -56,7 +57,8 @@ class FindingsWriter:
             }
             for f in record.get("findings", []):
                 row[f"{f['label']}_probability"] = f["probability"]
-                row[f"{f['label']}_positive"] = int(f["positive"])
+                # empty where no call was made (flagged: outside the model's population)
+                row[f"{f['label']}_positive"] = "" if f["positive"] is None else int(f["positive"])
                 row[f"{f['label']}_heatmap"] = f.get("heatmap") or ""
                 row[f"threshold_{f['label']}"] = f["threshold"]
             self._csv.writerow(row)

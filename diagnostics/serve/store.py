@@ -116,6 +116,9 @@ class Study(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)  # QC, timing, model, code
+    # Why a scored study carries no call, e.g. "outside_intended_population" (flagged, not
+    # refused, as the site chose). NULL for an ordinary study.
+    flag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
@@ -146,7 +149,7 @@ class FindingRow(Base):
     label: Mapped[str] = mapped_column(String(64))
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
-    positive: Mapped[bool] = mapped_column(Boolean)
+    positive: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # None: no call made
     model_sha256: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     preprocess_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
@@ -170,6 +173,8 @@ class SiteProfile(Base):
     thresholds: Mapped[dict[str, Any]] = mapped_column()  # finding -> threshold
     policy: Mapped[str] = mapped_column(String(64))
     evidence: Mapped[dict[str, Any]] = mapped_column()  # n, positives, before/after
+    # The site's own threshold for the model's population check (None: the model's)
+    population_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
@@ -794,8 +799,10 @@ class Store:
         findings: list[dict[str, Any]],
         code: str | None = None,
         message: str | None = None,
+        flag: str | None = None,
     ) -> None:
-        """Store the outcome, findings and audit in one transaction, fenced by the lease."""
+        """Store the outcome, findings and audit in one transaction, fenced by the lease.
+        `flag`: why a scored study carries no call (its findings have `positive` None)."""
         if status not in FINAL:
             raise ValueError(status)
         for f in findings:  # SQLite would store NaN as NULL, PostgreSQL as NaN: neither, ever
@@ -812,10 +819,12 @@ class Store:
             job.lease_owner, job.lease_expires_at = None, None
             job.updated_at = study.updated_at = t
             study.result = result
+            study.flag = flag
             action = {"scored": "study.scored", "failed_qc": "study.qc_refused"}.get(
                 status, "study.failed"
             )
-            self.audit(s, f"worker:{owner}", action, "study", study.id, code=code)
+            detail = {"flag": flag} if flag else {}
+            self.audit(s, f"worker:{owner}", action, "study", study.id, code=code, **detail)
 
         self.write(tx)
 
@@ -1137,6 +1146,7 @@ class Store:
                 .join(latest, latest.c.id == Review.id)
                 .join(FindingRow, FindingRow.id == Review.finding_id)
                 .join(Study, Study.id == FindingRow.study_id)
+                .where(FindingRow.positive.is_not(None))  # no call, nothing to agree with
                 .group_by(
                     Study.clinic_id,
                     FindingRow.label,
@@ -1167,6 +1177,58 @@ class Store:
             }
             for r in rows
         ]
+
+    def daily_outcomes(self, clinics: list[str] | None, since: datetime) -> list[dict[str, Any]]:
+        """Per clinic and UTC day since `since`: studies finished, refused by code, flagged, and
+        scored with an AI-positive call. For monitoring (`serve.monitor`)."""
+        with self.session() as s:
+            q = (
+                select(
+                    Study.id,
+                    Study.clinic_id,
+                    Study.created_at,
+                    Study.status,
+                    Study.flag,
+                    Job.last_error_code,
+                )
+                .join(Job, Job.study_id == Study.id)
+                .where(Study.created_at >= since, Study.status.in_(FINAL))
+            )
+            if clinics is not None:
+                q = q.where(Study.clinic_id.in_(clinics))
+            rows = s.execute(q).all()
+            positive = set(
+                s.scalars(
+                    select(FindingRow.study_id)
+                    .join(Study, Study.id == FindingRow.study_id)
+                    .where(Study.created_at >= since, FindingRow.positive.is_(True))
+                )
+            )
+        days: dict[tuple[str, str], dict[str, Any]] = {}
+        for sid, clinic, created, status, flag, code in rows:
+            day = as_utc(created).date().isoformat()
+            d = days.setdefault(
+                (clinic, day),
+                {
+                    "clinic": clinic,
+                    "day": day,
+                    "studies": 0,
+                    "scored": 0,
+                    "refused": {},
+                    "flagged": {},
+                    "positive": 0,
+                },
+            )
+            d["studies"] += 1
+            if status == "failed_qc" and code:
+                d["refused"][code] = d["refused"].get(code, 0) + 1
+            if status == "scored":
+                d["scored"] += 1
+                if flag:
+                    d["flagged"][flag] = d["flagged"].get(flag, 0) + 1
+                elif sid in positive:
+                    d["positive"] += 1
+        return [days[k] for k in sorted(days)]
 
     def reviewed_studies(
         self, *, since: datetime | None = None, clinic: str | None = None
@@ -1220,6 +1282,7 @@ def study_summary(study: Study) -> dict[str, Any]:
         "sha256": study.content_sha256,
         "created_at": as_utc(study.created_at).isoformat(),
         "updated_at": as_utc(study.updated_at).isoformat(),
+        "flag": study.flag,
     }
 
 

@@ -21,8 +21,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from diagnostics.serve.config import ServeConfig
+from diagnostics.serve.i18n import ages_text, norm_lang, outside_reason, t
 from diagnostics.serve.i18n import finding as finding_name
-from diagnostics.serve.i18n import norm_lang, t
+from diagnostics.serve.monitor import daily
 from diagnostics.serve.reports import shown_model
 from diagnostics.serve.review import ReviewError, ReviewItem, record_reviews, review_labels
 from diagnostics.serve.store import STATUSES, USERNAME, Store
@@ -214,6 +215,7 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
             independent_impression=study.clinic_id in cfg.review.independent_impression_clinics,
         )
         thresholds = holder.model.metadata.thresholds
+        lang = lang_of(request)
         return render(
             request,
             "study.html",
@@ -222,6 +224,9 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
             pending_impression=pending,
             saved=bool(saved),
             thresholds=thresholds,
+            population=holder.model.metadata.population,
+            ages=lambda a: ages_text(lang, a),
+            no_call_reason=outside_reason(lang, (view.get("result") or {}).get("population") or {}),
             labels=review_labels([f["label"] for f in view["findings"]]),
             pct=lambda x: "—" if x is None else f"{100 * x:.1f}%",
         )
@@ -328,7 +333,14 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
         row = user(request)
         if row.role != "admin":
             raise WebDenied(403, lang_of(request))
-        return render(request, "agreement.html", rows=store.agreement(None))
+        return render(
+            request,
+            "agreement.html",
+            rows=store.agreement(None),
+            monitor=daily(store, None, cfg.monitor),
+            level=f"{100 * cfg.monitor.alert_share:.0f}%",
+            min_studies=cfg.monitor.min_studies,
+        )
 
     return router, env
 

@@ -82,7 +82,8 @@ class Worker:
         if ready:
             scorer = self.scorer  # one model for the whole batch, even if it switches meanwhile
             try:
-                results = scorer.score_many(data, [study.id for _, study in ready])
+                limits = [self._population_limit(scorer, study.clinic_id) for _, study in ready]
+                results = scorer.score_many(data, [study.id for _, study in ready], limits)
             except Exception as exc:  # an unexpected error: retry later, never lose the job
                 log.exception("scoring failed")
                 for job, _ in ready:
@@ -95,6 +96,14 @@ class Worker:
                     # it will be claimed again; the other jobs of the batch are still stored
                     log.exception("storing the result of study %s failed", study.id)
         return len(claimed)
+
+    def _population_limit(self, scorer: Scorer, clinic: str) -> float | None:
+        """The site's own population-check threshold for this model file, if it has one."""
+        population = getattr(scorer, "population", None)
+        if population is None or population.check is None:
+            return None
+        profile = self.store.site_profile(scorer.model.sha256, clinic)
+        return profile.population_threshold if profile is not None else None
 
     def _store(self, job: Any, study: Any, result: ScoreResult) -> None:
         doc = result.as_dict()
@@ -121,6 +130,8 @@ class Worker:
         if profile is not None:  # this site's own calibration and operating points
             for row in rows:
                 label = row["label"]
+                if row["positive"] is None:  # no call (outside the population): none now either
+                    continue
                 if label in profile.temperatures and row["logit"] is not None:
                     z = max(-60.0, min(60.0, row["logit"] / profile.temperatures[label]))
                     row["probability"] = 1.0 / (1.0 + math.exp(-z))
@@ -141,6 +152,7 @@ class Worker:
                 findings=rows,
                 code=result.code,
                 message=result.message,
+                flag=result.flags[0] if result.status == "scored" and result.flags else None,
             )
             self.processed += 1
             log.info(

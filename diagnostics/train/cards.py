@@ -33,6 +33,7 @@ def cxr_model_card(
         "## Intended use",
         meta.intended_use or "-",
         "",
+        *population_lines(meta),
         "## Data",
         f"- Dataset: {meta.dataset_name}; digest `{(meta.dataset_digest or '')[:16]}`",
         f"- Images per split: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}",
@@ -69,6 +70,42 @@ def cxr_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def population_lines(meta: ModelMetadata) -> list[str]:
+    """The intended population section: who the model is for, and its measured check."""
+    pop = meta.population
+    if pop is None:
+        return ["## Intended population", "Not stated: the clinic cannot enforce one.", ""]
+    lines = [
+        "## Intended population",
+        f"- Ages: {pop.age_text()}"
+        + (f" (`age_years` [{pop.age_years[0]:g}, {pop.age_years[1]:g}))" if pop.age_years else ""),
+        f"- Modalities: {', '.join(pop.modalities)}; views: {', '.join(pop.views)}",
+        f"- Training images: {pop.description or '-'}",
+        "- At the clinic, QC refuses a patient outside this population before any score (or "
+        "scores with a flag and no call, where a site chooses): by the DICOM age when there is "
+        "one, else by the check below.",
+    ]
+    if pop.check is not None:
+        m = pop.check.metrics
+        lines += [
+            f"- Population check: `{pop.check.output}` output, threshold "
+            f"{pop.check.threshold:.3f}; {pop.check.rule}.",
+            f"  Measured on images it never trained on: AUROC {m.get('auroc', float('nan')):.3f}; "
+            f"refuses {100 * m.get('outside_refused', float('nan')):.1f}% of "
+            f"{int(m.get('outside_held_images', 0))} held-out outside images and "
+            f"{100 * m.get('inside_val_refused', float('nan')):.1f}% of "
+            f"{int(m.get('inside_val_images', 0))} validation images.",
+        ]
+        groups = {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("outside_refused.")}
+        if groups:
+            lines.append(
+                "  By group: "
+                + ", ".join(f"{g} {100 * v:.1f}%" for g, v in sorted(groups.items()))
+                + "."
+            )
+    return [*lines, ""]
 
 
 def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:

@@ -37,10 +37,23 @@ class AugmentConfig(_Strict):
     brightness: float = Field(0.1, ge=0, le=1)
     contrast: float = Field(0.1, ge=0, le=1)
     hflip: bool = False  # off: left-right carries anatomy (heart, aortic knob) in a CXR
+    # Site processing (data.augment.acquisition): tone curve log-range, unsharp-mask strength
+    # (blur down to -1), noise standard deviation. 0 = off.
+    gamma: float = Field(0.0, ge=0, le=1)
+    sharpness: float = Field(0.0, ge=0, le=3)
+    noise: float = Field(0.0, ge=0, le=0.2)
 
 
 class LoopConfig(_Strict):
     epochs: int = Field(10, ge=1)
+    # Which weights are kept: "val_auroc" (best validation mean AUROC; early stopping with
+    # `patience`), "val_loss" (lowest validation log loss), or "last" (the end of the fixed
+    # schedule; no choice made on validation at all, for a validation split that saturates).
+    select: Literal["val_auroc", "val_loss", "last"] = "val_auroc"
+    # Exponential moving average of the weights (and BatchNorm statistics), updated every
+    # step; the average is what is validated, kept and exported. None: off.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="targets y(1-e) + e/2")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -81,6 +94,43 @@ class EvalConfig(_Strict):
         return v
 
 
+class OutsideImagesConfig(_Strict):
+    """Images from outside the intended population (e.g. adult chests for a paediatric model):
+    a CSV with a path column. Paths are relative to `root`, by default the CSV's folder."""
+
+    labels_file: Path
+    root: Path | None = None
+    path_column: str = "path"
+    group_column: str | None = Field(None, description="a column to report refusals by")
+
+
+class PopulationCheckConfig(_Strict):
+    """A population head trained in the same network: inside-population training images are
+    positives, a part of the outside images negatives; the rest of them is held out to measure
+    the check."""
+
+    outside: OutsideImagesConfig
+    fit_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="share of outside images that train the head"
+    )
+    weight: float = Field(1.0, gt=0.0, description="weight of its loss beside the findings'")
+    # The rule that sets the threshold: refuse at most this share of the validation images
+    # (which are all inside the population).
+    max_inside_refused: float = Field(0.01, gt=0.0, lt=0.5)
+
+
+class PopulationConfig(_Strict):
+    """Who the model is made for; travels in the model metadata (`contract.Population`)."""
+
+    age_years: tuple[float, float] | None = Field(
+        None, description="[min, max) in years; (1, 6) = from the 1st to the 6th birthday"
+    )
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    views: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    description: str = ""
+    check: PopulationCheckConfig | None = None
+
+
 class TrackingConfig(_Strict):
     experiment: str = "cxr"
     registered_model: str | None = Field("cxr-model", description="None: do not register")
@@ -95,6 +145,7 @@ class CXRTrainConfig(_Strict):
     train: LoopConfig = Field(default_factory=LoopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    population: PopulationConfig | None = None
     intended_use: str = "Research use: decision support for chest X-ray reading. Not a diagnosis."
     limitations: str = ""
 

@@ -23,7 +23,14 @@ import torch
 import yaml
 
 from diagnostics import __version__
-from diagnostics.contract import InputSpec, ModelMetadata, OODReference, PreprocessSpec, Threshold
+from diagnostics.contract import (
+    InputSpec,
+    ModelMetadata,
+    OODReference,
+    Population,
+    PreprocessSpec,
+    Threshold,
+)
 from diagnostics.data.augment import CXRAugment
 from diagnostics.data.cache import build_cache, from_uint16
 from diagnostics.data.cxr import CXRTable, DatasetError, load_dataset
@@ -37,6 +44,7 @@ from diagnostics.train.config import CXRTrainConfig
 from diagnostics.train.export import check_parity, export_onnx
 from diagnostics.train.metrics import auroc, finding_report, mean_auroc
 from diagnostics.train.plots import save_plots
+from diagnostics.train.population import ImagePool, OutsideImages, load_outside
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +118,36 @@ def normalize_torch(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def masked_bce(
-    logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Binary cross-entropy over known labels only: NaN targets add nothing to loss or gradient."""
+    """Binary cross-entropy over known labels only: NaN targets add nothing to loss or gradient.
+    `smoothing` e moves targets to y(1 - e) + e/2."""
     known = ~torch.isnan(targets)
+    y = torch.nan_to_num(targets, nan=0.0)
+    if smoothing:
+        y = y * (1 - smoothing) + 0.5 * smoothing
     loss = torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, torch.nan_to_num(targets, nan=0.0), pos_weight=pos_weight, reduction="none"
+        logits, y, pos_weight=pos_weight, reduction="none"
     )
     return (loss * known).sum() / known.sum().clamp(min=1)
 
 
+def val_log_loss(y: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary log loss (nats) of sigmoid(logits) over the known labels of (N, F) arrays."""
+    known = ~np.isnan(y)
+    z, t = logits[known], y[known]
+    # log(1 + e^-z) for positives, log(1 + e^z) for negatives, computed stably
+    return float(np.mean(np.logaddexp(0.0, -z) * t + np.logaddexp(0.0, z) * (1 - t)))
+
+
 def _batch(
-    cache: np.ndarray, idx: np.ndarray, spec: PreprocessSpec, augment: CXRAugment | None
+    cache: np.ndarray | ImagePool,
+    idx: np.ndarray,
+    spec: PreprocessSpec,
+    augment: CXRAugment | None,
 ) -> torch.Tensor:
     x = torch.from_numpy(from_uint16(cache[idx]))[:, None]  # (B, 1, S, S) in [0, 1]
     if augment is not None:
@@ -129,9 +155,38 @@ def _batch(
     return normalize_torch(x, spec)
 
 
+def predict_outputs(
+    model: torch.nn.Module,
+    cache: np.ndarray | ImagePool,
+    idx: np.ndarray,
+    spec: PreprocessSpec,
+    device: torch.device,
+    batch_size: int,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (N, F) and population logits (N,) or None, float64, for cached images `idx`."""
+    model.eval()
+    out, pop = [], []
+    with torch.no_grad():
+        for start in range(0, len(idx), batch_size):
+            x = _batch(cache, idx[start : start + batch_size], spec, None).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits, population = model.forward_train(x)
+            out.append(logits.float().cpu().numpy())
+            if population is not None:
+                pop.append(population.float().cpu().numpy())
+    if not out:
+        return np.zeros((0, 0)), None
+    logits = np.concatenate(out).astype(np.float64)
+    return logits, (np.concatenate(pop).astype(np.float64) if pop else None)
+
+
 def predict_logits(
     model: torch.nn.Module,
-    cache: np.ndarray,
+    cache: np.ndarray | ImagePool,
     idx: np.ndarray,
     spec: PreprocessSpec,
     device: torch.device,
@@ -140,16 +195,7 @@ def predict_logits(
     channels_last: bool = False,
 ) -> np.ndarray:
     """(N, F) float64 logits for cached images `idx`, in eval mode."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            x = _batch(cache, idx[start : start + batch_size], spec, None).to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out.append(model(x).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
+    return predict_outputs(model, cache, idx, spec, device, batch_size, amp, channels_last)[0]
 
 
 # --------------------------------------------------------------------------- run
@@ -250,6 +296,8 @@ def train_cxr(
     idx = _splits(table)
     labels = table.labels().astype(np.float32)  # (N, F), NaN = unknown
     spec = cfg.preprocess
+    check_cfg = cfg.population.check if cfg.population is not None else None
+    outside = load_outside(check_cfg) if check_cfg is not None else None
     model = create_model(  # before the cache: a bad model name fails before hours of decoding
         cfg.model.name,
         in_channels=spec.channels,
@@ -258,12 +306,25 @@ def train_cxr(
         weights_path=cfg.model.weights_path,
         dropout=cfg.model.dropout,
         **cfg.model.options,
-    ).to(device)
+    )
+    if outside is not None:
+        model.add_population_head()
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cache = build_cache(table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress)
-
+    cache: np.ndarray | ImagePool = build_cache(
+        table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress
+    )
+    n_inside = len(cache)
+    # Population target per pooled image: 1 for the dataset's (inside), 0 for outside images.
+    inside = np.ones(n_inside, dtype=np.float32)
     train_idx = idx["train"]
+    if outside is not None:
+        outside_cache = build_cache(outside.paths, spec, settings.cache_dir, progress=progress)
+        cache = ImagePool(cache, outside_cache)
+        labels = np.vstack([labels, np.full((len(outside.paths), len(findings)), np.nan, "f4")])
+        inside = np.r_[inside, np.zeros(len(outside.paths), dtype=np.float32)]
+        train_idx = np.r_[train_idx, n_inside + np.flatnonzero(outside.fit)]
     steps = math.ceil(len(train_idx) / loop.batch_size)
     if loop.max_steps_per_epoch:
         steps = min(steps, loop.max_steps_per_epoch)
@@ -281,8 +342,16 @@ def train_cxr(
     augment = (
         CXRAugment(**cfg.augment.model_dump(exclude={"enabled"})) if cfg.augment.enabled else None
     )
+    ema = None
+    if loop.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    start_epoch, best, bad, run_id, history, stopped = 0, -1.0, 0, None, [], False
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(loop.ema_decay), use_buffers=True
+        )
+    judged = ema.module if ema is not None else model  # what is validated, kept and exported
+
+    start_epoch, best, bad, run_id, history, stopped = 0, -np.inf, 0, None, [], False
     last = ckpt_dir / "last.pt"
     if resume not in (None, "") and last.is_file():
         # Load on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
@@ -290,6 +359,8 @@ def train_cxr(
         if state.get("finished"):
             raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when the run began without fp16 AMP
@@ -350,8 +421,15 @@ def train_cxr(
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = torch.from_numpy(labels[batch_idx]).to(device)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits = model(x)
-                loss = masked_bce(logits.float(), y, pos_weight)
+                    logits, population = model.forward_train(x)
+                loss = masked_bce(logits.float(), y, pos_weight, loop.label_smoothing)
+                if population is not None:  # inside (1) or outside (0) the population
+                    target = torch.from_numpy(inside[batch_idx]).to(device)
+                    loss = loss + check_cfg.weight * (  # type: ignore[union-attr]
+                        torch.nn.functional.binary_cross_entropy_with_logits(
+                            population.float(), target
+                        )
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if loop.grad_clip:
@@ -360,6 +438,8 @@ def train_cxr(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 losses.append(loss.item())
                 seen += len(batch_idx)
                 if bar is not None:
@@ -369,13 +449,14 @@ def train_cxr(
                 bar.close()
             speed = seen / max(time.perf_counter() - t0, 1e-9)
             val_logits = predict_logits(
-                model, cache, idx["val"], spec, device, loop.batch_size * 2, amp, channels_last
+                judged, cache, idx["val"], spec, device, loop.batch_size * 2, amp, channels_last
             )
             val_auc = mean_auroc(labels[idx["val"]], sigmoid(val_logits))
             row = {
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(losses)),
                 "val_mean_auroc": val_auc,
+                "val_loss": val_log_loss(labels[idx["val"]], val_logits),
                 "images_per_s": speed,
                 "lr": scheduler.get_last_lr()[0],
             }
@@ -394,16 +475,18 @@ def train_cxr(
                     {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)},
                     step=epoch + 1,
                 )
-            improved = np.isfinite(val_auc) and val_auc > best
-            if improved or best < 0:
-                best, bad = (val_auc if np.isfinite(val_auc) else best), 0
-                _save(model.state_dict(), ckpt_dir / "best.pt")
+            # higher is better: AUROC, minus the loss, or the epoch itself ("last")
+            merit = {"val_auroc": val_auc, "val_loss": -row["val_loss"], "last": epoch}[loop.select]
+            if (np.isfinite(merit) and merit > best) or not np.isfinite(best):
+                best, bad = (merit if np.isfinite(merit) else best), 0
+                _save(judged.state_dict(), ckpt_dir / "best.pt")
             else:
                 bad += 1
             stopped = bad >= loop.patience
             _save(
                 {
                     "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
@@ -420,7 +503,7 @@ def train_cxr(
                 last,
             )
             if stopped:
-                log.info("early stop: no better val mean AUROC for %d epochs", bad)
+                log.info("early stop: no better %s for %d epochs", loop.select, bad)
                 break
 
         model.load_state_dict(
@@ -440,6 +523,7 @@ def train_cxr(
             run_id,
             mlflow,
             history,
+            outside,
         )
         state = torch.load(last, map_location="cpu", weights_only=False)
         state["finished"] = True  # a resume of this run would register the model twice
@@ -468,6 +552,7 @@ def _finish(
     run_id: str | None,
     mlflow: Any,
     history: list[dict[str, float]],
+    outside: OutsideImages | None = None,
 ) -> TrainResult:
     """Calibrate and choose thresholds on val, report val/test, export, check parity, log."""
     spec, ev = cfg.preprocess, cfg.eval
@@ -530,6 +615,7 @@ def _finish(
     if np.isfinite(mean_val):  # metadata holds finite numbers only
         flat["val.mean_auroc"] = mean_val
     ood = _ood_reference(cfg, model, cache, idx, bs)
+    population, population_report = _population(cfg, model, cache, idx, bs, outside, ood)
     metadata = ModelMetadata(
         task="cxr",
         name=cfg.tracking.registered_model or cfg.name,
@@ -548,6 +634,7 @@ def _finish(
         intended_use=cfg.intended_use,
         limitations=cfg.limitations,
         ood=ood,
+        population=population,
     )
     onnx_path = export_onnx(model.cpu(), metadata, run_dir / "model.onnx")
     # Parity on real images, through the exact numpy preprocessing the clinic uses.
@@ -566,6 +653,7 @@ def _finish(
         "onnx_parity_max_abs_diff": parity,
         "sha256": sha,
         "int8": int8,
+        "population": population_report,
         "history": history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=float))
@@ -587,6 +675,16 @@ def _finish(
                 }
             )
         mlflow.set_tag("onnx_sha256", sha)
+        if population_report is not None:
+            mlflow.log_metrics(
+                {
+                    f"population.{k}": float(v)
+                    for k, v in population_report["metrics"].items()
+                    if np.isfinite(v)
+                }
+            )
+            mlflow.log_metric("population.threshold", population_report["threshold"])
+            mlflow.set_tag("population.rule", population_report["rule"][:5000])
         if int8 is not None:
             mlflow.log_metrics({f"int8.{k}": v for k, v in int8.items() if isinstance(v, float)})
             mlflow.log_artifact(int8["path"], artifact_path="int8")
@@ -650,6 +748,67 @@ def _ood_reference(
         ref.validation_scores["max"],
     )
     return ref
+
+
+def _population(
+    cfg: CXRTrainConfig,
+    model: Any,
+    cache: np.ndarray | ImagePool,
+    idx: dict[str, np.ndarray],
+    batch_size: int,
+    outside: OutsideImages | None,
+    ood: OODReference,
+) -> tuple[Population | None, dict[str, Any] | None]:
+    """The intended population for the metadata, with its check measured: on validation
+    images (inside) and held-out outside images, which the head never trained on. For the
+    record, the OOD distance is measured on the same images."""
+    from diagnostics.serve.qc import OODDetector
+    from diagnostics.train.ood import embeddings
+    from diagnostics.train.population import fit_check, population_metadata
+
+    if cfg.population is None:
+        return None, None
+    check_cfg = cfg.population.check
+    if check_cfg is None or outside is None:
+        return population_metadata(cfg.population, None), None
+    spec = cfg.preprocess
+    cpu = torch.device("cpu")
+    if not isinstance(cache, ImagePool):
+        raise TypeError("the population check needs the pooled inside and outside images")
+    held = int(cache.offsets[1]) + np.flatnonzero(~outside.fit)  # after the inside images
+    _, inside_val = predict_outputs(model.cpu(), cache, idx["val"], spec, cpu, batch_size)
+    _, outside_held = predict_outputs(model.cpu(), cache, held, spec, cpu, batch_size)
+    assert inside_val is not None and outside_held is not None  # the model has the head
+    check = fit_check(check_cfg, inside_val, outside_held, outside.groups[~outside.fit])
+    # The OOD distance on the same images: what the population check is compared with.
+    detector = OODDetector(ood)
+
+    def distance(ids: np.ndarray) -> np.ndarray:
+        chunks = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+        return detector.score(embeddings(model, [_batch(cache, c, spec, None) for c in chunks]))
+
+    d_val, d_out = distance(idx["val"]), distance(held)
+    ood_compare = {
+        "auroc": auroc(np.r_[np.zeros(len(d_val)), np.ones(len(d_out))], np.r_[d_val, d_out]),
+        "outside_refused": float((d_out > ood.threshold).mean()),
+        "inside_val_refused": float((d_val > ood.threshold).mean()),
+    }
+    report = {
+        "threshold": check.threshold,
+        "rule": check.rule,
+        "metrics": check.metrics,
+        "ood_distance_on_same_images": ood_compare,
+    }
+    log.info(
+        "population check: AUROC %.3f; refuses %.1f%% of held-out outside images and %.1f%% of "
+        "validation images (the OOD distance alone: %.1f%% and %.1f%%)",
+        check.metrics["auroc"],
+        100 * check.metrics["outside_refused"],
+        100 * check.metrics["inside_val_refused"],
+        100 * ood_compare["outside_refused"],
+        100 * ood_compare["inside_val_refused"],
+    )
+    return population_metadata(cfg.population, check), report
 
 
 def _int8_variant(

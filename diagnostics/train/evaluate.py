@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from diagnostics.data.cxr import load_dataset
 from diagnostics.imaging import load_for_model
@@ -72,8 +73,19 @@ def evaluate(
     n_boot: int = 1000,
     device: str = "cpu",
     progress: bool = True,
+    population_check: bool = True,
+    qc_config: Any = None,
 ) -> dict[str, Any]:
-    from diagnostics.serve.runner import OnnxModel
+    """Metrics on what the clinic would score, with what it would not counted by reason.
+
+    Every image goes through the clinic's own path (`serve.runner.Scorer`: decode, QC, the
+    intended population, the model, the OOD check). With `population_check` (the default),
+    metrics cover only the images the clinic would score with a call; refused and flagged
+    images are counted by code, never silently scored. Without it, every image the model can
+    read is scored, and the report says how many of them the clinic would have withheld.
+    """
+    from diagnostics.serve.qc import QCConfig
+    from diagnostics.serve.runner import OnnxModel, Scorer
 
     runner = OnnxModel(resolve_model(str(model)), device=device)
     meta = runner.metadata
@@ -86,13 +98,43 @@ def evaluate(
     shared = [f for f in meta.labels if f in table.findings]
     if not shared:
         raise ValueError(f"the dataset annotates none of the model's findings {meta.labels}")
-    probs, _ = score_paths(runner, frame["path"].tolist(), batch_size, progress)
+    paths = frame["path"].tolist()
+    # Flag rather than refuse: the population decision is then known for every image, and a
+    # flagged image still has the model's output for the unchecked mode.
+    qc_cfg = (qc_config or QCConfig()).model_copy(update={"population": "flag"})
+    verdicts = clinic_verdicts(Scorer(runner, qc_cfg, batch_size=batch_size), paths, progress)
+    withheld = np.array([v["status"] != "scored" or bool(v["flags"]) for v in verdicts])
+    if population_check:
+        keep = ~withheld
+        probs = np.array(
+            [v["probabilities"] for v, k in zip(verdicts, keep, strict=True) if k], dtype=float
+        ).reshape(-1, len(meta.labels))
+    else:  # only the model's own judgements (OOD, population) are set aside
+        from diagnostics.serve.qc import OOD, OUTSIDE_POPULATION
+
+        keep = np.array(
+            [
+                v["status"] == "scored"
+                or (v["status"] == "failed_qc" and v["code"] in (OOD, OUTSIDE_POPULATION))
+                for v in verdicts
+            ]
+        )
+        probs, _ = score_paths(
+            runner, [p for p, k in zip(paths, keep, strict=True) if k], batch_size, progress
+        )
+    scored = frame[keep]
     report = {}
     for f in shared:
         i = meta.labels.index(f)
-        y = frame[f].to_numpy(dtype=np.float64)
+        y = scored[f].to_numpy(dtype=np.float64)
         report[f] = finding_report(y, probs[:, i], meta.thresholds[f].value, n_boot=n_boot)
     aurocs = [r["auroc"] for r in report.values() if np.isfinite(r["auroc"])]
+    qc = qc_summary(verdicts, population_check)
+    pop = meta.population
+    if pop is not None and pop.age_years is not None and "age" in scored:
+        ages = pd.to_numeric(scored["age"], errors="coerce")
+        outside = ages.notna() & ~ages.map(lambda a: pop.age_inside(float(a)) if a == a else True)
+        qc["scored_outside_ages_by_table"] = int(outside.sum())  # the dataset's own age column
     return {
         "model": {
             "name": meta.name,
@@ -100,11 +142,60 @@ def evaluate(
             "sha256": runner.sha256,
             "run_id": meta.run_id,
             "provider": runner.provider,
+            "population": pop.age_text() if pop is not None else None,
         },
         "dataset": {"source": table.source, "split": split, "images": len(frame)},
+        "qc": qc,
         "findings": report,
         "mean_auroc": float(np.mean(aurocs)) if aurocs else None,
         "skipped_findings": [f for f in meta.labels if f not in shared],
+    }
+
+
+def clinic_verdicts(scorer: Any, paths: list[str], progress: bool) -> list[dict[str, Any]]:
+    """The clinic's verdict per image file: status, code, flags, probabilities (or None)."""
+    out = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="score", unit="img", leave=False, disable=None)
+    step = max(scorer.batch_size * 4, 16)
+    for start in range(0, len(paths), step):
+        chunk = paths[start : start + step]
+        for r in scorer.score_many([Path(p).read_bytes() for p in chunk]):
+            out.append(
+                {
+                    "status": r.status,
+                    "code": r.code,
+                    "flags": list(r.flags),
+                    "probabilities": [f.probability for f in r.findings] or None,
+                }
+            )
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def qc_summary(verdicts: list[dict[str, Any]], applied: bool) -> dict[str, Any]:
+    """What the clinic would score with a call, and what it would withhold, by reason: refused
+    by QC (e.g. out_of_distribution), outside the intended population (refused, or flagged
+    where a site chooses), or failed."""
+    reasons: dict[str, int] = {}
+    for v in verdicts:
+        if v["status"] != "scored":
+            reasons[v["code"]] = reasons.get(v["code"], 0) + 1
+        for flag in v["flags"]:
+            reasons[flag] = reasons.get(flag, 0) + 1
+    withheld = sum(reasons.values())
+    return {
+        "applied": applied,
+        "images": len(verdicts),
+        "scored_with_a_call": len(verdicts) - withheld,
+        "withheld": withheld,
+        "withheld_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
     }
 
 
@@ -178,6 +269,33 @@ def evaluate_risk(model: str, config: Path, overrides: list[str], n_boot: int = 
     }
 
 
+def qc_lines(qc: dict[str, Any] | None, population: str | None) -> list[str]:
+    """The clinic's verdicts in words: what was scored, what was withheld and why."""
+    if not qc:
+        return []
+    reasons = ", ".join(f"{k} {v}" for k, v in qc["withheld_by_reason"].items()) or "none"
+    made_for = f" (the model is made for {population})" if population else ""
+    lines = []
+    if qc["applied"]:
+        lines.append(
+            f"clinic QC and population check ON{made_for}: metrics below are on the "
+            f"{qc['scored_with_a_call']:,} images the clinic would score with a call; "
+            f"{qc['withheld']:,} withheld: {reasons}"
+        )
+    else:
+        lines.append(
+            f"WARNING: population check OFF (--no-population-check): every readable image is "
+            f"scored below, including {qc['withheld']:,} the clinic would withhold{made_for}: "
+            f"{reasons}"
+        )
+    if qc.get("scored_outside_ages_by_table"):
+        lines.append(
+            f"WARNING: {qc['scored_outside_ages_by_table']:,} scored images are outside the "
+            "model's ages by the dataset's own age column"
+        )
+    return lines
+
+
 def json_safe(obj: Any) -> Any:
     """NaN/Inf -> None, so the report is valid JSON."""
     if isinstance(obj, dict):
@@ -196,6 +314,7 @@ def render_report(result: dict[str, Any]) -> str:
         f"sha256 {result['model']['sha256'][:16]}..., provider {result['model']['provider']}",
         f"dataset {result['dataset']['source']}, split {result['dataset']['split']}: "
         f"{result['dataset']['images']:,} {unit}",
+        *qc_lines(result.get("qc"), result["model"].get("population")),
         "",
         f"{'finding':<22}{'n':>7}{'AUROC':>8}{'95% CI':>16}{'AUPRC':>8}{'thr':>7}"
         f"{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'ECE':>7}",

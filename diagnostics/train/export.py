@@ -2,7 +2,8 @@
 
 The graph takes `image` (batch, C, S, S) float32 and returns `logits` (batch, F), `cam`
 (batch, F, h, w) and `embedding` (batch, C_feat), the pooled features that input QC compares
-with the training distribution. `ModelMetadata` goes into metadata_props. Parity with torch is
+with the training distribution; with a population head also `population` (batch,), the logit
+of the model's population check. `ModelMetadata` goes into metadata_props. Parity with torch is
 checked on real images through the shared numpy preprocessing; a mismatch fails the export.
 """
 
@@ -38,18 +39,15 @@ def export_onnx(
         raise ValueError("a CXR export needs preprocessing and input in its metadata")
     model = model.float().eval().to(memory_format=torch.contiguous_format).cpu()
     dummy = torch.zeros(1, spec.channels, spec.size, spec.size)
+    wrapper = WithCAM(model)
+    outputs = wrapper.output_names()
     torch.onnx.export(
-        WithCAM(model),
+        wrapper,
         (dummy,),
         str(path),
         input_names=[metadata.input.name],
-        output_names=["logits", "cam", "embedding"],
-        dynamic_axes={
-            metadata.input.name: {0: "batch"},
-            "logits": {0: "batch"},
-            "cam": {0: "batch"},
-            "embedding": {0: "batch"},
-        },
+        output_names=outputs,
+        dynamic_axes={metadata.input.name: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
         opset_version=opset,
         dynamo=False,
     )
@@ -64,7 +62,8 @@ def export_onnx(
 
 
 def check_parity(model: CAMClassifier, onnx_path: str | Path, inputs: np.ndarray) -> float:
-    """Max |probability| difference between torch (fp32) and ONNX Runtime on `inputs`.
+    """Max |probability| difference between torch (fp32) and ONNX Runtime on `inputs`, over
+    the findings and, when there is one, the population check (as a sigmoid of its logit).
 
     Raises ExportParityError above PARITY_TOLERANCE.
     """
@@ -73,17 +72,28 @@ def check_parity(model: CAMClassifier, onnx_path: str | Path, inputs: np.ndarray
     runner = OnnxModel(onnx_path, device="cpu")
     model = model.float().eval().cpu()
     with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(inputs, np.float32))).double().numpy()
+        logits, population = model.forward_train(
+            torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
+        )
     temp = np.asarray(runner.metadata.temperature)
-    p_torch = 1.0 / (1.0 + np.exp(-np.clip(logits / temp, -60, 60)))
-    p_onnx = runner.predict(inputs).probabilities
-    diff = float(np.abs(p_torch - p_onnx).max())
+    p_torch = _sigmoid(logits.double().numpy() / temp)
+    pred = runner.predict(inputs)
+    diff = float(np.abs(p_torch - pred.probabilities).max())
+    if population is not None:  # the population check, on the same probability scale
+        if pred.population is None:
+            raise ExportParityError("the exported model lost its population output")
+        q_torch = _sigmoid(population.double().numpy())
+        diff = max(diff, float(np.abs(q_torch - _sigmoid(pred.population)).max()))
     if not diff <= PARITY_TOLERANCE:
         raise ExportParityError(
             f"ONNX Runtime and torch disagree: max probability difference {diff:.2e} > "
             f"{PARITY_TOLERANCE:.0e}"
         )
     return diff
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
 def quantize_int8(
