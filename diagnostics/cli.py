@@ -165,6 +165,17 @@ def _summary_table(result: Any) -> str:
         f"trained {result.epochs_run} epochs in {result.seconds:.0f} s on {result.device} "
         f"({result.precision}); ONNX parity max |dp| {result.parity:.1e}"
     )
+    if result.timing:
+        lines.append("time   " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timing.items()))
+    check = result.metadata.population.check if result.metadata.population else None
+    if check is not None:
+        m = check.metrics
+        lines.append(
+            f"population check ({result.metadata.population.age_text()}): AUROC "
+            f"{m['auroc']:.4f}; refuses {100 * m['outside_refused']:.1f}% of "
+            f"{int(m['outside_held_images'])} held-out outside images and "
+            f"{100 * m['inside_val_refused']:.1f}% of validation images"
+        )
     lines.append(f"ONNX   {result.onnx_path}")
     lines.append(f"sha256 {result.sha256}")
     if result.int8:
@@ -353,6 +364,13 @@ def score(
     sha256: Annotated[
         str | None, typer.Option(help="refuse the model unless its sha256 is this")
     ] = None,
+    outside_population: Annotated[
+        str,
+        typer.Option(
+            help="refuse a patient outside the model's intended population, or flag: score "
+            "with no call"
+        ),
+    ] = "refuse",
 ) -> None:
     """Score chest X-rays with a CXR model: input QC, calibrated findings, CAM overlays.
 
@@ -363,6 +381,7 @@ def score(
 
     from tqdm import tqdm
 
+    from diagnostics.serve.qc import QCConfig
     from diagnostics.serve.runner import ModelIntegrityError, OnnxModel, Scorer
     from diagnostics.serve.score_file import FindingsWriter
 
@@ -370,6 +389,8 @@ def score(
         raise _fail("--device is auto, cpu or cuda")
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise _fail("--out must end in .jsonl or .csv")
+    if outside_population not in ("refuse", "flag"):
+        raise _fail("--outside-population is refuse or flag")
     try:
         inputs = _collect_inputs(paths)
         path, version = resolve_model_ref(model)
@@ -377,7 +398,8 @@ def score(
             path, device=device, threads=threads or None, expected_sha256=sha256, version=version
         )
         heat_dir = out.parent / f"{out.stem}_heatmaps" if heatmaps else None
-        scorer = Scorer(runner, heatmap_dir=heat_dir, batch_size=batch_size)
+        qc = QCConfig(population=outside_population)  # type: ignore[arg-type]
+        scorer = Scorer(runner, qc, heatmap_dir=heat_dir, batch_size=batch_size)
     except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
         raise _fail(str(exc)) from None
     if not any(p.exists() for p in inputs):
@@ -410,6 +432,8 @@ def score(
                 else:
                     record = next(results).as_dict()
                 counts[record["status"]] = counts.get(record["status"], 0) + 1
+                if record.get("flags"):  # scored, but no call: outside the population
+                    counts["flagged (no call)"] = counts.get("flagged (no call)", 0) + 1
                 writer.write(str(f), record)
             bar.update(len(chunk))
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -769,10 +793,18 @@ def models_compare(
     out: Annotated[Path, typer.Option(help="folder for compare.md and compare.json")] = Path(
         "compare"
     ),
+    population_check: Annotated[
+        bool,
+        typer.Option(
+            help="compare only on images both models would score with a call at the clinic "
+            "(the default); off: every image, with a note"
+        ),
+    ] = True,
     set_: SetOption = None,
 ) -> None:
     """Both models on the same images: AUROC difference (paired bootstrap, DeLong),
-    calibration, operating points, disagreements, subgroups; logged to MLflow."""
+    calibration, operating points, disagreements, subgroups; logged to MLflow. Images the
+    clinic's QC would withhold from either model are counted, not compared."""
     from diagnostics.data.cxr import DatasetError
     from diagnostics.train.governance import compare
 
@@ -785,6 +817,7 @@ def models_compare(
             subgroups=subgroup or [],
             n_boot=bootstrap,
             out_dir=out,
+            population_check=population_check,
         )
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
@@ -839,28 +872,73 @@ def models_recalibrate(
     policy: Annotated[
         str | None, typer.Option(help="threshold policy; default: the model's own")
     ] = None,
-    min_cases: Annotated[int, typer.Option(min=1, help="positives and negatives needed")] = 30,
+    min_cases: Annotated[
+        int,
+        typer.Option(
+            min=1, help="positives and negatives needed (--population: images; default 100)"
+        ),
+    ] = 30,
+    population: Annotated[
+        bool,
+        typer.Option(
+            "--population",
+            help="fit the site's threshold for the model's population check instead, from "
+            "the site's images of patients inside the intended population",
+        ),
+    ] = False,
     serve_config: Annotated[
         Path, typer.Option(help="the service config (its database holds the profiles)")
     ] = Path("configs/serve.yaml"),
     set_: SetOption = None,
 ) -> None:
-    """Fit a site's temperature and thresholds; store them as a site profile for this model
-    file. The service applies it to that site's studies; the ONNX file is not changed."""
+    """Fit a site's temperature and thresholds (or, with --population, its population-check
+    threshold); store them as a site profile for this model file. The service applies it to
+    that site's studies; the ONNX file is not changed. A new profile keeps the site's other
+    settings from its previous one."""
     from diagnostics.data.cxr import DatasetError
     from diagnostics.train.governance import actor
-    from diagnostics.train.recalibrate import SampleTooSmall, recalibrate
+    from diagnostics.train.recalibrate import SampleTooSmall, recalibrate, recalibrate_population
 
     try:
         path, _ = resolve_model_ref(model)
-        result = recalibrate(
-            path, load_data_config(config, set_), policy=policy, min_cases=min_cases
+        data = load_data_config(config, set_)
+        result = (
+            recalibrate_population(path, data, min_images=max(min_cases, 100))
+            if population
+            else recalibrate(path, data, policy=policy, min_cases=min_cases)
         )
     except SampleTooSmall as exc:
         raise _fail(f"sample too small: {exc}") from None
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
     store, _ = _open_store(_serve_config(serve_config, None))
+    previous = store.site_profile(result["model_sha256"], site)
+    if population:
+        e = result["evidence"]
+        row = store.save_profile(
+            model_sha256=result["model_sha256"],
+            site=site,
+            temperatures=previous.temperatures if previous else {},
+            thresholds=previous.thresholds if previous else {},
+            policy=previous.policy if previous else "model's own",
+            evidence={**(previous.evidence if previous else {}), "population": e},
+            population_threshold=result["population_threshold"],
+            created_by=actor()[:64],
+        )
+        typer.echo(
+            f"population check: n={e['n']} in-population images of {site}; threshold "
+            f"{e['model_threshold']:.3f} -> {result['population_threshold']:.3f}; refused "
+            f"{100 * e['refused_before']:.1f}% -> {100 * e['refused_after']:.1f}% of them"
+        )
+        if result["population_threshold"] < e["model_threshold"]:
+            typer.echo(
+                "  note: a lower threshold lets more patients outside the population through "
+                "(at the model's own threshold it refused "
+                f"{100 * (e['model_outside_refused'] or float('nan')):.1f}% of held-out outside "
+                "images); check a sample of the site's adults with `diagnostics evaluate`"
+            )
+        typer.echo(f"site profile {row.id} for {site}, model sha256 {result['model_sha256'][:12]}")
+        return
     row = store.save_profile(
         model_sha256=result["model_sha256"],
         site=site,
@@ -868,6 +946,7 @@ def models_recalibrate(
         thresholds=result["thresholds"],
         policy=result["policy"],
         evidence=result["evidence"],
+        population_threshold=previous.population_threshold if previous else None,
         created_by=actor()[:64],
     )
     for f, e in result["evidence"].items():
@@ -978,7 +1057,15 @@ def demo(
         f"[1/4] synthetic chest X-rays: {n} images at {size} px, difficulty {difficulty} -> {out}"
     )
     manifest = write_dataset(out, n, size=size, seed=0, difficulty=difficulty)
-    overrides = [f"data.labels_file={manifest}", f"preprocess.size={size}"]
+    # images from outside the demo model's population: its population check trains against them
+    outside = write_dataset(
+        home / "demo" / "synth_outside", max(n // 4, 40), size=size, seed=1, habitus="broad"
+    )
+    overrides = [
+        f"data.labels_file={manifest}",
+        f"preprocess.size={size}",
+        f"population.check.outside.labels_file={outside}",
+    ]
     cfg = load_data_config(config, [o for o in overrides if o.startswith("data.")])
     typer.echo(f"[2/4] data check ({config})")
     typer.echo(render(summarize(load_dataset(cfg))))
@@ -992,6 +1079,11 @@ def demo(
     typer.echo(_summary_table(result))
     typer.echo("[4/4] evaluate the exported ONNX file on the test split (ONNX Runtime)")
     report = run_eval(result.onnx_path, cfg, split="test", n_boot=200, progress=False)
+    qc = report["qc"]
+    typer.echo(
+        f"{qc['scored_with_a_call']} of {qc['images']} test images scored with a call"
+        + (f"; withheld: {qc['withheld_by_reason']}" if qc["withheld"] else "")
+    )
     typer.echo(
         "test AUROC: "
         + ", ".join(f"{f} {r['auroc']:.3f}" for f, r in report["findings"].items())
@@ -1011,14 +1103,35 @@ def _demo_score(model: Path, manifest: Path, home: Path) -> None:
     import pandas as pd
     from PIL import Image
 
+    from diagnostics.data.synthetic import SynthSpec, dicom_dataset, generate, to_stored
     from diagnostics.serve.runner import OnnxModel, Scorer
 
-    typer.echo("[score] three demo images and a blank one, through QC and the ONNX runner")
+    typer.echo(
+        "[score] three demo images, and three a clinic should not send: a blank image, a "
+        "10-year-old (DICOM PatientAge 010Y; the demo model is for adults) and a body the model "
+        "was not trained on (a broad-habitus PNG, no age: its population check decides)"
+    )
     paths = pd.read_csv(manifest)["path"].head(3).tolist()
     blank = io.BytesIO()
     Image.fromarray(np.full((128, 128), 90, np.uint8)).save(blank, "PNG")
     items = [(Path(p).name, (manifest.parent / p).read_bytes()) for p in paths]
     items.append(("blank.png", blank.getvalue()))
+    spec = SynthSpec(size=128)
+    child = generate(1, spec, seed=99)[0][1].pixels
+    ds = dicom_dataset(
+        to_stored(child, 12, "MONOCHROME2"),
+        bits=12,
+        photometric="MONOCHROME2",
+        uid_seed="demo-child",
+    )
+    ds.PatientAge = "010Y"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    items.append(("child.dcm", buf.getvalue()))
+    broad = generate(1, spec, seed=98, habitus="broad")[0][1].pixels
+    png = io.BytesIO()
+    Image.fromarray(np.round(broad * 255).astype(np.uint8)).save(png, "PNG")
+    items.append(("broad.png", png.getvalue()))
     heat = home / "demo" / "heatmaps"
     scorer = Scorer(OnnxModel(model), heatmap_dir=heat)
     results = scorer.score_many([d for _, d in items], [Path(n).stem for n, _ in items])

@@ -117,6 +117,8 @@ class PopulationCheck(BaseModel):
     output: str = "population"
     threshold: float
     rule: str
+    # the rule's number: the threshold refuses at most this share of in-population images
+    max_inside_refused: float = Field(0.01, gt=0.0, lt=0.5)
     metrics: dict[str, float] = Field(default_factory=dict)
 
 

@@ -8,7 +8,15 @@ import torch
 from diagnostics.models.cxr import CAMClassifier, WithCAM, adapt_first_conv
 from diagnostics.models.registry import create_model, list_models, register_model
 
-ALL = ["densenet121", "efficientnet_b0", "monai_densenet121", "resnet18", "resnet50", "tiny_cnn"]
+ALL = [
+    "compact_cnn",
+    "densenet121",
+    "efficientnet_b0",
+    "monai_densenet121",
+    "resnet18",
+    "resnet50",
+    "tiny_cnn",
+]
 
 
 def test_registry_lists_the_networks():
@@ -95,3 +103,20 @@ def test_bad_arguments():
         create_model("tiny_cnn", pretrained=True)
     with pytest.raises(ValueError):
         create_model("monai_densenet121", pretrained=True)
+
+
+def test_population_head_in_training_and_in_the_export_wrapper():
+    torch.manual_seed(0)
+    model = create_model("compact_cnn", num_classes=2, width=8).add_population_head().eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        logits, population = model.forward_train(x)
+        wrapped = WithCAM(model)
+        outputs = wrapped(x)
+    assert wrapped.output_names() == ["logits", "cam", "embedding", "population"]
+    assert population.shape == (3,) and len(outputs) == 4
+    torch.testing.assert_close(outputs[0], logits)
+    torch.testing.assert_close(outputs[3], population)  # the head reads the pooled features
+    torch.testing.assert_close(model.population(outputs[2]).squeeze(1), population)
+    plain = create_model("compact_cnn", num_classes=2, width=8)
+    assert WithCAM(plain).output_names() == ["logits", "cam", "embedding"]

@@ -119,3 +119,73 @@ def test_monitoring_per_site_and_day_with_an_alert(flagging):
     admin = _login(svc, "quan.tri")
     page = admin.get("/review/agreement").text
     assert 'id="monitor"' in page and "clinic-a" in page and 'class="alert"' in page
+
+
+def test_a_site_recalibrates_the_population_check(population_model, tmp_path):
+    """`models recalibrate --population` on a site's own in-population images: the site's
+    threshold lands in its profile, and the service uses it for that site only."""
+    import yaml
+    from service_support import png_bytes
+    from typer.testing import CliRunner
+
+    from diagnostics.cli import app
+    from diagnostics.data.synthetic import write_dataset
+
+    site_images = write_dataset(tmp_path / "site", 110, size=64, seed=910)
+    site_cfg = tmp_path / "site.yaml"
+    site_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source": "manifest",
+                    "labels_file": str(site_images),
+                    "split": {"fractions": {"all": 1.0}},
+                }
+            }
+        )
+    )
+    cfg = serve_config(population_model, tmp_path / "serve", qc={"ood": False})
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    args = [
+        "models",
+        "recalibrate",
+        str(population_model),
+        "-c",
+        str(site_cfg),
+        "--site",
+        "clinic-a",
+        "--serve-config",
+        str(serve_yaml),
+        "--population",
+    ]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "population check: n=110" in r.output and "site profile" in r.output
+    with running_service(cfg) as svc:
+        sha = svc.app.state.holder.model.sha256
+        profile = svc.store.site_profile(sha, "clinic-a")
+        assert profile.population_threshold is not None
+        assert profile.evidence["population"]["n"] == 110
+        # make the site's limit impossible to meet, to see that it is the one applied
+        svc.store.save_profile(
+            model_sha256=sha,
+            site="clinic-a",
+            temperatures={},
+            thresholds={},
+            policy="test",
+            evidence={},
+            population_threshold=1e9,
+            created_by="test",
+        )
+        (px,) = synth_pixels(1, seed=911)
+        a = svc.wait(
+            svc.upload(png_bytes(px), filename="a.png", content_type="image/png").json()["id"]
+        )
+        b = svc.wait_stored(
+            svc.upload(
+                png_bytes(px), key=svc.other_clinic, filename="b.png", content_type="image/png"
+            ).json()["id"]
+        )
+    assert a["status"] == "failed_qc" and a["result"]["population"]["check_limit"] == 1e9
+    assert b["status"] == "scored"  # clinic-b: the model's own threshold

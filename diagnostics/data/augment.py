@@ -31,14 +31,18 @@ class CXRAugment:
         gamma: float = 0.0,
         sharpness: float = 0.0,
         noise: float = 0.0,
+        white_border: float = 0.0,
     ) -> None:
         self.rotate_degrees, self.translate, self.scale = rotate_degrees, translate, scale
         self.brightness, self.contrast, self.hflip = brightness, contrast, hflip
         self.gamma, self.sharpness, self.noise = gamma, sharpness, noise
+        self.white_border = white_border
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, 1, S, S), each image with its own random draw, clipped to [0, 1]."""
-        out = geometry(batch, self.rotate_degrees, self.translate, self.scale, self.hflip)
+        out = geometry(
+            batch, self.rotate_degrees, self.translate, self.scale, self.hflip, self.white_border
+        )
         out = intensity(out, self.brightness, self.contrast)
         return acquisition(out, self.gamma, self.sharpness, self.noise)
 
@@ -53,9 +57,11 @@ def geometry(
     translate: float,
     scale: tuple[float, float],
     hflip: bool = False,
+    white_border: float = 0.0,
 ) -> torch.Tensor:
     """Rotation ~ U(-deg, deg), zoom ~ U(scale), shift ~ U(-t, t) of the side on each axis,
-    optional left-right flip; bilinear, outside filled with 0 (air)."""
+    optional left-right flip; bilinear. What falls outside the image is 0 (air), or, with
+    probability `white_border`, 1: collimator shutters, which many consoles show white."""
     b = batch.shape[0]
     angle = _uniform(b, -rotate_degrees, rotate_degrees) * (math.pi / 180.0)
     zoom = _uniform(b, *scale)
@@ -67,7 +73,11 @@ def geometry(
     offset = -(rot @ shift[:, :, None])  # (B, 2, 1)
     theta = torch.cat([rot, offset], 2).to(batch.dtype)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
-    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    fill = (torch.rand(b) < white_border).to(batch.dtype).view(b, 1, 1, 1)
+    moved = F.grid_sample(
+        batch - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return moved + fill  # outside the image: 0 + fill
 
 
 def intensity(batch: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:

@@ -161,6 +161,25 @@ def compare_finding(
     }
 
 
+def _withheld_lines(dataset: dict[str, Any]) -> list[str]:
+    """What the clinic's QC kept out of the comparison, per model, by reason."""
+    if not dataset.get("population_check", False):
+        return [
+            "",
+            "Population check OFF: every image is compared, including any the clinic "
+            "would withhold.",
+        ]
+    parts = [
+        f"{who}: " + (", ".join(f"{k} {v}" for k, v in reasons.items()) or "none")
+        for who, reasons in dataset.get("withheld", {}).items()
+    ]
+    return [
+        "",
+        "Compared on images both models would score with a call; withheld by the "
+        "clinic's QC, " + "; ".join(parts) + ".",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     c, b = report["candidate"], report["baseline"]
     lines = [
@@ -169,6 +188,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Dataset: {report['dataset']['name']}, split {report['dataset']['split']}, "
         f"{report['dataset']['images']} images. Candidate sha256 `{c['sha256'][:12]}`, "
         f"baseline sha256 `{b['sha256'][:12]}`.",
+        *_withheld_lines(report["dataset"]),
         "",
         "| finding | n (pos) | AUROC cand | AUROC base | diff [95% CI] | DeLong p | "
         "slope cand/base | ECE cand/base | sens cand/base | spec cand/base | disagree |",

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diagnostics.configio import ConfigError, apply_overrides, load_yaml, validation_lines
 from diagnostics.contract import PreprocessSpec
@@ -42,6 +42,8 @@ class AugmentConfig(_Strict):
     gamma: float = Field(0.0, ge=0, le=1)
     sharpness: float = Field(0.0, ge=0, le=3)
     noise: float = Field(0.0, ge=0, le=0.2)
+    # probability that what a zoom-out or shift uncovers is white (collimator shutters), not air
+    white_border: float = Field(0.0, ge=0, le=1)
 
 
 class LoopConfig(_Strict):
@@ -106,17 +108,28 @@ class OutsideImagesConfig(_Strict):
 
 class PopulationCheckConfig(_Strict):
     """A population head trained in the same network: inside-population training images are
-    positives, a part of the outside images negatives; the rest of them is held out to measure
-    the check."""
+    positives, a part of the outside images negatives. Of the other outside images, one part
+    calibrates the threshold and the rest is held out to report on."""
 
     outside: OutsideImagesConfig
     fit_fraction: float = Field(
         0.5, gt=0.0, lt=1.0, description="share of outside images that train the head"
     )
+    calibrate_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="share of outside images that set the threshold"
+    )
     weight: float = Field(1.0, gt=0.0, description="weight of its loss beside the findings'")
-    # The rule that sets the threshold: refuse at most this share of the validation images
-    # (which are all inside the population).
+    # The rule that sets the threshold: as lenient to inside images as the calibration outside
+    # images allow (still refusing `min_outside_refused` of them), and never refusing more
+    # than `max_inside_refused` of the validation images (which are all inside).
+    min_outside_refused: float = Field(0.99, gt=0.5, le=1.0)
     max_inside_refused: float = Field(0.01, gt=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _parts(self) -> PopulationCheckConfig:
+        if self.fit_fraction + self.calibrate_fraction >= 1.0:
+            raise ValueError("fit_fraction + calibrate_fraction must leave images to report on")
+        return self
 
 
 class PopulationConfig(_Strict):

@@ -13,6 +13,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +70,31 @@ class TrainResult:
     metadata: ModelMetadata
     history: list[dict[str, float]] = field(default_factory=list)
     int8: dict[str, Any] | None = None
+    timing: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+class PhaseClock:
+    """Seconds spent in each phase of a run: where the training time goes (metrics.json
+    `timing_s`, MLflow `time.*`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lap = time.perf_counter()
+
+    def lap(self, phase: str | None) -> None:
+        """The time since the previous lap goes to `phase` (None: nowhere)."""
+        now = time.perf_counter()
+        if phase is not None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._lap
+        self._lap = now
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- devices
@@ -271,6 +298,7 @@ def train_cxr(
 ) -> TrainResult:
     """Train, calibrate, evaluate, export and (optionally) track. Returns what it measured."""
     t_start = time.perf_counter()
+    clock = PhaseClock()
     settings = get_settings()
     run_dir = _run_dir(cfg, resume)
     ckpt_dir = run_dir / "checkpoints"
@@ -291,13 +319,14 @@ def train_cxr(
     precision = {None: "fp32", torch.float16: "fp16-amp", torch.bfloat16: "bf16-autocast"}[amp]
     channels_last = loop.channels_last
 
-    table = load_dataset(cfg.data)
+    with clock("data"):
+        table = load_dataset(cfg.data)
+        check_cfg = cfg.population.check if cfg.population is not None else None
+        outside = load_outside(check_cfg) if check_cfg is not None else None
     findings = list(table.findings)
     idx = _splits(table)
     labels = table.labels().astype(np.float32)  # (N, F), NaN = unknown
     spec = cfg.preprocess
-    check_cfg = cfg.population.check if cfg.population is not None else None
-    outside = load_outside(check_cfg) if check_cfg is not None else None
     model = create_model(  # before the cache: a bad model name fails before hours of decoding
         cfg.model.name,
         in_channels=spec.channels,
@@ -312,15 +341,17 @@ def train_cxr(
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cache: np.ndarray | ImagePool = build_cache(
-        table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress
-    )
+    with clock("cache"):
+        cache: np.ndarray | ImagePool = build_cache(
+            table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress
+        )
     n_inside = len(cache)
     # Population target per pooled image: 1 for the dataset's (inside), 0 for outside images.
     inside = np.ones(n_inside, dtype=np.float32)
     train_idx = idx["train"]
     if outside is not None:
-        outside_cache = build_cache(outside.paths, spec, settings.cache_dir, progress=progress)
+        with clock("cache"):
+            outside_cache = build_cache(outside.paths, spec, settings.cache_dir, progress=progress)
         cache = ImagePool(cache, outside_cache)
         labels = np.vstack([labels, np.full((len(outside.paths), len(findings)), np.nan, "f4")])
         inside = np.r_[inside, np.zeros(len(outside.paths), dtype=np.float32)]
@@ -448,9 +479,11 @@ def train_cxr(
             if bar is not None:
                 bar.close()
             speed = seen / max(time.perf_counter() - t0, 1e-9)
-            val_logits = predict_logits(
-                judged, cache, idx["val"], spec, device, loop.batch_size * 2, amp, channels_last
-            )
+            clock.seconds["train"] = clock.seconds.get("train", 0.0) + time.perf_counter() - t0
+            with clock("validate"):
+                val_logits = predict_logits(
+                    judged, cache, idx["val"], spec, device, loop.batch_size * 2, amp, channels_last
+                )
             val_auc = mean_auroc(labels[idx["val"]], sigmoid(val_logits))
             row = {
                 "epoch": epoch + 1,
@@ -524,6 +557,7 @@ def train_cxr(
             mlflow,
             history,
             outside,
+            clock,
         )
         state = torch.load(last, map_location="cpu", weights_only=False)
         state["finished"] = True  # a resume of this run would register the model twice
@@ -553,9 +587,12 @@ def _finish(
     mlflow: Any,
     history: list[dict[str, float]],
     outside: OutsideImages | None = None,
+    clock: PhaseClock | None = None,
 ) -> TrainResult:
     """Calibrate and choose thresholds on val, report val/test, export, check parity, log."""
     spec, ev = cfg.preprocess, cfg.eval
+    clock = clock or PhaseClock()
+    clock.lap(None)
     model = model.float().to(memory_format=torch.contiguous_format)
     if device.type == "cuda":  # true fp32, as ONNX Runtime computes: no TF32
         torch.backends.cudnn.allow_tf32 = False
@@ -614,8 +651,10 @@ def _finish(
     }
     if np.isfinite(mean_val):  # metadata holds finite numbers only
         flat["val.mean_auroc"] = mean_val
+    clock.lap("calibrate")
     ood = _ood_reference(cfg, model, cache, idx, bs)
     population, population_report = _population(cfg, model, cache, idx, bs, outside, ood)
+    clock.lap("qc_references")  # the OOD reference and the population check
     metadata = ModelMetadata(
         task="cxr",
         name=cfg.tracking.registered_model or cfg.name,
@@ -644,7 +683,9 @@ def _finish(
     from diagnostics.serve.runner import file_sha256
 
     sha = file_sha256(onnx_path)
+    clock.lap("export")
     int8 = _int8_variant(cfg, metadata, onnx_path, cache, idx, labels) if ev.int8 else None
+    clock.lap("int8")
     metrics_doc = {
         "findings": findings,
         "val": val_report,
@@ -654,6 +695,7 @@ def _finish(
         "sha256": sha,
         "int8": int8,
         "population": population_report,
+        "timing_s": {k: round(v, 1) for k, v in clock.seconds.items()},  # mlflow logging: after
         "history": history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=float))
@@ -693,7 +735,10 @@ def _finish(
             mlflow.log_artifact(str(run_dir / name))
         mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         _, version = tracking.log_onnx_model(onnx_path, inputs[:1], cfg.tracking.registered_model)
+        clock.lap("mlflow")
+        mlflow.log_metrics({f"time.{k}_s": v for k, v in clock.seconds.items()})
     return TrainResult(
+        timing=clock.seconds,
         int8=int8,
         run_dir=run_dir,
         run_id=run_id,
@@ -759,9 +804,10 @@ def _population(
     outside: OutsideImages | None,
     ood: OODReference,
 ) -> tuple[Population | None, dict[str, Any] | None]:
-    """The intended population for the metadata, with its check measured: on validation
-    images (inside) and held-out outside images, which the head never trained on. For the
-    record, the OOD distance is measured on the same images."""
+    """The intended population for the metadata, with its check: its threshold set on the
+    validation images and the calibration outside images, and measured on the validation images
+    and the report outside images (none of which it trained on). For the record, the OOD
+    distance is measured on the same images."""
     from diagnostics.serve.qc import OODDetector
     from diagnostics.train.ood import embeddings
     from diagnostics.train.population import fit_check, population_metadata
@@ -775,11 +821,20 @@ def _population(
     cpu = torch.device("cpu")
     if not isinstance(cache, ImagePool):
         raise TypeError("the population check needs the pooled inside and outside images")
-    held = int(cache.offsets[1]) + np.flatnonzero(~outside.fit)  # after the inside images
-    _, inside_val = predict_outputs(model.cpu(), cache, idx["val"], spec, cpu, batch_size)
-    _, outside_held = predict_outputs(model.cpu(), cache, held, spec, cpu, batch_size)
-    assert inside_val is not None and outside_held is not None  # the model has the head
-    check = fit_check(check_cfg, inside_val, outside_held, outside.groups[~outside.fit])
+    first = int(cache.offsets[1])  # outside images come after the inside ones
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        _, z = predict_outputs(model.cpu(), cache, ids, spec, cpu, batch_size)
+        if z is None:
+            raise ValueError("the model has no population head")
+        return z
+
+    calibrate = first + np.flatnonzero(outside.part == "calibrate")
+    report = outside.part == "report"
+    held = first + np.flatnonzero(report)
+    check = fit_check(
+        check_cfg, logits(idx["val"]), logits(calibrate), logits(held), outside.groups[report]
+    )
     # The OOD distance on the same images: what the population check is compared with.
     detector = OODDetector(ood)
 

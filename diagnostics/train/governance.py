@@ -85,9 +85,14 @@ def compare(
     n_boot: int = 1000,
     out_dir: Path,
     log: bool = True,
+    population_check: bool = True,
 ) -> dict[str, Any]:
     """Both models on the same images; report (JSON + markdown) written to `out_dir` and, with
-    `log`, to an MLflow evaluation run tagged with both model versions."""
+    `log`, to an MLflow evaluation run tagged with both model versions.
+
+    With `population_check` (the default) the images are those both models would score with a
+    call at the clinic (input QC, intended population, OOD); the others are counted per model
+    under `dataset.withheld`, never compared."""
     from diagnostics.data.cxr import load_dataset
     from diagnostics.serve.runner import OnnxModel
     from diagnostics.train.compare import (
@@ -117,6 +122,19 @@ def compare(
     frame = table.frame if split == "all" else table.frame[table.frame["split"] == split]
     if frame.empty:
         raise ValueError(f"split {split!r} is empty")
+    withheld: dict[str, Any] = {}
+    if population_check:
+        from diagnostics.serve.runner import Scorer
+        from diagnostics.train.evaluate import clinic_verdicts, qc_summary
+
+        keep = np.ones(len(frame), dtype=bool)
+        for name, runner in zip(("candidate", "baseline"), runners, strict=True):
+            verdicts = clinic_verdicts(Scorer(runner), frame["path"].tolist(), progress=False)
+            keep &= np.array([v["status"] == "scored" and not v["flags"] for v in verdicts])
+            withheld[name] = qc_summary(verdicts, True)["withheld_by_reason"]
+        frame = frame[keep]
+        if frame.empty:
+            raise ValueError("the clinic's QC withholds every image from one model or the other")
     paths = frame["path"].tolist()
     probs = [score_paths(r, paths)[0] for r in runners]
     groups = frame["patient_id"].to_numpy() if "patient_id" in frame else None
@@ -134,7 +152,13 @@ def compare(
     report: dict[str, Any] = {
         "candidate": infos[0],
         "baseline": infos[1],
-        "dataset": {"name": table.source, "split": split, "images": len(frame)},
+        "dataset": {
+            "name": table.source,
+            "split": split,
+            "images": len(frame),  # compared: both models would score them with a call
+            "population_check": population_check,
+            "withheld": withheld,
+        },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "findings": {},
         "subgroups": {},
@@ -234,6 +258,9 @@ class Gate(BaseModel):
     max_ece: float | None = Field(None, ge=0, le=1)
     require_parity: bool = True  # the training run logged an ONNX parity check
     require_qc_reference: bool = True  # the model carries an OOD reference for input QC
+    # The model states its intended population and its population check, measured at training,
+    # refused at least this share of the held-out outside images (e.g. adults).
+    min_outside_refused: float | None = Field(None, ge=0, le=1)
 
 
 def load_gate(path: Path) -> Gate:
@@ -241,15 +268,30 @@ def load_gate(path: Path) -> Gate:
 
 
 def check_gate(
-    gate: Gate, report: dict[str, Any] | None, parity: float | None, has_qc: bool
+    gate: Gate,
+    report: dict[str, Any] | None,
+    parity: float | None,
+    has_qc: bool,
+    population: Any = None,
 ) -> list[tuple[str, bool, str]]:
-    """(rule, passed, detail) for every rule of the gate."""
+    """(rule, passed, detail) for every rule of the gate. `population`: the candidate's
+    `contract.Population`, or None."""
     out: list[tuple[str, bool, str]] = []
     if gate.require_parity:
         ok = parity is not None and parity <= 1e-4
         out.append(("onnx_parity", ok, f"recorded max |dp| {parity}"))
     if gate.require_qc_reference:
         out.append(("qc_reference", has_qc, "OOD reference in metadata" if has_qc else "none"))
+    if gate.min_outside_refused is not None:
+        check = population.check if population is not None else None
+        refused = check.metrics.get("outside_refused") if check is not None else None
+        ok = refused is not None and refused >= gate.min_outside_refused
+        detail = (
+            f"{100 * refused:.1f}% of held-out outside images refused ({population.age_text()})"
+            if refused is not None
+            else "no population check in the model"
+        )
+        out.append((f"population check refuses >= {gate.min_outside_refused:.0%}", ok, detail))
     if report is None:
         return out
     for f, r in report["findings"].items():
@@ -336,7 +378,7 @@ def promote(
         )
         if previous is None:
             report["baseline"]["label"] = "(none)"
-    rules = check_gate(gate, report, parity, runner.ood is not None)
+    rules = check_gate(gate, report, parity, runner.ood is not None, runner.metadata.population)
     passed = all(ok for _, ok, _ in rules)
     evidence = report.get("evidence_run") if report else None
     if passed and not dry_run:

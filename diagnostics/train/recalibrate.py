@@ -1,9 +1,11 @@
-"""Per-site recalibration: a site's own temperature and thresholds for one model file.
+"""Per-site recalibration: a site's own temperature and thresholds for one model file, and
+its own threshold for the model's population check.
 
 Fitted on the site's labelled images (e.g. `diagnostics reviews export`); stored as a site
 profile in the service's database, tied to the model's sha256; the ONNX file is unchanged.
 Thresholds must be re-chosen whenever the model or the site changes: a threshold chosen
-elsewhere may no longer give the sensitivity it promised.
+elsewhere may no longer give the sensitivity it promised. The population threshold comes from
+the site's own images of patients inside the intended population, by the model's own rule.
 """
 
 from __future__ import annotations
@@ -72,4 +74,45 @@ def recalibrate(
         "thresholds": thresholds,
         "policy": policy or "model's own",
         "evidence": evidence,
+    }
+
+
+def recalibrate_population(model_path: Any, data_cfg: Any, *, min_images: int = 100) -> dict:
+    """A site's own threshold for the model's population check, from the site's images of
+    patients inside the intended population (every row of `data_cfg`), by the model's own rule:
+    refuse at most the same share of them. Returns the threshold with the share of these
+    images refused before (the model's threshold) and after (the site's)."""
+    from diagnostics.data.cxr import load_dataset
+    from diagnostics.imaging import load_for_model
+    from diagnostics.serve.runner import OnnxModel
+
+    runner = OnnxModel(model_path)
+    pop = runner.metadata.population
+    if pop is None or pop.check is None or runner.population_output is None:
+        raise ValueError(f"{runner.path.name} has no population check to recalibrate")
+    paths = load_dataset(data_cfg).frame["path"].tolist()
+    if len(paths) < min_images:
+        raise SampleTooSmall(
+            f"{len(paths)} images; a population threshold needs at least {min_images} images "
+            "of patients inside the intended population (--min-cases)"
+        )
+    spec = runner.metadata.preprocessing
+    scores = []
+    for start in range(0, len(paths), 16):
+        batch = np.stack([load_for_model(p, spec) for p in paths[start : start + 16]])
+        scores.append(runner.predict(batch).population)
+    z = np.concatenate(scores)
+    q = pop.check.max_inside_refused
+    threshold = float(np.quantile(z, q, method="lower"))
+    return {
+        "model_sha256": runner.sha256,
+        "population_threshold": threshold,
+        "evidence": {
+            "n": len(z),
+            "rule": f"refuse at most {q:.1%} of the site's in-population images",
+            "model_threshold": pop.check.threshold,
+            "refused_before": float((z < pop.check.threshold).mean()),
+            "refused_after": float((z < threshold).mean()),
+            "model_outside_refused": pop.check.metrics.get("outside_refused"),
+        },
     }
