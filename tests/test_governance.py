@@ -20,13 +20,13 @@ def registry(tmp_path_factory):
     from diagnostics.train.cxr import train_cxr
 
     root = tmp_path_factory.mktemp("gov")
-    manifest = write_dataset(root / "data", 200, size=48, seed=21, difficulty=0.2)
+    manifest = write_dataset(root / "data", 200, size=64, seed=21, difficulty=0.2)
 
     def train(steps: int, epochs: int):
         cfg = tiny_cxr_config(
             manifest,
             name=f"gov{steps}",
-            size=48,
+            size=64,
             width=8,
             blocks=3,
             train={"epochs": epochs, "batch_size": 16, "max_steps_per_epoch": steps, "lr": 0.003},

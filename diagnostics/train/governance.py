@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from diagnostics.serve.qc import QCConfig
 from diagnostics.settings import get_settings
 
 HISTORY_TAG = "alias_history"
@@ -86,6 +87,7 @@ def compare(
     out_dir: Path,
     log: bool = True,
     population_check: bool = True,
+    qc_config: Any = None,
 ) -> dict[str, Any]:
     """Both models on the same images; report (JSON + markdown) written to `out_dir` and, with
     `log`, to an MLflow evaluation run tagged with both model versions.
@@ -129,7 +131,8 @@ def compare(
 
         keep = np.ones(len(frame), dtype=bool)
         for name, runner in zip(("candidate", "baseline"), runners, strict=True):
-            verdicts = clinic_verdicts(Scorer(runner), frame["path"].tolist(), progress=False)
+            scorer = Scorer(runner, qc_config)
+            verdicts = clinic_verdicts(scorer, frame["path"].tolist(), progress=False)
             keep &= np.array([v["status"] == "scored" and not v["flags"] for v in verdicts])
             withheld[name] = qc_summary(verdicts, True)["withheld_by_reason"]
         frame = frame[keep]
@@ -261,6 +264,8 @@ class Gate(BaseModel):
     # The model states its intended population and its population check, measured at training,
     # refused at least this share of the held-out outside images (e.g. adults).
     min_outside_refused: float | None = Field(None, ge=0, le=1)
+    # The clinic's input QC (serve.yaml `qc:`): images it would withhold are not compared.
+    qc: QCConfig = Field(default_factory=QCConfig)
 
 
 def load_gate(path: Path) -> Gate:
@@ -375,6 +380,7 @@ def promote(
             split=gate.split,
             n_boot=gate.bootstrap,
             out_dir=out_dir,
+            qc_config=gate.qc,
         )
         if previous is None:
             report["baseline"]["label"] = "(none)"
