@@ -1109,7 +1109,7 @@ def _demo_score(model: Path, manifest: Path, home: Path) -> None:
     typer.echo(
         "[score] three demo images, and three a clinic should not send: a blank image, a "
         "10-year-old (DICOM PatientAge 010Y; the demo model is for adults) and a body the model "
-        "was not trained on (a broad-habitus PNG, no age: its population check decides)"
+        "was not trained on (a broad-habitus PNG, no age: the model's own checks decide)"
     )
     paths = pd.read_csv(manifest)["path"].head(3).tolist()
     blank = io.BytesIO()

@@ -127,3 +127,41 @@ def test_reviewer_cannot_open_another_sites_study(browser, cxr_model, tmp_path):
         response = page.goto(f"{base}/review/studies/{sid}")
         assert response.status == 404
         page.close()
+
+
+def test_a_patient_outside_the_population_in_the_browser(browser, population_model, tmp_path):
+    """A site that flags instead of refusing: the 45-year-old's study has no call, says why,
+    and the worklist does not triage it; a child of 3 is scored as usual."""
+    out = REPO / "test-output"
+    out.mkdir(exist_ok=True)
+    cfg = serve_config(
+        population_model,
+        tmp_path / "serve",
+        qc={"ood": False, "population": "flag"},
+        review={"default_language": "vi"},
+    )
+    with running_service(cfg) as svc:
+        svc.store.create_reviewer("bs.nhi", "mat-khau-rat-dai", scope=["clinic-a"])
+        px = synth_pixels(2, seed=1700)
+        adult = svc.wait(svc.upload(dicom_bytes(px[0], PatientAge="045Y")).json()["id"])
+        child = svc.wait(svc.upload(dicom_bytes(px[1], PatientAge="003Y")).json()["id"])
+        assert adult["flag"] == "outside_intended_population" and child["flag"] is None
+        base = svc.url.replace("127.0.0.1", "localhost")
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base}/review/login")
+        page.fill("input[name=username]", "bs.nhi")
+        page.fill("input[name=password]", "mat-khau-rat-dai")
+        page.click("#login-button")
+        page.wait_for_selector("table.worklist")
+        assert page.locator(".no-call-flag").count() == 1
+        page.click(f"a[href='/review/studies/{adult['id']}']")
+        page.wait_for_selector("#no-call")
+        banner = page.locator("#no-call").inner_text()
+        assert "Tuổi của bệnh nhân (45 tuổi)" in banner and "từ 1 đến 5 tuổi" in banner
+        assert page.locator("fieldset.no-call").count() == len(adult["findings"])
+        assert "từ 1 đến 5 tuổi" in page.locator("#population").inner_text()
+        page.screenshot(path=str(out / "study_outside_population_vi.png"), full_page=True)
+        page.goto(f"{base}/review/studies/{child['id']}")
+        page.wait_for_selector("#review-form")
+        assert page.locator("#no-call").count() == 0
+        page.close()
