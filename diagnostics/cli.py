@@ -570,6 +570,7 @@ def worker(
 
     from diagnostics.serve import logs
     from diagnostics.serve.models import ModelHolder
+    from diagnostics.serve.monitor import AlertLog
     from diagnostics.serve.worker import Worker
 
     cfg = _serve_config(config, set_)
@@ -584,6 +585,7 @@ def worker(
         batch_size=cfg.model.batch_size,
         poll_s=cfg.worker.poll_s,
         retry_delay_s=cfg.worker.retry_delay_s,
+        alerts=AlertLog(store, cfg.monitor),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

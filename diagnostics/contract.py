@@ -117,8 +117,11 @@ class PopulationCheck(BaseModel):
     output: str = "population"
     threshold: float
     rule: str
-    # the rule's number: the threshold refuses at most this share of in-population images
+    # the rule's numbers: the threshold refuses at most this share of in-population images,
+    # and is never above `outside_bound`, the lowest logit that refused the required share of
+    # the calibration outside images (None: not set that way)
     max_inside_refused: float = Field(0.01, gt=0.0, lt=0.5)
+    outside_bound: float | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
 
 

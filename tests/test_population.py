@@ -180,3 +180,39 @@ def test_evaluate_counts_what_the_clinic_withholds(population_model, tmp_path):
     )
     assert unchecked["findings"]["Pneumonia"]["n"] == 20
     assert "WARNING: population check OFF" in render_report(unchecked)
+
+
+def test_a_check_the_graph_lacks_is_refused_at_load(cxr_model, tmp_path):
+    """Metadata naming a population output that is not in the graph: the file is refused,
+    never silently run without the check."""
+    import onnx
+
+    from diagnostics.contract import METADATA_KEY, ModelMetadata, Population, PopulationCheck
+    from diagnostics.serve.runner import ModelIntegrityError
+
+    proto = onnx.load(str(cxr_model))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    meta = ModelMetadata.from_json(entry.value)
+    check = PopulationCheck(threshold=0.0, rule="test")
+    entry.value = meta.model_copy(update={"population": Population(check=check)}).to_json()
+    altered = tmp_path / "altered.onnx"
+    onnx.save(proto, str(altered))
+    with pytest.raises(ModelIntegrityError, match="population"):
+        OnnxModel(altered)
+
+
+def test_resume_refuses_another_population_or_weight_averaging(population_model):
+    import yaml
+
+    from diagnostics.train.config import CXRTrainConfig
+    from diagnostics.train.cxr import _check_resumable
+
+    run_dir = population_model.parent
+    saved = CXRTrainConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    _check_resumable(run_dir, saved)  # the same config resumes
+    with pytest.raises(ValueError, match="'population' config differs"):
+        _check_resumable(run_dir, saved.model_copy(update={"population": None}))
+    other = saved.model_copy(deep=True)
+    other.train.ema_decay = 0.99
+    with pytest.raises(ValueError, match=r"train\.ema_decay"):
+        _check_resumable(run_dir, other)

@@ -98,8 +98,9 @@ def test_review_page_shows_the_population_and_the_missing_call(flagging):
     )
 
 
-def test_monitoring_per_site_and_day_with_an_alert(flagging):
+def test_monitoring_per_site_and_day_with_an_alert(flagging, caplog):
     svc = flagging
+    caplog.set_level("WARNING", logger="diagnostics.serve.monitor")
     for seed in (904, 905, 906):
         sid = svc.upload(dicom_bytes(synth_pixels(1, seed=seed)[0], PatientAge="060Y")).json()["id"]
         svc.wait(sid)
@@ -119,6 +120,9 @@ def test_monitoring_per_site_and_day_with_an_alert(flagging):
     admin = _login(svc, "quan.tri")
     page = admin.get("/review/agreement").text
     assert 'id="monitor"' in page and "clinic-a" in page and 'class="alert"' in page
+    # logged once, by the worker, when its queue emptied
+    alerts = [r for r in caplog.records if "site clinic-a:" in r.getMessage()]
+    assert len(alerts) == 1 and "alert level 50%" in alerts[0].getMessage()
 
 
 def test_a_site_recalibrates_the_population_check(population_model, tmp_path):

@@ -82,11 +82,13 @@ def geometry(
 
 def intensity(batch: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
     """x * b, b ~ U(1 +- brightness); then towards or away from the image mean by c ~
-    U(1 +- contrast), as torchvision's ColorJitter does for grey images."""
+    U(1 +- contrast), as torchvision's ColorJitter does for grey images (in this fixed order;
+    ColorJitter draws the order)."""
     b = batch.shape[0]
     out = batch
     if brightness:
         out = out * _uniform(b, max(0.0, 1 - brightness), 1 + brightness).view(b, 1, 1, 1)
+        out = out.clamp(0.0, 1.0)
     if contrast:
         c = _uniform(b, max(0.0, 1 - contrast), 1 + contrast).view(b, 1, 1, 1)
         mean = out.clamp(0, 1).mean(dim=(1, 2, 3), keepdim=True)

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from diagnostics.serve import qc
 from diagnostics.serve.config import MonitorSection, ServeConfig
 from diagnostics.serve.models import ModelHolder, ModelSource
-from diagnostics.serve.monitor import WATCHED, AlertLog, daily
+from diagnostics.serve.monitor import AlertLog, daily
 from diagnostics.serve.review import ReviewBody, ReviewError, record_reviews
 from diagnostics.serve.runner import OnnxModel, ScoreResult
 from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
@@ -228,16 +228,10 @@ class Metrics:
             yield from gauges.values()
             yield outcomes
 
-        self.alerts = AlertLog(store, mcfg)
         self.registry.register(FromStore())
 
     def observe_result(self, result: ScoreResult) -> None:
         self.scoring.observe(result.timing_ms.get("total", 0.0) / 1000.0)
-        if result.code in WATCHED or result.flags:
-            try:
-                self.alerts.check()
-            except Exception:  # monitoring must never fail a study
-                log.exception("population monitoring check failed")
 
 
 # --------------------------------------------------------------------------- app
@@ -263,6 +257,7 @@ def create_app(
         poll_s=cfg.worker.poll_s,
         retry_delay_s=cfg.worker.retry_delay_s,
         on_result=metrics.observe_result,
+        alerts=AlertLog(store, cfg.monitor),
     )
 
     @asynccontextmanager

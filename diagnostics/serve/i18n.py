@@ -152,6 +152,7 @@ MESSAGES: dict[str, dict[str, str]] = {
             "Made for: {ages}; {modalities}, {views} views. Training images: {description}"
         ),
         "ages_range": "ages {lo} to {hi} years",
+        "ages_range_under": "ages {lo} to under {hi} years",
         "ages_any": "any age",
         "years": "{n} years",
         "months": "{n} months",
@@ -267,6 +268,7 @@ MESSAGES: dict[str, dict[str, str]] = {
             "Dành cho: {ages}; {modalities}, tư thế {views}. Ảnh huấn luyện: {description}"
         ),
         "ages_range": "từ {lo} đến {hi} tuổi",
+        "ages_range_under": "từ {lo} đến dưới {hi} tuổi",
         "ages_any": "mọi lứa tuổi",
         "years": "{n} tuổi",
         "months": "{n} tháng",
@@ -327,12 +329,14 @@ def age_text(lang: str, years: float) -> str:
 
 
 def ages_text(lang: str, age_years: list[float] | tuple[float, float] | None) -> str:
-    """[1, 6) -> 'ages 1 to 5 years' (whole years, as `contract.Population.age_text`)."""
+    """[1, 6) -> 'ages 1 to 5 years': whole years as clinicians count them, the same wording
+    as `contract.Population.age_text`; [0.5, 2.5) -> 'ages 0.5 to under 2.5 years'."""
     if not age_years:
         return t(lang, "ages_any")
     lo, hi = age_years
-    top = hi - 1 if float(hi).is_integer() else hi
-    return t(lang, "ages_range", lo=f"{lo:g}", hi=f"{top:g}")
+    if float(lo).is_integer() and float(hi).is_integer():
+        return t(lang, "ages_range", lo=f"{lo:g}", hi=f"{hi - 1:g}")
+    return t(lang, "ages_range_under", lo=f"{lo:g}", hi=f"{hi:g}")
 
 
 def outside_reason(lang: str, population: dict) -> str:

@@ -21,8 +21,6 @@ from diagnostics.serve.store import Store
 
 log = logging.getLogger(__name__)
 
-WATCHED = (OUTSIDE_POPULATION, OOD)  # the codes whose share is watched
-
 
 def daily(store: Store, clinics: list[str] | None, cfg: MonitorSection) -> list[dict[str, Any]]:
     """Rows per (clinic, day), newest day first: counts, shares and the alert."""
@@ -56,17 +54,18 @@ def daily(store: Store, clinics: list[str] | None, cfg: MonitorSection) -> list[
 
 
 class AlertLog:
-    """Logs each (site, day) alert once, checking at most every `every_s` seconds."""
+    """Logs each (site, day) alert once. The worker calls `check` after each batch (at most
+    every `every_s` seconds) and, forced, whenever its queue empties."""
 
-    def __init__(self, store: Store, cfg: MonitorSection, every_s: float = 30.0) -> None:
+    def __init__(self, store: Store, cfg: MonitorSection, every_s: float = 10.0) -> None:
         self.store, self.cfg, self.every_s = store, cfg, every_s
         self.seen: set[tuple[str, str]] = set()
-        self.last = 0.0
+        self.last = -float("inf")
         self.lock = threading.Lock()
 
-    def check(self) -> None:
+    def check(self, force: bool = False) -> None:
         with self.lock:
-            if time.monotonic() - self.last < self.every_s:
+            if not force and time.monotonic() - self.last < self.every_s:
                 return
             self.last = time.monotonic()
         today = datetime.now(UTC).date().isoformat()

@@ -229,11 +229,19 @@ class OODDetector:
         return _ok("distribution", "model", f"distance {score:.2f} (limit {t:.2f})")
 
 
-def age_words(years: float) -> str:
-    """An age as a clinician writes it: months under 2 years, whole years above."""
+def coarse_age(years: float) -> float:
+    """The age kept with a result: whole months under 2 years, whole years above. Finer ages
+    (days) with the study date would give away the birth date."""
     if years < 2:
-        return f"{int(years * 12 + 1e-9)} months"
-    return f"{int(years + 1e-9)} years"
+        return round(int(years * 12 + 1e-9) / 12, 4)
+    return float(int(years + 1e-9))
+
+
+def age_words(years: float) -> str:
+    """An age as a clinician writes it, in English: see `i18n.age_text`."""
+    from diagnostics.serve.i18n import age_text
+
+    return age_text("en", years)
 
 
 def check_age(

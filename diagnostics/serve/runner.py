@@ -112,11 +112,12 @@ class OnnxModel:
         )
         pop = self.metadata.population
         # the graph output holding the population check's logit, when the model has one
-        self.population_output = (
-            pop.check.output
-            if pop is not None and pop.check is not None and pop.check.output in self.output_names
-            else None
-        )
+        self.population_output = pop.check.output if pop and pop.check else None
+        if self.population_output and self.population_output not in self.output_names:
+            raise ModelIntegrityError(
+                f"the metadata names a population check in output {self.population_output!r}, "
+                "which the graph lacks: the file was altered or exported wrongly"
+            )
 
     @property
     def labels(self) -> list[str]:
@@ -337,7 +338,9 @@ class Scorer:
         ages = self.population.age_years if self.population is not None else None
         res.population = {"evidence": "none", "inside": None, "ages": list(ages) if ages else None}
         if image.age_years is not None:
-            res.population.update(age_years=round(image.age_years, 2), age_source=image.age_source)
+            res.population.update(
+                age_years=qc.coarse_age(image.age_years), age_source=image.age_source
+            )
         by_age = qc.check_age(self.population, image.age_years, image.age_source)
         if by_age is not None:
             pending.age_decided = True

@@ -42,6 +42,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     cast,
     create_engine,
     event,
@@ -872,7 +873,7 @@ class Store:
                 select(Study, pending.c.any_pos, pending.c.top)
                 .join(pending, pending.c.study_id == Study.id)
                 .where(Study.status == "scored")
-                .order_by(pending.c.any_pos.desc(), pending.c.top.desc(), Study.created_at)
+                .order_by(*triage_order(pending.c.any_pos, pending.c.top), Study.created_at)
                 .limit(limit)
             )
             if clinics is not None:
@@ -994,8 +995,7 @@ class Store:
         }.get(
             sort,
             [
-                func.coalesce(agg.c.any_pos, 0).desc(),
-                func.coalesce(agg.c.top, 0).desc(),
+                *triage_order(agg.c.any_pos, agg.c.top),
                 Study.created_at,
                 Study.id,  # a total order: pages never repeat or skip a study
             ],
@@ -1259,6 +1259,17 @@ class Store:
             q = q.where(Audit.object_id == object_id)
         with self.session() as s:
             return list(s.scalars(q))
+
+
+def triage_order(any_positive: Any, top: Any) -> list[Any]:
+    """AI-positive studies first, then by the highest probability. A study with no call (its
+    findings' `positive` NULL: outside the population) is not triaged: it ranks with the
+    negatives, and its model output does not move it. Explicit, as NULLs sort first under
+    DESC on PostgreSQL and last on SQLite."""
+    return [
+        func.coalesce(any_positive, 0).desc(),
+        case((Study.flag.is_not(None), 0.0), else_=func.coalesce(top, 0.0)).desc(),
+    ]
 
 
 class Conflict(Exception):

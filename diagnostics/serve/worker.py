@@ -47,6 +47,7 @@ class Worker:
         retry_delay_s: float = 5.0,
         owner: str | None = None,
         on_result: Callable[[ScoreResult], None] | None = None,
+        alerts: Any = None,
     ) -> None:
         self.store = store
         # a Scorer, or a ModelHolder whose current scorer is read at each batch
@@ -57,6 +58,7 @@ class Worker:
         self.retry_delay_s = retry_delay_s
         self.owner = owner or worker_id()
         self.on_result = on_result
+        self.alerts = alerts  # a monitor.AlertLog: checked after each batch and when idle
         self.wake = threading.Event()  # set by the API after an upload
         self.processed = 0
 
@@ -95,7 +97,16 @@ class Worker:
                 except Exception:  # StoreBusy and the like: this job's lease will expire and
                     # it will be claimed again; the other jobs of the batch are still stored
                     log.exception("storing the result of study %s failed", study.id)
+            self._check_alerts(force=False)
         return len(claimed)
+
+    def _check_alerts(self, force: bool) -> None:
+        if self.alerts is None:
+            return
+        try:
+            self.alerts.check(force=force)
+        except Exception:  # monitoring must never stop scoring
+            log.exception("population monitoring check failed")
 
     def _population_limit(self, scorer: Scorer, clinic: str) -> float | None:
         """The site's own population-check threshold for this model file, if it has one."""
@@ -192,6 +203,7 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set: work while there is work, then wait for a wake-up."""
         log.info("worker %s started", self.owner)
+        busy = False
         while not stop.is_set():
             try:
                 n = self.run_once()
@@ -201,8 +213,11 @@ class Worker:
                 log.exception("worker loop error")
                 n = 0
             if n == 0:
+                if busy:  # the queue just emptied: the day's shares are final for now
+                    self._check_alerts(force=True)
                 self.wake.wait(self.poll_s)
                 self.wake.clear()
+            busy = n > 0
         log.info("worker %s stopped", self.owner)
 
 

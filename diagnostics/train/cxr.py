@@ -42,7 +42,7 @@ from diagnostics.settings import get_settings
 from diagnostics.train import tracking
 from diagnostics.train.calibrate import choose_threshold, fit_temperature, sigmoid
 from diagnostics.train.cards import cxr_model_card
-from diagnostics.train.config import CXRTrainConfig
+from diagnostics.train.config import CXRTrainConfig, LoopConfig
 from diagnostics.train.export import check_parity, export_onnx
 from diagnostics.train.metrics import auroc, finding_report, mean_auroc
 from diagnostics.train.plots import save_plots
@@ -260,13 +260,20 @@ def _run_dir(cfg: CXRTrainConfig, resume: str | Path | None) -> Path:
 
 
 def _check_resumable(run_dir: Path, cfg: CXRTrainConfig) -> None:
-    """Refuse to resume with other data, network or preprocessing (epochs may change)."""
+    """Refuse to resume with other data, network, preprocessing, population check (the head
+    is part of the network), weight averaging or selection rule; epochs may change."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     now = cfg.model_dump(mode="json")
-    for key in ("data", "model", "preprocess"):
+    for key in ("data", "model", "preprocess", "population"):
         if saved.get(key) != now.get(key):
             raise ValueError(
                 f"cannot resume {run_dir.name}: its '{key}' config differs from this one"
+            )
+    for key in ("ema_decay", "select"):
+        was = saved.get("train", {}).get(key, LoopConfig.model_fields[key].default)
+        if was != now["train"][key]:
+            raise ValueError(
+                f"cannot resume {run_dir.name}: its train.{key} ({was}) differs from this one"
             )
 
 
@@ -390,7 +397,7 @@ def train_cxr(
         if state.get("finished"):
             raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
         model.load_state_dict(state["model"])
-        if ema is not None:
+        if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -887,12 +894,16 @@ def _int8_variant(
     meta = metadata.model_copy(update={"quantization": "int8-static-qdq-per-channel"})
     path = quantize_int8(fp32_path, fp32_path.with_name("model.int8.onnx"), calibration, meta)
     fp32, q8 = OnnxModel(fp32_path), OnnxModel(path)
-    p32, p8 = [], []
+    p32, p8, z32, z8 = [], [], [], []
     val = idx["val"]
     for start in range(0, len(val), 32):
         x = normalize(from_uint16(cache[val[start : start + 32]]), spec)
-        p32.append(fp32.predict(x).probabilities)
-        p8.append(q8.predict(x).probabilities)
+        r32, r8 = fp32.predict(x), q8.predict(x)
+        p32.append(r32.probabilities)
+        p8.append(r8.probabilities)
+        if r32.population is not None and r8.population is not None:
+            z32.append(r32.population)
+            z8.append(r8.population)
     a, b = np.concatenate(p32), np.concatenate(p8)
     y = labels[val]
     out: dict[str, Any] = {
@@ -907,6 +918,10 @@ def _int8_variant(
         thr = metadata.thresholds[f].value
         # validation images whose positive/negative call differs between fp32 and int8
         out[f"val.{f}.decision_flips"] = float(((a[:, i] >= thr) != (b[:, i] >= thr)).sum())
+    check = metadata.population.check if metadata.population else None
+    if check is not None and z32:  # the population check keeps its fp32 threshold
+        c32, c8 = np.concatenate(z32) >= check.threshold, np.concatenate(z8) >= check.threshold
+        out["val.population.decision_flips"] = float((c32 != c8).sum())
     return out
 
 

@@ -16,6 +16,7 @@ report part and on the validation split, which set nothing.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from diagnostics.contract import Population, PopulationCheck
 from diagnostics.data.cxr import DatasetError
 from diagnostics.train.config import PopulationCheckConfig, PopulationConfig
 from diagnostics.train.metrics import auroc
+
+MAX_GROUPS = 20
 
 
 @dataclass
@@ -67,6 +70,14 @@ def load_outside(cfg: PopulationCheckConfig) -> OutsideImages:
         if spec.group_column
         else np.full(len(paths), "outside")
     )
+    if len(set(groups)) > MAX_GROUPS:
+        raise DatasetError(
+            f"population.check.outside.group_column {spec.group_column!r} has "
+            f"{len(set(groups))} values; it should name a few groups (at most {MAX_GROUPS}), "
+            "never a patient or image key"
+        )
+    # group names become metric names: letters, digits and _ - . only
+    groups = np.array([re.sub(r"[^A-Za-z0-9_.-]+", "_", g) or "_" for g in groups])
     # A hash of the relative path, not a random draw: the same images are held out every run.
     u = np.array(
         [
@@ -161,4 +172,6 @@ def fit_check(
         f"({least:.3f}), and the {q:.1%} quantile of the validation images' logits, which "
         f"refuses at most {q:.1%} of them ({most:.3f}); here {which}"
     )
-    return PopulationCheck(threshold=threshold, rule=rule, max_inside_refused=q, metrics=metrics)
+    return PopulationCheck(
+        threshold=threshold, rule=rule, max_inside_refused=q, outside_bound=least, metrics=metrics
+    )

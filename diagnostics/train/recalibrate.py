@@ -78,38 +78,49 @@ def recalibrate(
 
 
 def recalibrate_population(model_path: Any, data_cfg: Any, *, min_images: int = 100) -> dict:
-    """A site's own threshold for the model's population check, from the site's images of
-    patients inside the intended population (every row of `data_cfg`), by the model's own rule:
-    refuse at most the same share of them. Returns the threshold with the share of these
-    images refused before (the model's threshold) and after (the site's)."""
+    """A site's own threshold for the model's population check, by the model's own rule with
+    the site's images of patients inside the intended population (every row of `data_cfg`) in
+    place of its validation images: refuse at most the same share of them, and never be
+    stricter than the bound the model's calibration outside images set. DICOM images whose age
+    is outside the range are left out. Returns the threshold with the share of these images
+    refused before (the model's threshold) and after (the site's)."""
     from diagnostics.data.cxr import load_dataset
-    from diagnostics.imaging import load_for_model
+    from diagnostics.imaging import decode, normalize, resize_square
     from diagnostics.serve.runner import OnnxModel
 
     runner = OnnxModel(model_path)
     pop = runner.metadata.population
     if pop is None or pop.check is None or runner.population_output is None:
         raise ValueError(f"{runner.path.name} has no population check to recalibrate")
-    paths = load_dataset(data_cfg).frame["path"].tolist()
-    if len(paths) < min_images:
-        raise SampleTooSmall(
-            f"{len(paths)} images; a population threshold needs at least {min_images} images "
-            "of patients inside the intended population (--min-cases)"
-        )
     spec = runner.metadata.preprocessing
-    scores = []
-    for start in range(0, len(paths), 16):
-        batch = np.stack([load_for_model(p, spec) for p in paths[start : start + 16]])
-        scores.append(runner.predict(batch).population)
-    z = np.concatenate(scores)
+    scores, left_out = [], 0
+    for path in load_dataset(data_cfg).frame["path"]:
+        image = decode(path)
+        if image.age_years is not None and not pop.age_inside(image.age_years):
+            left_out += 1  # the age says this patient is outside: not evidence for the site
+            continue
+        x = normalize(resize_square(image.pixels, spec), spec)[None]
+        scores.append(float(runner.predict(x).population[0]))
+    z = np.asarray(scores, dtype=np.float64)
+    z = z[np.isfinite(z)]
+    if len(z) < min_images:
+        raise SampleTooSmall(
+            f"{len(z)} usable images ({left_out} left out by their age); a population "
+            f"threshold needs at least {min_images} images of patients inside the intended "
+            "population (--min-cases)"
+        )
     q = pop.check.max_inside_refused
     threshold = float(np.quantile(z, q, method="lower"))
+    if pop.check.outside_bound is not None:
+        threshold = min(threshold, pop.check.outside_bound)
     return {
         "model_sha256": runner.sha256,
         "population_threshold": threshold,
         "evidence": {
             "n": len(z),
-            "rule": f"refuse at most {q:.1%} of the site's in-population images",
+            "left_out_by_age": left_out,
+            "rule": f"refuse at most {q:.1%} of the site's in-population images, never above "
+            f"the model's outside bound ({pop.check.outside_bound})",
             "model_threshold": pop.check.threshold,
             "refused_before": float((z < pop.check.threshold).mean()),
             "refused_after": float((z < threshold).mean()),

@@ -29,6 +29,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A finding without a call cannot become a positive or negative one: refuse, and say so.
+    bind = op.get_bind()
+    if bind.execute(sa.text("SELECT COUNT(*) FROM findings WHERE positive IS NULL")).scalar():
+        raise RuntimeError(
+            "findings without a call (studies outside the population, flagged) exist; "
+            "revision 0003 cannot hold them: downgrade refused"
+        )
     with op.batch_alter_table("site_profiles") as batch:
         batch.drop_column("population_threshold")
     with op.batch_alter_table("studies") as batch:
