@@ -209,22 +209,10 @@ def monai_densenet121(
     return CAMClassifier(features, n_features, num_classes, dropout)
 
 
-@register_model("tiny_cnn")
-def tiny_cnn(
-    in_channels: int = 1,
-    num_classes: int = 14,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    dropout: float = 0.0,
-    width: int = 16,
-    blocks: int = 4,
-) -> CAMClassifier:
-    """A small CNN for tests and the demo: `blocks` x (conv3x3-BN-ReLU, conv3x3-BN-ReLU, pool)."""
-    _check(in_channels, num_classes)
-    if pretrained:
-        raise ValueError("tiny_cnn has no pretrained weights")
+def _conv_blocks(c_in: int, width: int, blocks: int) -> tuple[list[nn.Module], int]:
+    """`blocks` x (conv3x3-BN-ReLU, conv3x3-BN-ReLU, max-pool but after the last), `width`
+    doubling per block. Returns the layers and the output channels."""
     layers: list[nn.Module] = []
-    c_in = in_channels
     for i in range(blocks):
         c_out = width * 2**i
         layers += [
@@ -238,10 +226,44 @@ def tiny_cnn(
         if i < blocks - 1:
             layers.append(nn.MaxPool2d(2))
         c_in = c_out
-    model = CAMClassifier(nn.Sequential(*layers), c_in, num_classes, dropout)
+    return layers, c_in
+
+
+def _small_cnn(
+    name: str,
+    stem: list[nn.Module],
+    c_in: int,
+    num_classes: int,
+    pretrained: bool,
+    weights_path: str | Path | None,
+    dropout: float,
+    width: int,
+    blocks: int,
+) -> CAMClassifier:
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights")
+    body, c_out = _conv_blocks(c_in, width, blocks)
+    model = CAMClassifier(nn.Sequential(*stem, *body), c_out, num_classes, dropout)
     if weights_path is not None:
         model.load_state_dict(torch.load(Path(weights_path), map_location="cpu", weights_only=True))
     return model
+
+
+@register_model("tiny_cnn")
+def tiny_cnn(
+    in_channels: int = 1,
+    num_classes: int = 14,
+    pretrained: bool = False,
+    weights_path: str | Path | None = None,
+    dropout: float = 0.0,
+    width: int = 16,
+    blocks: int = 4,
+) -> CAMClassifier:
+    """A small CNN for tests and the demo: `blocks` x (conv3x3-BN-ReLU, conv3x3-BN-ReLU, pool)."""
+    _check(in_channels, num_classes)
+    return _small_cnn(
+        "tiny_cnn", [], in_channels, num_classes, pretrained, weights_path, dropout, width, blocks
+    )
 
 
 @register_model("compact_cnn")
@@ -259,28 +281,11 @@ def compact_cnn(
     a stride-2 stem, then `blocks` x (conv3x3-BN-ReLU x 2, max-pool), `width` doubling per
     block. At 128 px: 1.2 M parameters, 0.47 GFLOP per image, an 8 x 8 CAM."""
     _check(in_channels, num_classes)
-    if pretrained:
-        raise ValueError("compact_cnn has no pretrained weights")
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, stem, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(stem),
         nn.ReLU(inplace=True),
     ]
-    c_in = stem
-    for i in range(blocks):
-        c_out = width * 2**i
-        layers += [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
-        if i < blocks - 1:
-            layers.append(nn.MaxPool2d(2))
-        c_in = c_out
-    model = CAMClassifier(nn.Sequential(*layers), c_in, num_classes, dropout)
-    if weights_path is not None:
-        model.load_state_dict(torch.load(Path(weights_path), map_location="cpu", weights_only=True))
-    return model
+    return _small_cnn(
+        "compact_cnn", layers, stem, num_classes, pretrained, weights_path, dropout, width, blocks
+    )
