@@ -432,7 +432,7 @@ def score(
                 else:
                     record = next(results).as_dict()
                 counts[record["status"]] = counts.get(record["status"], 0) + 1
-                if record.get("flags"):  # scored, but no call: outside the population
+                if record["status"] == "scored" and record.get("flags"):  # no call
                     counts["flagged (no call)"] = counts.get("flagged (no call)", 0) + 1
                 writer.write(str(f), record)
             bar.update(len(chunk))

@@ -216,3 +216,17 @@ def test_resume_refuses_another_population_or_weight_averaging(population_model)
     other.train.ema_decay = 0.99
     with pytest.raises(ValueError, match=r"train\.ema_decay"):
         _check_resumable(run_dir, other)
+
+
+def test_withheld_images_are_counted_once():
+    """An image flagged by its age and then refused by another check is one withheld image."""
+    from diagnostics.train.evaluate import qc_summary
+
+    verdicts = [
+        {"status": "failed_qc", "code": "out_of_distribution", "flags": [OUTSIDE_POPULATION]},
+        {"status": "scored", "code": None, "flags": [OUTSIDE_POPULATION]},
+        {"status": "scored", "code": None, "flags": []},
+    ]
+    qc = qc_summary(verdicts, True)
+    assert qc["withheld"] == 2 and qc["scored_with_a_call"] == 1
+    assert qc["withheld_by_reason"] == {"out_of_distribution": 1, OUTSIDE_POPULATION: 1}

@@ -184,11 +184,10 @@ def qc_summary(verdicts: list[dict[str, Any]], applied: bool) -> dict[str, Any]:
     by QC (e.g. out_of_distribution), outside the intended population (refused, or flagged
     where a site chooses), or failed."""
     reasons: dict[str, int] = {}
-    for v in verdicts:
-        if v["status"] != "scored":
-            reasons[v["code"]] = reasons.get(v["code"], 0) + 1
-        for flag in v["flags"]:
-            reasons[flag] = reasons.get(flag, 0) + 1
+    for v in verdicts:  # one reason per image: its refusal, else its flag
+        reason = v["code"] if v["status"] != "scored" else (v["flags"] or [None])[0]
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
     withheld = sum(reasons.values())
     return {
         "applied": applied,
