@@ -436,7 +436,10 @@ def score(
                     counts["flagged (no call)"] = counts.get("flagged (no call)", 0) + 1
                 writer.write(str(f), record)
             bar.update(len(chunk))
+    flagged = counts.pop("flagged (no call)", 0)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    if flagged:
+        summary += f" ({flagged} of them scored with a flag and no call)"
     typer.echo(f"{len(inputs)} inputs: {summary}; provider {runner.provider} -> {out}")
 
 
@@ -1097,8 +1100,8 @@ def demo(
 
 
 def _demo_score(model: Path, manifest: Path, home: Path) -> None:
-    """Score a few images as a clinic would (QC, findings, heatmaps), and one a clinic should
-    never send: a blank image."""
+    """Score a few images as a clinic would (QC, findings, heatmaps), and three a clinic
+    should not send: a blank image, a child (by DICOM age) and another body habitus."""
     import io
 
     import numpy as np

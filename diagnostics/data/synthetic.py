@@ -320,6 +320,7 @@ def write_dataset(
                 uid_seed=f"{seed}:{i}",
                 patient_id=patient,
             )
+            ds.PatientAge = f"{int(demo['age']):03d}Y"  # DICOM AS, as the manifest's age column
             ds.save_as(out / rel, enforce_file_format=True)
         row: dict[str, object] = {"path": rel, "patient_id": patient, "view": "PA", **demo}
         row.update(image.labels)

@@ -51,8 +51,10 @@ def resolve_model(model: str) -> Path:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
         except mlflow.exceptions.MlflowException as exc:
             raise FileNotFoundError(
-                f"{model}: {exc.message.splitlines()[0]} (use models:/NAME/VERSION or "
-                "models:/NAME@ALIAS for an alias that has been set)"
+                f"{model}: {exc.message.splitlines()[0]} in the tracking store "
+                f"{get_settings().mlflow_uri()} (run from the folder whose .diagnostics/ holds "
+                "it, or set DIAGNOSTICS_HOME or MLFLOW_TRACKING_URI; use models:/NAME/VERSION, "
+                "or models:/NAME@ALIAS for an alias that has been set)"
             ) from None
         found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
         if not found:
@@ -287,6 +289,8 @@ def qc_lines(qc: dict[str, Any] | None, population: str | None) -> list[str]:
             f"scored below, including {qc['withheld']:,} the clinic would withhold{made_for}: "
             f"{reasons}"
         )
+    if qc["applied"] and qc["scored_with_a_call"] == 0:
+        lines.append("no image would be scored with a call: there are no metrics below")
     if qc.get("scored_outside_ages_by_table"):
         lines.append(
             f"WARNING: {qc['scored_outside_ages_by_table']:,} scored images are outside the "
