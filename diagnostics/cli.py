@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +55,42 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+# What `pip install 'diagnostics[train]'` adds to a clinic install (which has none of these).
+TRAINING_MODULES = frozenset(
+    {
+        "torch",
+        "torchvision",
+        "monai",
+        "mlflow",
+        "sklearn",
+        "skl2onnx",
+        "onnx",
+        "scipy",
+        "matplotlib",
+    }
+)
+
+
+def _training(command: Callable[..., Any]) -> Callable[..., Any]:
+    """For commands that train, evaluate or govern models: on a clinic install (no torch,
+    mlflow or scikit-learn) they stop with the install line instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ImportError as exc:
+            missing = (exc.name or "").split(".")[0]
+            if missing not in TRAINING_MODULES:
+                raise
+            raise _fail(
+                f"this command needs the training libraries, and {missing} is not installed "
+                "here (a clinic install): pip install 'diagnostics[train]'"
+            ) from None
+
+    return run
+
+
 def load_data_config(config: Path, overrides: list[str] | None) -> Any:
     """The `data:` section of a config file (a dataset config, or a training config holding one)."""
     from pydantic import ValidationError
@@ -79,6 +117,7 @@ def load_data_config(config: Path, overrides: list[str] | None) -> Any:
 
 
 @data_app.command("check")
+@_training
 def data_check(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="YAML config with a data: section")
@@ -102,6 +141,7 @@ def data_check(
 
 
 @data_app.command("synth-cxr")
+@_training
 def data_synth_cxr(
     out: Annotated[Path, typer.Argument(help="output folder")],
     n: Annotated[int, typer.Option("--n", min=1, help="number of images")] = 200,
@@ -205,6 +245,7 @@ def _mlflow_ui_hint() -> str:
 
 
 @train_app.command("cxr")
+@_training
 def train_cxr_cmd(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config")],
     set_: SetOption = None,
@@ -234,6 +275,7 @@ def train_cxr_cmd(
 
 
 @train_app.command("risk")
+@_training
 def train_risk_cmd(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML risk config with schema")],
     set_: SetOption = None,
@@ -294,11 +336,7 @@ def score_risk(
     from diagnostics.serve.risk import RiskModel
 
     try:
-        path = Path(model)
-        if model.startswith("models:/"):
-            from diagnostics.train.evaluate import resolve_model
-
-            path = resolve_model(model)
+        path, _ = resolve_model_ref(model)
         scorer = RiskModel(path)
         result = scorer.score(read_table(table))
     except (SchemaError, ValueError, FileNotFoundError, KeyError) as exc:
@@ -312,18 +350,67 @@ def score_risk(
     )
 
 
-def resolve_model_ref(model: str) -> tuple[Path, str | None]:
+def _model_cache(cache_dir: Path | None = None) -> Path:
+    """Where registry downloads are cached by sha256: the service's data folder when serving,
+    else <home>/model-cache."""
+    from diagnostics.settings import get_settings
+
+    return cache_dir or get_settings().home / "model-cache"
+
+
+def _registry_client(cache_dir: Path | None = None) -> Any:
+    """The REST registry client (no mlflow) when the tracking URI is a server, else None."""
+    from diagnostics.settings import get_settings
+
+    uri = get_settings().mlflow_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from diagnostics.serve.registry_client import RegistryClient
+
+    return RegistryClient(uri, _model_cache(cache_dir))
+
+
+def _local_registry() -> Any:
+    """diagnostics.train.evaluate, which reads a local tracking store (SQLite, files) with
+    mlflow; a clear error where mlflow is not installed (a clinic install)."""
+    from diagnostics.settings import get_settings
+
+    try:
+        from diagnostics.train import evaluate
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in TRAINING_MODULES:
+            raise
+        raise FileNotFoundError(
+            f"the tracking store {get_settings().mlflow_uri()} is local and is read with "
+            f"mlflow, which is not installed here ({exc.name} is missing). Point "
+            "DIAGNOSTICS_TRACKING_URI (or MLFLOW_TRACKING_URI) at the MLflow tracking server "
+            "(http://HOST:PORT), give the .onnx file itself (`diagnostics models pull` writes "
+            "one), or pip install 'diagnostics[train]'"
+        ) from None
+    return evaluate
+
+
+def resolve_model_ref(model: str, cache_dir: Path | None = None) -> tuple[Path, str | None]:
     """A model argument -> (local .onnx path, registry version or None).
 
-    Registry URIs are downloaded with MLflow here, in the command, so that the serving modules
-    never import it; they read the ONNX file directly and never unpickle anything.
+    Registry URIs of a tracking server (http/https) are resolved over its REST API, without
+    mlflow, and cached by sha256 in `cache_dir` (default <home>/model-cache); when the server
+    cannot be reached, the file cached for that URI is used, with a warning. A local store
+    (SQLite, as `make demo` makes) is read with mlflow. The serving modules never import
+    mlflow; they read the ONNX file directly and never unpickle anything.
     """
     if not model.startswith("models:/"):
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {model}")
         return path, None
-    from diagnostics.train.evaluate import registry_version, resolve_model
+    client = _registry_client(cache_dir)
+    if client is not None:
+        with client:
+            found = client.resolve(model)
+        return found.path, found.version
+    evaluate = _local_registry()
+    registry_version, resolve_model = evaluate.registry_version, evaluate.resolve_model
 
     path = resolve_model(model)
     try:
@@ -476,11 +563,17 @@ def _open_store(cfg: Any) -> Any:
     return store, data_dir
 
 
+def _service_model_cache(cfg: Any) -> Path:
+    from diagnostics.settings import get_settings
+
+    return cfg.resolved_data_dir(get_settings().home) / "model-cache"
+
+
 def _load_service_model(cfg: Any) -> Any:
     from diagnostics.serve.runner import ModelIntegrityError, OnnxModel
 
     try:
-        path, version = resolve_model_ref(cfg.model.path)
+        path, version = resolve_model_ref(cfg.model.path, _service_model_cache(cfg))
         return OnnxModel(
             path,
             device=cfg.model.device,
@@ -489,6 +582,8 @@ def _load_service_model(cfg: Any) -> Any:
             version=version,
         )
     except FileNotFoundError as exc:
+        if cfg.model.path.startswith("models:/"):  # the registry said why
+            raise _fail(f"model {cfg.model.path}: {exc}") from None
         raise _fail(
             f"model {cfg.model.path}: {exc} (train one with `make demo`, or set model.path)"
         ) from None
@@ -502,6 +597,9 @@ def _check_port_free(host: str, port: int) -> None:
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn binds: connections of a previous run left in TIME_WAIT must not block a
+        # restart (a supervisor restarting after a crash); a live listener still does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -514,9 +612,13 @@ def _model_source(cfg: Any) -> Any:
     ref = cfg.model.path
     if not ref.startswith("models:/"):
         return None
+    client = _registry_client(_service_model_cache(cfg))
+    if client is not None:  # a tracking server: followed over REST, without mlflow
+        return client.follow(ref)
 
     def source(current: str | None) -> tuple[Path, str | None] | None:
-        from diagnostics.train.evaluate import registry_version, resolve_model
+        evaluate = _local_registry()
+        registry_version, resolve_model = evaluate.registry_version, evaluate.resolve_model
 
         version = registry_version(ref)
         if version is None or version == current:
@@ -544,6 +646,7 @@ def serve(
     from diagnostics.serve import logs
     from diagnostics.serve.app import create_app
     from diagnostics.serve.config import check_auth_setting
+    from diagnostics.serve.server import uvicorn_config
 
     cfg = _serve_config(config, set_)
     if host is not None:
@@ -559,7 +662,7 @@ def serve(
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
     api = create_app(cfg, model, store, data_dir, _model_source(cfg))
-    uvicorn.run(api, host=cfg.host, port=cfg.port, log_config=None, access_log=False)
+    uvicorn.Server(uvicorn_config(api, cfg, host=cfg.host, port=cfg.port)).run()
 
 
 @app.command()
@@ -764,6 +867,7 @@ def reviews_export(
 
 
 @models_app.command("list")
+@_training
 def models_list() -> None:
     """Registered versions with aliases, sha256, training run, dataset digest, val AUROC."""
     from diagnostics.train.governance import list_models
@@ -786,6 +890,7 @@ def models_list() -> None:
 
 
 @models_app.command("compare")
+@_training
 def models_compare(
     candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION, @ALIAS or a .onnx")],
     baseline: Annotated[str, typer.Argument(help="the model to compare against")],
@@ -831,6 +936,7 @@ def models_compare(
 
 
 @models_app.command("promote")
+@_training
 def models_promote(
     candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION")],
     gate: Annotated[Path, typer.Option(help="gate YAML (configs/gates/)")],
@@ -870,6 +976,7 @@ def models_promote(
 
 
 @models_app.command("recalibrate")
+@_training
 def models_recalibrate(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or .onnx")],
     config: Annotated[Path, typer.Option("--config", "-c", help="the site's labelled data")],
@@ -967,6 +1074,7 @@ def models_recalibrate(
 
 
 @models_app.command("rollback")
+@_training
 def models_rollback(
     name: Annotated[str, typer.Argument(help="registered model name")],
     alias: Annotated[str, typer.Option()] = "champion",
@@ -981,7 +1089,43 @@ def models_rollback(
     typer.echo(f"{name}@{alias}: {r['from']} -> {r['to'] or '(unset)'}")
 
 
+@models_app.command("pull")
+def models_pull(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    out: Annotated[Path, typer.Option(help="folder for NAME-vVERSION.onnx and its .sha256")] = Path(
+        "."
+    ),
+) -> None:
+    """Download a registered model file: NAME-vVERSION.onnx and its .sha256.
+
+    Over the tracking server's REST API (no mlflow needed) when the tracking URI is http(s),
+    checked against the sha256 training recorded. `sha256sum -c` reads the .sha256 file."""
+    import hashlib
+    import shutil
+
+    if not model.startswith("models:/"):
+        raise _fail("give a registry URI: models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        path, version = resolve_model_ref(model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    name = model[len("models:/") :].split("@")[0].split("/")[0]
+    dest = out / f"{name}-v{version}.onnx" if version else out / f"{name}.onnx"
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        shutil.copyfile(path, tmp)
+        tmp.replace(dest)
+        dest.with_name(dest.name + ".sha256").write_text(f"{h}  {dest.name}\n")
+    except OSError as exc:
+        raise _fail(f"cannot write to {out}: {exc.strerror or exc}") from None
+    typer.echo(f"{model} -> version {version}, sha256 {h}")
+    typer.echo(f"wrote {dest} and {dest.name}.sha256")
+
+
 @app.command()
+@_training
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="model.onnx or models:/NAME@ALIAS")],
     config: Annotated[
@@ -1039,6 +1183,7 @@ def evaluate(
 
 
 @app.command()
+@_training
 def demo(
     n: Annotated[int, typer.Option("--n", min=10)] = 1200,
     size: Annotated[int, typer.Option("--size", min=32)] = 128,

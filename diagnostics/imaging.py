@@ -18,6 +18,8 @@ import re
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -98,6 +100,14 @@ class CorruptImageError(ImageError):
     code = "corrupt_image"
 
 
+class InvalidUIDError(ImageError):
+    code = "invalid_uid"
+
+
+class TransparentImageError(ImageError):
+    code = "transparent_image"
+
+
 @dataclass
 class DecodedImage:
     """A decoded grey image. `pixels`: (H, W) float32 in [0, 1], 0 = air (dark)."""
@@ -171,11 +181,15 @@ def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Head
     kind = sniff_format(data[:132])
     if kind == "dicom":
         ds = read_dicom_header(data, max_pixels=max_pixels)
-        uid = str(ds.get("SOPInstanceUID", "") or "").strip() or None
+        uid = instance_uid(ds)
         age, source = patient_age(ds)
-        return HeaderInfo("dicom", int(ds.Rows), int(ds.Columns), _safe_tags(ds), uid, age, source)
+        rows, cols = _int_tag(ds, "Rows"), _int_tag(ds, "Columns")
+        return HeaderInfo("dicom", rows, cols, _safe_tags(ds), uid, age, source)
     if kind in ("png", "jpeg"):
         img = _open_bitmap(data, max_pixels)
+        if _has_alpha(img):  # only these are decoded at intake, to read their alpha
+            _load_bitmap(img)
+            _check_opaque(img)
         return HeaderInfo(kind, img.size[1], img.size[0])
     if not data:
         raise EmptyFileError("The file is empty (0 bytes).")
@@ -201,21 +215,23 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
         # Never force=True: it turns any file into a "dataset" (PITFALLS.md). pydicom reads a file
         # cut short without an error (a partial dataset) and only warns when an encapsulated
         # pixel data sequence ends early, so record its warnings and check the last element.
-        # catch_warnings changes process-wide state: one reader at a time, so that a thread
-        # never sees another's warnings (the service reads uploads and decodes jobs at once).
-        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _quiet_pydicom() as caught:
             ds = pydicom.dcmread(io.BytesIO(data))
+            short = _ends_early(ds, caught)  # on the raw elements, before any conversion
+            _convert_all(ds)  # every value parsed now, while pydicom is kept quiet
+            _convert_all(getattr(ds, "file_meta", None))
     except InvalidDicomError as exc:
-        raise UnsupportedFormatError(f"Not a readable DICOM file: {exc}") from exc
+        raise UnsupportedFormatError(f"Not a readable DICOM file: {_no_values(exc)}") from exc
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError("The DICOM file ends early: it was cut short.") from exc
     except Exception as exc:  # pydicom raises a variety of errors for mangled headers
         if "no tag to read" in str(exc).lower():  # EOF inside a sequence
             raise TruncatedFileError("The DICOM file ends early: it was cut short.") from exc
-        raise CorruptImageError(f"The DICOM header could not be read: {exc}") from exc
+        raise CorruptImageError(
+            f"The DICOM header could not be read ({type(exc).__name__})."
+        ) from exc
 
-    if _ends_early(ds, caught):
+    if short:
         raise TruncatedFileError("The DICOM file ends early: it was cut short.")
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -225,35 +241,55 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
             "before the image."
         )
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _int_tag(ds, "NumberOfFrames", default=1)
+    if frames < 1:
+        raise CorruptImageError(f"The DICOM tag NumberOfFrames is {frames}; at least 1 is needed.")
     if frames > 1:
         raise MultiFrameError(
             f"The DICOM file holds {frames} frames; only single-frame radiographs are accepted."
         )
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    photometric = _text_tag(ds, "PhotometricInterpretation").strip()
     if photometric not in SUPPORTED_PHOTOMETRIC:
         raise UnsupportedPhotometricError(
-            f"Photometric interpretation {photometric or '(missing)'} is not supported; "
+            f"Photometric interpretation {photometric[:16] or '(missing)'} is not supported; "
             "a radiograph must be MONOCHROME1 or MONOCHROME2."
         )
-    for required in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
-        if ds.get(required) in (None, ""):
-            raise CorruptImageError(f"The DICOM file lacks the required tag {required}.")
-    rows, cols = int(ds.Rows), int(ds.Columns)
+    rows, cols = _int_tag(ds, "Rows"), _int_tag(ds, "Columns")
     _check_pixel_cap(rows, cols, max_pixels)  # before any decoding
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    if _int_tag(ds, "SamplesPerPixel", default=1) != 1:
         raise UnsupportedPhotometricError("A monochrome image must have one sample per pixel.")
+    allocated, stored = _int_tag(ds, "BitsAllocated"), _int_tag(ds, "BitsStored")
+    if allocated not in (8, 16, 32):
+        raise CorruptImageError(f"BitsAllocated is {allocated}; a radiograph uses 8, 16 or 32.")
+    if not 1 <= stored <= allocated:
+        raise CorruptImageError(
+            f"BitsStored ({stored}) must lie between 1 and BitsAllocated ({allocated})."
+        )
+    high_bit = _int_tag(ds, "HighBit", default=stored - 1)
+    if not stored - 1 <= high_bit < allocated:
+        raise CorruptImageError(
+            f"HighBit ({high_bit}) must lie between BitsStored - 1 and BitsAllocated - 1."
+        )
+    if _int_tag(ds, "PixelRepresentation", default=0) not in (0, 1):
+        raise CorruptImageError("PixelRepresentation must be 0 (unsigned) or 1 (signed).")
 
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax is None:
         raise CorruptImageError("The DICOM file has no transfer syntax in its file meta.")
-    _check_decoder(tsyntax)
+    if not isinstance(tsyntax, str) or not _UID.match(tsyntax):
+        raise UnsupportedTransferSyntaxError("The transfer syntax in the file meta is not a UID.")
+    with _quiet_pydicom():
+        _check_decoder(tsyntax)
+    if not isinstance(ds.PixelData, bytes | bytearray):
+        raise CorruptImageError("The pixel data element is not binary data.")
     if not tsyntax.is_encapsulated:
-        expected = rows * cols * int(ds.BitsAllocated) // 8
+        expected = rows * cols * allocated // 8
         if len(ds.PixelData) < expected:
             raise TruncatedFileError(
                 f"The pixel data is cut short: {len(ds.PixelData)} of {expected} bytes."
             )
+    else:
+        _check_codestream_size(ds.PixelData, rows, cols)
     return ds
 
 
@@ -265,8 +301,8 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
     """
     ds = read_dicom_header(_read_bytes(source), max_pixels=max_pixels)
     tags = _safe_tags(ds)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    photometric = str(ds.PhotometricInterpretation).strip()
+    rows, cols = _int_tag(ds, "Rows"), _int_tag(ds, "Columns")
+    photometric = _text_tag(ds, "PhotometricInterpretation").strip()
     try:
         stored = ds.pixel_array
     except (EOFError, struct.error) as exc:
@@ -274,7 +310,9 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
     except Exception as exc:
         if "end of" in str(exc).lower() or "truncat" in str(exc).lower():
             raise TruncatedFileError(f"The pixel data is cut short: {exc}") from exc
-        raise CorruptImageError(f"The pixel data could not be decoded: {exc}") from exc
+        raise CorruptImageError(
+            f"The pixel data could not be decoded ({type(exc).__name__})."
+        ) from exc
     if stored.shape != (rows, cols):
         raise CorruptImageError(f"Decoded shape {stored.shape} does not match {rows}x{cols}.")
 
@@ -285,7 +323,7 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
     return DecodedImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         format="dicom",
-        bits_stored=int(ds.BitsStored),
+        bits_stored=_int_tag(ds, "BitsStored"),
         photometric=photometric,
         dicom=tags,
         age_years=age,
@@ -344,6 +382,143 @@ def _text_tag(ds: Any, name: str) -> str:
     if type(value).__name__ == "MultiValue":
         return ""
     return str(value)
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """pydicom with its value checks off and its warnings recorded, not printed or logged.
+
+    Its messages quote the offending value ("Invalid value for VR UI: '1.2.840.0113...'"), and
+    real devices write such values (leading zeros in UIDs): they must never reach the logs.
+    Warning filters and pydicom's settings are process-wide, so one reader at a time: a thread
+    never sees another's warnings (the service reads uploads and decodes jobs at once).
+    """
+    from pydicom import config
+
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mode = config.settings.reading_validation_mode
+        config.settings.reading_validation_mode = config.IGNORE
+        try:
+            yield caught
+        finally:
+            config.settings.reading_validation_mode = mode
+
+
+def _convert_all(ds: Any) -> None:
+    """Parse every element's value now (pydicom converts lazily, on first access)."""
+    if ds is None:
+        return
+    for elem in ds.iterall():
+        try:
+            _ = elem.value
+        except Exception:  # a damaged element; its checks below refuse it if it matters
+            continue
+
+
+def _no_values(exc: Exception) -> str:
+    """An error message with anything quoted in it removed (pydicom quotes tag values)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(exc))[:200]
+
+
+def _int_tag(ds: Any, name: str, default: int | None = None) -> int:
+    """A size or bit-depth tag as an int. Absent: `default`, or CorruptImageError when required.
+
+    Text, binary, multi-valued or fractional values are refused as corrupt: a header that
+    says "abc" rows cannot be decoded, and is not the service's failure.
+    """
+    try:
+        value = ds.get(name)
+    except Exception:  # a damaged element raises on access
+        value = b"?"
+    if value is None or value == "":
+        if default is None:
+            raise CorruptImageError(f"The DICOM file lacks the required tag {name}.")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise CorruptImageError(f"The DICOM tag {name} is not a single whole number.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise CorruptImageError(f"The DICOM tag {name} is not a whole number.") from None
+    if not number.is_integer() or abs(number) > 2**31:
+        raise CorruptImageError(f"The DICOM tag {name} is not a whole number.")
+    return int(number)
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def instance_uid(ds: Any) -> str | None:
+    """The SOP Instance UID as text; None when absent. Several values, binary data or
+    characters other than digits and dots are refused (InvalidUIDError): the UID is the key for
+    de-duplication and goes into reports. Leading zeros in a component, which the standard
+    forbids but real devices write, are accepted as they are."""
+    try:
+        value = ds.get("SOPInstanceUID")
+    except Exception:
+        raise InvalidUIDError("The SOP Instance UID is damaged.") from None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidUIDError("The SOP Instance UID must be one UID, not several or binary data.")
+    text = value.strip().rstrip("\x00").strip()
+    if not text:
+        return None
+    if len(text) > 64:
+        raise InvalidUIDError("The SOP Instance UID is longer than the 64 characters DICOM allows.")
+    if not _UID.match(text):
+        raise InvalidUIDError("The SOP Instance UID holds characters other than digits and dots.")
+    return text
+
+
+def _check_codestream_size(pixel_data: bytes, rows: int, cols: int) -> None:
+    """For compressed pixel data, compare the image size in the codestream header (JPEG, JPEG-LS,
+    JPEG 2000) with Rows and Columns, without decoding. RLE carries no size: not checked."""
+    from pydicom.encaps import generate_fragments
+
+    try:
+        items = generate_fragments(pixel_data)
+        next(items, None)  # the Basic Offset Table (often empty)
+        first = next(items, b"")
+    except Exception as exc:
+        msg = "The compressed pixel data is damaged (no valid fragments)."
+        raise CorruptImageError(msg) from exc
+    if not first:
+        raise CorruptImageError("The compressed pixel data holds no image data.")
+    size = codestream_size(first)
+    if size is not None and size != (rows, cols):
+        raise CorruptImageError(
+            f"The compressed image is {size[1]}x{size[0]} but the header says {cols}x{rows}."
+        )
+
+
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, cols) from a JPEG / JPEG-LS SOF marker or a JPEG 2000 SIZ marker; None if neither."""
+    if data[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC, SIZ, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz
+        if len(data) < 24:
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[8:24])
+        return (ysiz - yo, xsiz - xo) if xsiz > xo and ysiz > yo else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        sof = marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE)
+        if (sof or marker == 0xF7) and i + 9 <= len(data):  # 0xF7: JPEG-LS SOF55
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return (height, width) if height and width else None
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
 
 
 def _ends_early(ds: Any, caught: list[warnings.WarningMessage]) -> bool:
@@ -546,14 +721,9 @@ def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
 
     img = _open_bitmap(_read_bytes(source), max_pixels)
     fmt = img.format.lower()
-    try:
-        img.load()
-    except OSError as exc:
-        if "truncated" in str(exc).lower():
-            raise TruncatedFileError("The image file ends early: it was cut short.") from exc
-        raise CorruptImageError(f"The image could not be decoded: {exc}") from exc
-    except Exception as exc:  # zlib errors and the like, from damaged files
-        raise CorruptImageError(f"The image could not be decoded: {exc}") from exc
+    _load_bitmap(img)
+    if _has_alpha(img):
+        _check_opaque(img)
     if fmt == "jpeg":
         img = ImageOps.exif_transpose(img)  # phone photos of films carry a rotation tag
 
@@ -581,6 +751,38 @@ def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
     return DecodedImage(
         pixels=pixels, format=fmt, bits_stored=bits, photometric="MONOCHROME2", chroma=chroma
     )
+
+
+def _load_bitmap(img: Any) -> None:
+    try:
+        img.load()
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise TruncatedFileError("The image file ends early: it was cut short.") from exc
+        raise CorruptImageError(f"The image could not be decoded: {exc}") from exc
+    except Exception as exc:  # zlib errors and the like, from damaged files
+        raise CorruptImageError(f"The image could not be decoded: {exc}") from exc
+
+
+def _has_alpha(img: Any) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+
+
+# More than this fraction of pixels not fully opaque: the image is refused, not guessed at.
+MAX_TRANSPARENT_FRACTION = 0.001
+
+
+def _check_opaque(img: Any) -> None:
+    """Refuse an image with transparent areas: what lies under them (black? white? a viewer's
+    chequerboard?) is unknown, and a fully transparent image holds no picture at all. An alpha
+    channel that is opaque everywhere, as many exporters write, is fine (and then dropped)."""
+    alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+    fraction = float((alpha < 255).mean())
+    if fraction > MAX_TRANSPARENT_FRACTION:
+        raise TransparentImageError(
+            f"The image is {fraction:.1%} transparent: a radiograph is opaque. "
+            "Export it again without transparency (no alpha channel)."
+        )
 
 
 def _chroma(rgb: np.ndarray) -> float:

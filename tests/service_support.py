@@ -161,6 +161,7 @@ def running_service(cfg: Any, model_source: Any = None) -> Iterator[Service]:
 
     from diagnostics.serve.app import create_app
     from diagnostics.serve.runner import OnnxModel
+    from diagnostics.serve.server import uvicorn_config
     from diagnostics.serve.store import Store
 
     data_dir = Path(cfg.data_dir)
@@ -174,9 +175,7 @@ def running_service(cfg: Any, model_source: Any = None) -> Iterator[Service]:
     else:
         model = OnnxModel(cfg.model.path, device=cfg.model.device)
     app = create_app(cfg, model, store, data_dir, model_source)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False)
-    )
+    server = uvicorn.Server(uvicorn_config(app, cfg, host="127.0.0.1", port=0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -109,7 +109,7 @@ def test_monitoring_per_site_and_day_with_an_alert(flagging, caplog):
     assert today["clinic"] == "clinic-a" and today["flagged_population"] >= 3
     assert today["outside_share"] >= 0.5 and today["alert"] is True
     assert doc["alert_share"] == 0.5
-    metrics = httpx.get(f"{svc.url}/metrics", timeout=30).text
+    metrics = svc.get("/metrics", svc.admin).text
     assert re.search(
         r'diagnostics_outside_population_share\{clinic="clinic-a",day="[0-9-]+"\} ', metrics
     )

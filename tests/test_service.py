@@ -147,7 +147,7 @@ def test_filename_with_path_traversal_is_metadata_only(service):
         png_bytes(px), filename="../../../etc/cron.d/evil.png", content_type="image/png"
     )
     assert r.status_code == 202, r.text
-    assert r.json()["filename"] == "evil.png"
+    assert r.json()["filename"] is None  # file names are not kept unless a site turns it on
     root = service.data_dir.parent
     assert not (root / "etc").exists() and not (service.data_dir / "etc").exists()
     sha = r.json()["sha256"]
@@ -354,7 +354,9 @@ def test_health_and_metrics(service):
     assert ready["status"] == "ok"
     assert ready["checks"]["model"]["sha256"] == service.app.state.holder.model.sha256
     assert ready["checks"]["model"]["provider"] == "CPUExecutionProvider"
-    text = httpx.get(f"{service.url}/metrics").text
+    assert httpx.get(f"{service.url}/metrics").status_code == 401  # the figures need a key
+    assert service.get("/metrics").status_code == 403  # a clinic's key is not enough
+    text = service.get("/metrics", key=service.admin).text
     assert "diagnostics_queue_depth" in text
     assert 'diagnostics_http_requests_total{method="POST",route="/v1/studies"' in text
     assert "diagnostics_scoring_seconds_bucket" in text

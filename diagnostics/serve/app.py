@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,13 +37,26 @@ from diagnostics.serve.models import ModelHolder, ModelSource
 from diagnostics.serve.monitor import AlertLog, daily
 from diagnostics.serve.review import ReviewBody, ReviewError, record_reviews
 from diagnostics.serve.runner import OnnxModel, ScoreResult
-from diagnostics.serve.store import Conflict, Store, StoreBusy, study_summary
+from diagnostics.serve.server import BodyTimeout, RequestTimedOut
+from diagnostics.serve.store import Conflict, Store, StoreBusy, StoreFull, study_summary
 from diagnostics.serve.upload import BODY_OVERHEAD, UploadError, receive_file
 from diagnostics.serve.worker import Worker, start_thread
 
 log = logging.getLogger("diagnostics.serve")
 
 PROBLEM = "application/problem+json"
+
+# Sent with every response. The review pages use no inline script or style, so the policy can
+# be strict; they are never framed (clickjacking) and types are never sniffed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class Problem(Exception):
@@ -260,13 +275,27 @@ def create_app(
         alerts=AlertLog(store, cfg.monitor),
     )
 
+    # A partial upload older than the longest possible request is abandoned (a crash, a killed
+    # process): removed at start and every minute, by every process sharing the blob store.
+    part_max_age_s = cfg.timeouts.body_total_s + 120.0
+
+    def janitor(stop: threading.Event) -> None:
+        while not stop.wait(min(60.0, cfg.timeouts.body_total_s)):
+            try:
+                store.blobs.clean_temp(part_max_age_s)
+            except OSError as exc:
+                log.warning("partial uploads not cleaned: %s", type(exc).__name__)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        store.blobs.clean_temp()
+        store.blobs.clean_temp(part_max_age_s)
         thread = stop = None
         if cfg.worker.in_process:
             thread, stop = start_thread(worker)
         refresher_stop = threading.Event()
+        threading.Thread(
+            target=janitor, args=(refresher_stop,), name="part-janitor", daemon=True
+        ).start()
         if model_source is not None and cfg.model.refresh_s > 0:
             threading.Thread(
                 target=holder.run,
@@ -293,8 +322,12 @@ def create_app(
         title="diagnostics clinic service",
         version="1",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if cfg.api_docs else None,
+        openapi_url="/openapi.json" if cfg.api_docs else None,
         redoc_url=None,
+    )
+    app.add_middleware(
+        BodyTimeout, idle_s=cfg.timeouts.body_idle_s, total_s=cfg.timeouts.body_total_s
     )
     app.state.store, app.state.holder, app.state.worker = store, holder, worker
     from diagnostics.serve import web
@@ -316,6 +349,20 @@ def create_app(
             "The database is busy; retry shortly.",
             request.url.path,
             {"Retry-After": "2"},
+        )
+
+    @app.exception_handler(StoreFull)
+    async def _full(request: Request, exc: StoreFull) -> Response:
+        log.error("database full on %s %s", request.method, request.url.path)
+        return problem_response(
+            507, "insufficient_storage", "The service's database is full.", request.url.path
+        )
+
+    @app.exception_handler(RequestTimedOut)
+    async def _timed_out(request: Request, exc: RequestTimedOut) -> Response:
+        request.state.problem_code = "request_timeout"
+        return problem_response(
+            408, "request_timeout", exc.message, request.url.path, {"Connection": "close"}
         )
 
     @app.exception_handler(RequestValidationError)
@@ -342,6 +389,8 @@ def create_app(
     async def _count(request: Request, call_next: Any) -> Response:
         t0 = time.perf_counter()
         response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.requests.labels(request.method, path, str(response.status_code)).inc()
@@ -460,13 +509,17 @@ def create_app(
                 sha256=got.sha256,
                 size=got.size,
                 fmt=fmt,
-                filename=got.filename,
+                filename=got.filename if cfg.privacy.store_filenames else "",
                 sop_uid=info.sop_instance_uid,
                 idempotency_key=idem,
                 max_attempts=cfg.worker.max_attempts,
             )
         except Conflict as exc:
             raise Problem(409, exc.code, _conflict_text(exc.code)) from None
+        except StoreFull:  # 507; the file goes too, unless an earlier study holds the same bytes
+            if not store.blob_in_use(got.sha256):
+                store.blobs.remove(got.sha256)
+            raise
 
     @app.post("/v1/studies", status_code=202)
     async def upload(request: Request, p: Principal = Depends(principal)) -> Response:
@@ -501,6 +554,9 @@ def create_app(
                 raise Problem(exc.status, exc.code, exc.message) from None
             except ClientDisconnect:
                 raise Problem(400, "client_disconnected", "The upload was interrupted.") from None
+            except RequestTimedOut as exc:
+                close = {"Connection": "close"}
+                raise Problem(408, "request_timeout", exc.message, close) from None
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise Problem(
@@ -629,13 +685,16 @@ def create_app(
         status = "ok"
         try:
             store.ping()
-            checks["database"] = {"ok": True, "dialect": store.dialect}
+            checks["database"] = {"ok": not store.full, "dialect": store.dialect}
+            if store.full:  # reads work; uploads and reviews answer 507
+                checks["database"]["error"] = "full"
+                status = "unavailable"
         except Exception as exc:
             checks["database"] = {"ok": False, "error": type(exc).__name__}
             status = "unavailable"
-        free = shutil.disk_usage(store.blobs.root).free
-        checks["disk"] = {"ok": free >= reserve, "free_mb": round(free / 2**20)}
-        if free < reserve:
+        disk = _disk_check(store.blobs.tmp, reserve)
+        checks["disk"] = disk
+        if not disk["ok"]:
             status = "unavailable"
         current = holder.model
         checks["model"] = {"ok": True, **current.describe(), "refresh_error": holder.last_error}
@@ -664,12 +723,33 @@ def create_app(
         )
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    def prometheus(p: Principal = Depends(principal)) -> Response:
+        """Prometheus text format, for an admin key (a scraper's bearer token): the figures
+        show each clinic's volume and refusals."""
+        need(p, "admin")
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _disk_check(folder: Path, reserve: int) -> dict[str, Any]:
+    """Free space above the reserve, and a small file can actually be written (a full disk with
+    `disk_reserve_mb: 0` still has 0 bytes free)."""
+    free = shutil.disk_usage(folder).free
+    out: dict[str, Any] = {"ok": free > reserve, "free_mb": round(free / 2**20)}
+    probe = folder / f".ready-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        out.update(ok=False, error=errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+    finally:
+        probe.unlink(missing_ok=True)
+    return out
 
 
 def _conflict_text(code: str) -> str:

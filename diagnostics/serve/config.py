@@ -32,6 +32,22 @@ class LimitsSection(_Strict):
     disk_reserve_mb: float = Field(1024.0, ge=0, description="free space kept; below it 507")
 
 
+class TimeoutsSection(_Strict):
+    """Limits on slow or stalled clients (see serve/server.py)."""
+
+    headers_s: float = Field(10.0, gt=0, description="a request's headers, from the first byte")
+    body_idle_s: float = Field(30.0, gt=0, description="longest pause inside a request body")
+    # A whole body: 64 MB over a 1 Mbit/s clinic link takes about 9 minutes.
+    body_total_s: float = Field(900.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle connection between requests")
+
+
+class PrivacySection(_Strict):
+    # Uploaded file names often hold patient names ("NGUYEN_VAN_A_1975.dcm"): not kept unless a
+    # site turns this on. Files are stored by content hash either way.
+    store_filenames: bool = False
+
+
 class WorkerSection(_Strict):
     in_process: bool = True  # False: run `diagnostics worker` separately
     lease_s: float = Field(60.0, gt=0)
@@ -74,6 +90,11 @@ class ServeConfig(_Strict):
     qc: QCConfig = Field(default_factory=QCConfig)
     review: ReviewSection = Field(default_factory=ReviewSection)
     monitor: MonitorSection = Field(default_factory=MonitorSection)
+    timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    # The interactive API docs (/docs, /openapi.json) describe every route to anyone: off unless
+    # a site wants them (e.g. on a test machine).
+    api_docs: bool = False
 
     def resolved_data_dir(self, home: Path) -> Path:
         return Path(self.data_dir) if self.data_dir else home / "serve"

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
+
+# Five or more dot-separated numbers: a DICOM UID (an IPv4 address has four). A library message
+# may quote one ("Invalid value for VR UI: '1.2.840...'"); the log never shows it.
+_UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")
+
+
+def redact(text: str) -> str:
+    return _UID.sub("<uid>", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,7 +26,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         if record.exc_info and record.exc_info[0] is not None:
             doc["error"] = record.exc_info[0].__name__  # the type only: no values, no contents
@@ -34,3 +43,6 @@ def configure(level: int = logging.INFO) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the app logs requests itself
+    # Library warnings (pydicom's, Pillow's) become JSON log lines like the rest, not raw
+    # stderr text, and pass through the same redaction.
+    logging.captureWarnings(True)

@@ -147,9 +147,6 @@ def check_intake(data: bytes, cfg: QCConfig) -> tuple[HeaderInfo, list[QCResult]
         info = inspect_header(data, max_pixels=cfg.max_pixels)
     except ImageError as exc:
         raise QCRefusal(QCResult(exc.code, False, exc.message, "intake")) from None
-    if info.sop_instance_uid is not None and len(info.sop_instance_uid) > 64:
-        msg = "The SOP Instance UID is longer than the 64 characters DICOM allows."
-        raise QCRefusal(QCResult(INVALID_UID, False, msg, "intake"))
     results = [_ok("format", "intake", info.format)]
     results += check_tags(info.dicom, cfg)
     for r in results:

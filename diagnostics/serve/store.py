@@ -54,6 +54,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 STATUSES = ("received", "queued", "running", "scored", "failed_qc", "failed")
 FINAL = ("scored", "failed_qc", "failed")
@@ -159,6 +160,14 @@ class FindingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     logit: Mapped[float | None] = mapped_column(Float, nullable=True)  # raw, before calibration
     profile_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # site profile used
+    # The operating point the call was made at (contract.OperatingPoint), kept with the finding
+    # so that it explains itself whatever model serves later. NULL in rows stored before
+    # revision 0005: `operating_point_source` NULL means "not recorded".
+    temperature: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold_policy: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    threshold_sensitivity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold_specificity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    operating_point_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class SiteProfile(Base):
@@ -229,6 +238,19 @@ class StoreBusy(RuntimeError):
     """The database stayed locked through every retry: answer 503, the client retries."""
 
 
+class StoreFull(RuntimeError):
+    """The database cannot grow: its disk is full (or SQLite's page limit is reached). Writes
+    answer 507; reads go on."""
+
+
+def _is_full_error(exc: Exception) -> bool:
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) in ("53100", "53200"):  # PostgreSQL disk_full, out_of_memory
+        return True
+    msg = str(orig).lower()
+    return "database or disk is full" in msg or "no space left" in msg
+
+
 def make_engine(url: str, *, immediate: bool = False) -> Engine:
     """SQLite: WAL, full sync, foreign keys. With `immediate`, every transaction starts with
     BEGIN IMMEDIATE, so a writer takes the lock at once (no deadlock when a read upgrades to a
@@ -287,6 +309,8 @@ def retrying(fn: Callable[[], T], *, attempts: int = 4) -> T:
         try:
             return fn()
         except OperationalError as exc:
+            if _is_full_error(exc):
+                raise StoreFull("the database is full") from exc
             if not _is_lock_error(exc):
                 raise
             if i == attempts - 1:
@@ -329,6 +353,10 @@ class BlobStore:
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+    def remove(self, sha256: str) -> None:
+        """Undo a `commit` whose row could not be written (no study refers to the file)."""
+        self.path(sha256).unlink(missing_ok=True)
 
     def clean_temp(self, older_than_s: float = 3600.0) -> int:
         """Remove abandoned partial uploads (a crash between write and rename)."""
@@ -396,6 +424,13 @@ class Store:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self.blobs = BlobStore(blob_root)
+        self.full_at: float | None = None  # when a write last found the database full
+
+    @property
+    def full(self) -> bool:
+        """A write found the database full in the last minute. (A later write that needed no
+        new page proves nothing, so only time clears it.)"""
+        return self.full_at is not None and time.monotonic() - self.full_at < 60.0
 
     @property
     def dialect(self) -> str:
@@ -413,6 +448,8 @@ class Store:
         except OperationalError as exc:
             if _is_lock_error(exc):
                 raise StoreBusy("the database is busy") from exc
+            if _is_full_error(exc):
+                raise StoreFull("the database is full") from exc
             raise
 
     def write(self, fn: Callable[[Session], T]) -> T:
@@ -422,7 +459,11 @@ class Store:
             with self.write_sessions.begin() as s:
                 return fn(s)
 
-        return retrying(attempt)
+        try:
+            return retrying(attempt)
+        except StoreFull:
+            self.full_at = time.monotonic()
+            raise
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -632,6 +673,13 @@ class Store:
         with self.session() as s:
             return s.get(Study, study_id)
 
+    def blob_in_use(self, sha256: str) -> bool:
+        with self.session() as s:
+            return (
+                s.scalar(select(Study.id).where(Study.content_sha256 == sha256).limit(1))
+                is not None
+            )
+
     def study_view(self, study_id: str) -> dict[str, Any] | None:
         """A study with its findings, each with its reviews (latest first) and current verdict."""
         with self.session() as s:
@@ -651,6 +699,17 @@ class Store:
                     select(Review).where(Review.study_id == study_id).order_by(Review.id.desc())
                 )
             )
+            # rows stored before operating points were: their site profile still explains them
+            legacy = {f.profile_id for f in findings if f.operating_point_source is None}
+            legacy.discard(None)
+            profiles = {
+                row.id: row
+                for row in (
+                    s.scalars(select(SiteProfile).where(SiteProfile.id.in_(legacy)))
+                    if legacy
+                    else []
+                )
+            }
         by_finding: dict[int | None, list[Review]] = {}
         for r in reviews:
             by_finding.setdefault(r.finding_id, []).append(r)
@@ -672,6 +731,7 @@ class Store:
                     "preprocess_version": f.preprocess_version,
                     "provider": f.provider,
                     "site_profile": f.profile_id,
+                    "operating_point": operating_point(f, profiles.get(f.profile_id)),
                     "review": review_dict(by_finding[f.id][0]) if f.id in by_finding else None,
                     "review_history": [review_dict(r) for r in by_finding.get(f.id, [])],
                 }
@@ -1251,7 +1311,18 @@ class Store:
     def log_access(
         self, actor: str, action: str, object_type: str, object_id: str, **detail: Any
     ) -> None:
-        self.write(lambda s: self.audit(s, actor, action, object_type, object_id, **detail))
+        """An audit row for an access. With the database full, the row goes to the log instead
+        (generated IDs and codes only), so that reads and refusals keep working."""
+        try:
+            self.write(lambda s: self.audit(s, actor, action, object_type, object_id, **detail))
+        except StoreFull:
+            log.error(
+                "audit row not written (database full): %s %s %s:%s",
+                actor,
+                action,
+                object_type,
+                object_id,
+            )
 
     def audit_rows(self, object_id: str | None = None) -> list[Audit]:
         q = select(Audit).order_by(Audit.id)
@@ -1282,13 +1353,57 @@ class LeaseLost(Exception):
     """This worker no longer holds the job (its lease expired and another took it)."""
 
 
+def operating_point(f: FindingRow, profile: SiteProfile | None = None) -> dict[str, Any]:
+    """The operating point a finding was judged by, as stored with it (`recorded` True).
+
+    A row stored before revision 0005 has only its threshold (`recorded` False). If a site
+    profile judged it, that profile still says how its threshold was chosen and what it gave
+    on the site's images (`recovered_from` "site_profile"); otherwise policy, sensitivity and
+    specificity are None here (the caller may recover them from the very model file that
+    scored it, by sha256, never from another)."""
+    if f.operating_point_source is not None:
+        return {
+            "recorded": True,
+            "recovered_from": None,
+            "source": f.operating_point_source,
+            "threshold": f.threshold,
+            "temperature": f.temperature,
+            "policy": f.threshold_policy,
+            "sensitivity": f.threshold_sensitivity,
+            "specificity": f.threshold_specificity,
+            "profile_id": f.profile_id,
+        }
+    out: dict[str, Any] = {
+        "recorded": False,
+        "recovered_from": None,
+        "source": "site_profile" if f.profile_id is not None else None,
+        "threshold": f.threshold,
+        "temperature": None,
+        "policy": None,
+        "sensitivity": None,
+        "specificity": None,
+        "profile_id": f.profile_id,
+    }
+    evidence = (profile.evidence or {}).get(f.label) if profile is not None else None
+    if profile is not None and f.label in (profile.temperatures or {}):
+        after = (evidence or {}).get("after") or {}
+        out.update(
+            recovered_from="site_profile",
+            temperature=profile.temperatures[f.label],
+            policy=(evidence or {}).get("policy") or profile.policy,
+            sensitivity=after.get("sensitivity"),
+            specificity=after.get("specificity"),
+        )
+    return out
+
+
 def study_summary(study: Study) -> dict[str, Any]:
     return {
         "id": study.id,
         "clinic": study.clinic_id,
         "status": study.status,
         "format": study.format,
-        "filename": study.original_filename,
+        "filename": study.original_filename or None,  # kept only where a site turns it on
         "size_bytes": study.size_bytes,
         "sha256": study.content_sha256,
         "created_at": as_utc(study.created_at).isoformat(),

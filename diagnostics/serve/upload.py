@@ -161,7 +161,7 @@ async def receive_file(
                 )
             try:
                 parser.write(chunk)
-            except UploadError:
+            except (UploadError, OSError):  # OSError: the disk (ENOSPC answers 507), not the body
                 raise
             except Exception as exc:
                 msg = f"The multipart body is malformed: {exc}"
