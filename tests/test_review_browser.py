@@ -40,7 +40,12 @@ def test_review_in_the_browser(browser, cxr_model, tmp_path):
     out = REPO / "test-output"
     out.mkdir(exist_ok=True)
     # Secure cookies on, as in production: Chromium sends them to http://localhost.
-    cfg = serve_config(cxr_model, tmp_path / "serve", review={"default_language": "en"})
+    cfg = serve_config(
+        cxr_model,
+        tmp_path / "serve",
+        review={"default_language": "en"},
+        privacy={"store_filenames": True},  # the file name below tests escaping
+    )
     with running_service(cfg) as svc:
         svc.store.create_reviewer("bs.lan", "mat-khau-rat-dai", scope=["clinic-a"])
         sids = []

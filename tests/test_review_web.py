@@ -16,6 +16,7 @@ def svc(cxr_model, tmp_path_factory):
         cxr_model,
         tmp_path_factory.mktemp("web") / "serve",
         review={"secure_cookies": False, "independent_impression_clinics": ["clinic-b"]},
+        privacy={"store_filenames": True},  # a file name tests escaping below
     )
     with running_service(cfg) as s:
         s.store.create_reviewer("bs.a", "mat-khau-rat-dai", scope=["clinic-a"])
