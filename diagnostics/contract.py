@@ -1,14 +1,18 @@
-"""Contracts shared by the training side and the clinic side. Torch-free.
+"""Contracts shared by the training side and the clinic side. Torch-free (numpy and pydantic).
 
-For now this holds the preprocessing parameters. They travel inside the model's metadata, so that
-evaluation, ONNX export parity and serving all run the same numpy preprocessing
-(`diagnostics.imaging.preprocess`) with the same parameters.
+- The preprocessing parameters. They travel inside the model's metadata, so that evaluation,
+  ONNX export parity and serving all run the same numpy preprocessing
+  (`diagnostics.imaging.preprocess`) with the same parameters.
+- The decision: the calibrated probability (`calibrated_probability`) and the call
+  (`is_positive`), one definition for training, export and serving.
+- The model's metadata (`ModelMetadata`) and a finding (`Finding`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Bump when `imaging.preprocess` changes its output for the same parameters. Findings record it.
@@ -48,6 +52,33 @@ class PreprocessSpec(BaseModel):
         if self.normalize == "imagenet" and self.channels != 3:
             raise ValueError("imagenet normalisation needs channels=3")
         return self
+
+
+# --------------------------------------------------------------------------- the decision
+
+# logit / T is clipped to +-LOGIT_CLIP before the sigmoid: exp() never overflows, and the
+# probability still reaches 1e-26 of 0 or 1
+LOGIT_CLIP = 60.0
+
+
+def calibrated_probability(logits: Any, temperature: Any = 1.0) -> np.ndarray:
+    """The calibrated probability of a finding: sigmoid(logit / T), float64.
+
+    `logits` (..., F) or any shape, `temperature` a scalar or (F,) broadcast against it. The
+    ONE place the rule lives: training (temperature fitting, evaluation), export parity and
+    serving call it. A non-finite logit gives NaN, never a confident 0 or 1.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(temperature, dtype=np.float64)
+    p = 1.0 / (1.0 + np.exp(-np.clip(z / t, -LOGIT_CLIP, LOGIT_CLIP)))
+    return np.where(np.isfinite(z), p, np.nan)
+
+
+def is_positive(probability: Any, threshold: Any) -> Any:
+    """The call: positive when the calibrated probability is at or above the threshold.
+    Scalars give a bool, arrays a bool array; NaN is never positive."""
+    out = np.greater_equal(probability, threshold)
+    return bool(out) if np.ndim(out) == 0 else out
 
 
 # --------------------------------------------------------------------------- model metadata
@@ -166,6 +197,26 @@ class Population(BaseModel):
         return f"{lo:g} to under {hi:g} years"
 
 
+class OperatingPoint(BaseModel):
+    """How one finding's call was made: the temperature and threshold it was judged by, how
+    the threshold was chosen and what it gave where it was chosen. Stored with every finding,
+    so that a study explains itself whatever model serves later.
+
+    `source`: `model` (the model file's own, chosen on its validation split) or `site_profile`
+    (a site's own, fitted on that site's labelled images: `profile_id` names the profile, and
+    sensitivity/specificity are on those images)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    temperature: float = Field(gt=0.0)
+    policy: str
+    sensitivity: float | None = None
+    specificity: float | None = None
+    source: Literal["model", "site_profile"] = "model"
+    profile_id: int | None = None
+
+
 class Finding(BaseModel):
     """One label's result for one image. `positive` is None when no call is made: the image is
     outside the model's intended population and the site chose to score it with a flag."""
@@ -176,6 +227,7 @@ class Finding(BaseModel):
     positive: bool | None
     heatmap: str | None = None  # file name of the CAM overlay PNG, positive findings only
     logit: float | None = None  # raw model output, before the temperature
+    operating_point: OperatingPoint | None = None  # what `threshold` and `positive` came from
 
 
 class ModelMetadata(BaseModel):

@@ -172,6 +172,37 @@ MESSAGES: dict[str, dict[str, str]] = {
         ),
         "report_no_call": "No AI call: {reason}",
         "report_line_no_call": "{finding}: no AI call (model output {probability}, not a call)",
+        "threshold_help_site": (
+            "The AI calls a finding positive when its probability is at or above the threshold. "
+            "This site's own threshold was chosen on the site's labelled images ({policy}); on "
+            "them, the model found {sensitivity} of true cases and correctly cleared "
+            "{specificity} of normal images. It is a suggestion: your reading decides."
+        ),
+        "operating_point_from_model_file": (
+            "(Read from the model file that scored this study: the operating point was not "
+            "stored with the finding then.)"
+        ),
+        "operating_point_from_profile": (
+            "(Read from the site profile that judged this study: the operating point was not "
+            "stored with the finding then.)"
+        ),
+        "operating_point_unknown": (
+            "The AI calls a finding positive when its probability is at or above the threshold "
+            "({threshold}). This study was scored before the operating point was stored with "
+            "each finding, by a model file no longer served here: how the threshold was chosen, "
+            "and its sensitivity and specificity, are not known. Your reading decides."
+        ),
+        "preprocessing_unrecorded": (
+            "This study was scored before its preprocessing was stored with it. The image is "
+            "shown as the current model prepares it, which may differ from what the scoring "
+            "model saw: the heatmaps may not line up exactly."
+        ),
+        "report_operating_point": (
+            "threshold chosen by {policy}: sensitivity {sensitivity}, specificity {specificity} "
+            "{where}"
+        ),
+        "measured_model": "on the model's validation images",
+        "measured_site": "on this site's images",
         "monitor_title": "Patients outside the model's population, per site and day",
         "monitor_help": (
             "Refused or flagged as outside the model's intended population, or unlike its "
@@ -290,6 +321,35 @@ MESSAGES: dict[str, dict[str, str]] = {
         "report_line_no_call": (
             "{finding}: AI không kết luận (đầu ra mô hình {probability}, không phải kết luận)"
         ),
+        "threshold_help_site": (
+            "AI kết luận dương tính khi xác suất bằng hoặc vượt ngưỡng. Ngưỡng riêng của cơ sở "
+            "này được chọn trên ảnh đã có kết luận của cơ sở ({policy}); trên các ảnh đó mô "
+            "hình phát hiện {sensitivity} số ca bệnh thật và loại trừ đúng {specificity} số ảnh "
+            "bình thường. Đây chỉ là gợi ý: kết luận là của bác sĩ."
+        ),
+        "operating_point_from_model_file": (
+            "(Lấy từ tệp mô hình đã chấm ca này: khi đó điểm vận hành chưa được lưu cùng kết quả.)"
+        ),
+        "operating_point_from_profile": (
+            "(Lấy từ hồ sơ hiệu chỉnh của cơ sở đã áp dụng cho ca này: khi đó điểm vận hành chưa "
+            "được lưu cùng kết quả.)"
+        ),
+        "operating_point_unknown": (
+            "AI kết luận dương tính khi xác suất bằng hoặc vượt ngưỡng ({threshold}). Ca này được "
+            "chấm trước khi điểm vận hành được lưu cùng mỗi kết quả, bởi một tệp mô hình không "
+            "còn được dùng ở đây: không rõ ngưỡng được chọn thế nào, độ nhạy và độ đặc hiệu của "
+            "nó. Kết luận là của bác sĩ."
+        ),
+        "preprocessing_unrecorded": (
+            "Ca này được chấm trước khi cách tiền xử lý được lưu cùng ca. Ảnh được hiển thị theo "
+            "cách của mô hình hiện tại, có thể khác với ảnh mô hình đã chấm thấy: bản đồ nhiệt "
+            "có thể không khớp hoàn toàn."
+        ),
+        "report_operating_point": (
+            "ngưỡng chọn theo {policy}: độ nhạy {sensitivity}, độ đặc hiệu {specificity} {where}"
+        ),
+        "measured_model": "trên ảnh kiểm định của mô hình",
+        "measured_site": "trên ảnh của cơ sở này",
         "monitor_title": "Bệnh nhân ngoài nhóm của mô hình, theo cơ sở và ngày",
         "monitor_help": (
             "Bị từ chối hoặc đánh dấu vì ngoài nhóm bệnh nhân dự kiến của mô hình, hoặc không "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from diagnostics.contract import PreprocessSpec
 from diagnostics.serve.i18n import finding as finding_name
 from diagnostics.serve.i18n import outside_reason, t
 
@@ -27,6 +28,69 @@ def shown_model(view: dict[str, Any]) -> dict[str, Any]:
     """The model version and sha256 a study's findings came from (for the audit trail)."""
     first = view["findings"][0] if view["findings"] else {}
     return {"model_version": first.get("model_version"), "model_sha256": first.get("model_sha256")}
+
+
+def complete_operating_points(view: dict[str, Any], model: Any = None) -> dict[str, Any]:
+    """The view, with the operating point of findings stored before it was recorded filled in
+    from the very model file that scored them (same sha256; `recovered_from` "model_file"),
+    when that file is `model` (an `OnnxModel`, the one serving now). Never from another file:
+    a finding scored by an older model keeps only its stored threshold, and says so."""
+    if model is None:
+        return view
+    meta = model.metadata
+    for f in view.get("findings", []):
+        op = f.get("operating_point")
+        if op is None or op["recorded"] or op["recovered_from"] or op["source"] is not None:
+            continue
+        thr = meta.thresholds.get(f["label"])
+        if f["model_sha256"] != model.sha256 or thr is None:
+            continue
+        if abs(thr.value - f["threshold"]) > 1e-9:  # not the model's own threshold
+            continue
+        op.update(
+            recovered_from="model_file",
+            source="model",
+            temperature=meta.temperature[meta.labels.index(f["label"])],
+            policy=thr.policy,
+            sensitivity=thr.sensitivity,
+            specificity=thr.specificity,
+        )
+    return view
+
+
+def stored_preprocessing(result: dict[str, Any] | None, model: Any) -> tuple[PreprocessSpec, str]:
+    """The preprocessing a study was scored with, and how it is known: `recorded` (stored
+    with the result), `same_model` (not stored, but the model serving now is the very file
+    that scored it) or `current_model` (not stored; the current model's, which may differ)."""
+    result = result or {}
+    doc = result.get("preprocessing")
+    if isinstance(doc, dict):
+        try:
+            return PreprocessSpec.model_validate(doc), "recorded"
+        except ValueError:  # pydantic's ValidationError is a ValueError
+            pass
+    same = result.get("model_sha256") == model.sha256
+    return model.metadata.preprocessing, "same_model" if same else "current_model"
+
+
+def operating_point_text(f: dict[str, Any], lang: str) -> str | None:
+    """How a finding's threshold was chosen and what it gave, in words; None if not known."""
+    op = f.get("operating_point") or {}
+    if not op.get("policy"):
+        return None
+
+    def pct(x: Any) -> str:
+        return "—" if x is None else f"{100 * x:.1f}%"
+
+    where = "measured_site" if op.get("source") == "site_profile" else "measured_model"
+    return t(
+        lang,
+        "report_operating_point",
+        policy=op["policy"],
+        sensitivity=pct(op.get("sensitivity")),
+        specificity=pct(op.get("specificity")),
+        where=t(lang, where),
+    )
 
 
 def no_call_reason(view: dict[str, Any], lang: str) -> str:
@@ -72,6 +136,23 @@ def fhir_report(
                 },
             }
         ]
+        op = f.get("operating_point") or {}
+        if op.get("policy"):  # the stored operating point the call was made at
+            where = "site" if op.get("source") == "site_profile" else "validation"
+            components.append({"code": {"text": "threshold policy"}, "valueString": op["policy"]})
+            for name in ("sensitivity", "specificity"):
+                if op.get(name) is not None:
+                    components.append(
+                        {
+                            "code": {"text": f"{name} at threshold ({where})"},
+                            "valueQuantity": {
+                                "value": op[name],
+                                "unit": "1",
+                                "system": "http://unitsofmeasure.org",
+                                "code": "1",
+                            },
+                        }
+                    )
         if review is not None:
             components.append(
                 {
@@ -219,6 +300,9 @@ def text_report(view: dict[str, Any], lang: str = "en", *, header: bool = True) 
                 probability=f"{f['probability']:.2f}",
                 threshold=f"{f['threshold']:.2f}",
             )
+            how = operating_point_text(f, lang)
+            if how:
+                line += f"; {how}"
         review = f["review"]
         if review is not None:
             line += "; " + t(lang, "report_review", verdict=t(lang, review["verdict"]).lower())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diagnostics.contract import ModelMetadata
+from diagnostics.contract import ModelMetadata, is_positive
 from diagnostics.data.clinical import TableSchema, validate_records
 from diagnostics.serve.runner import file_sha256
 
@@ -76,7 +76,7 @@ class RiskModel:
         missing = vt.X.isna() | (vt.X == "")
         for k, i in enumerate(vt.rows):
             out.loc[i, ["status", "risk"]] = ["scored", float(risk[k])]
-            out.loc[i, "category"] = "high" if risk[k] >= self.threshold else "low"
+            out.loc[i, "category"] = "high" if is_positive(risk[k], self.threshold) else "low"
             out.loc[i, "imputed"] = ", ".join(c for c in vt.X.columns if missing.iloc[k][c])
         out["threshold"] = self.threshold
         out["model_sha256"] = self.sha256

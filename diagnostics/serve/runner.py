@@ -4,7 +4,9 @@
   `ModelMetadata`, picks an execution provider (CUDA when asked for and present, CPU otherwise,
   and says which it got), and turns preprocessed batches into calibrated probabilities.
 - `Scorer` is the whole path for one study: decode -> QC -> preprocess -> model -> OOD check ->
-  findings, with a CAM overlay PNG for each positive finding and the time each step took.
+  findings, with a CAM overlay PNG for each positive finding and the time each step took. Each
+  finding is judged at an operating point (the model's own, or a site profile's where the
+  site has one) and carries it; the result carries the preprocessing it went through.
 
 Registry URIs (`models:/name@alias`) are resolved to a local file by the caller (the CLI), which
 downloads the `.onnx` artefact; this module only ever reads ONNX files, never pickles.
@@ -22,7 +24,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from diagnostics.contract import Finding, ModelMetadata
+from diagnostics.contract import (
+    Finding,
+    ModelMetadata,
+    OperatingPoint,
+    calibrated_probability,
+    is_positive,
+)
 from diagnostics.imaging import ImageError, decode
 from diagnostics.serve import qc
 from diagnostics.serve.qc import OODDetector, QCConfig, QCResult
@@ -181,9 +189,8 @@ class OnnxModel:
             return np.concatenate([p[name] for p in parts]) if parts and name in parts[0] else None
 
         logits = np.asarray(cat("logits"), dtype=np.float64)
-        z = np.clip(logits / self._temperature, -60, 60)
-        probs = 1.0 / (1.0 + np.exp(-z))
-        probs[~np.isfinite(logits)] = np.nan  # a NaN logit must stay visible, not clip to 0/1
+        # a NaN logit stays NaN (visible), never a confident 0 or 1
+        probs = calibrated_probability(logits, self._temperature)
         population = cat(self.population_output) if self.population_output else None
         return Prediction(
             logits=logits,
@@ -215,6 +222,10 @@ class ScoreResult:
     model_name: str = ""
     model_version: str | None = None
     preprocess_version: str | None = None
+    # the whole PreprocessSpec the image went through (JSON): the review page resizes the image
+    # under the heatmaps with it, whatever model serves by then
+    preprocessing: dict[str, Any] | None = None
+    site_profile: int | None = None  # the site profile the input was judged under, if any
     provider: str = ""
     timing_ms: dict[str, float] = field(default_factory=dict)
     image: dict[str, Any] = field(default_factory=dict)  # format, size, safe DICOM tags
@@ -239,6 +250,8 @@ class ScoreResult:
             "model_name": self.model_name,
             "model_version": self.model_version,
             "preprocess_version": self.preprocess_version,
+            "preprocessing": self.preprocessing,
+            "site_profile": self.site_profile,
             "provider": self.provider,
             "timing_ms": self.timing_ms,
             "image": self.image,
@@ -253,6 +266,8 @@ class _Pending:
     t0: float = 0.0
     age_decided: bool = False  # the DICOM age settled the population question
     population_limit: float | None = None  # a site's own population-check threshold
+    # label -> the operating point this input is judged by (a site profile's where it has one)
+    points: dict[str, OperatingPoint] = field(default_factory=dict)
 
 
 class Scorer:
@@ -282,6 +297,43 @@ class Scorer:
         self.spec = model.metadata.preprocessing
         self.heatmap_dir = Path(heatmap_dir) if heatmap_dir is not None else None
         self.batch_size = max(1, batch_size)
+        self.points = self.operating_points(None)  # the model's own
+
+    def operating_points(self, profile: Any = None) -> dict[str, OperatingPoint]:
+        """The operating point of each finding, label -> OperatingPoint.
+
+        `profile`: a site profile (`store.SiteProfile`, or anything with `id`, `temperatures`,
+        `thresholds`, `policy` and `evidence`), or None. A finding the profile recalibrated
+        (it has a temperature and a threshold for it) gets the site's; the others keep the
+        model's own, chosen on its validation split."""
+        meta = self.model.metadata
+        out = {}
+        for i, label in enumerate(meta.labels):
+            thr = meta.thresholds[label]
+            out[label] = OperatingPoint(
+                threshold=thr.value,
+                temperature=meta.temperature[i],
+                policy=thr.policy,
+                sensitivity=_number(thr.sensitivity),
+                specificity=_number(thr.specificity),
+            )
+            if profile is None:
+                continue
+            temps, thresholds = profile.temperatures or {}, profile.thresholds or {}
+            if label not in temps or label not in thresholds:
+                continue
+            evidence = (profile.evidence or {}).get(label) or {}
+            after = evidence.get("after") or {}  # on the site's own labelled images
+            out[label] = OperatingPoint(
+                threshold=float(thresholds[label]),
+                temperature=float(temps[label]),
+                policy=str(evidence.get("policy") or profile.policy),
+                sensitivity=_number(after.get("sensitivity")),
+                specificity=_number(after.get("specificity")),
+                source="site_profile",
+                profile_id=profile.id,
+            )
+        return out
 
     def _base(self) -> ScoreResult:
         m = self.model
@@ -291,6 +343,7 @@ class Scorer:
             model_name=m.metadata.name,
             model_version=m.version,
             preprocess_version=self.spec.version,
+            preprocessing=self.spec.model_dump(mode="json"),
             provider=m.provider,
         )
 
@@ -372,15 +425,22 @@ class Scorer:
         items: list[bytes],
         names: list[str] | None = None,
         population_limits: list[float | None] | None = None,
+        profiles: list[Any] | None = None,
     ) -> list[ScoreResult]:
         """One result per input, in order. Inputs that pass QC are run through the model in
         batches of `batch_size`. `names` (for heatmap file names) default to item indices.
         `population_limits` are per-input thresholds for the population check (a site's own,
-        from its profile); None keeps the model's."""
+        from its profile); None keeps the model's. `profiles` are per-input site profiles
+        (see `operating_points`), or None: each finding's call, and so its heatmap, is made
+        at the operating point the input's site uses."""
         names = names or [str(i) for i in range(len(items))]
         pendings = [self._prepare(d) for d in items]
         for p, limit in zip(pendings, population_limits or [], strict=False):
             p.population_limit = limit
+        for i, p in enumerate(pendings):
+            profile = profiles[i] if profiles and i < len(profiles) else None
+            p.points = self.operating_points(profile) if profile is not None else self.points
+            p.result.site_profile = profile.id if profile is not None else None
         ready = [i for i, p in enumerate(pendings) if p.x is not None]
         for start in range(0, len(ready), self.batch_size):
             chunk = ready[start : start + self.batch_size]
@@ -435,8 +495,12 @@ class Scorer:
         t0 = time.perf_counter()
         meta = self.model.metadata
         for i, label in enumerate(meta.labels):
-            thr = meta.thresholds[label].value
-            positive = None if flagged else bool(probs[i] >= thr)  # flagged: no call
+            point = (p.points or self.points)[label]
+            prob = float(probs[i])
+            if point.source == "site_profile":  # the site's own temperature
+                prob = float(calibrated_probability(logits[i], point.temperature))
+            # flagged (outside the population): no call, whatever the operating point
+            positive = None if flagged else is_positive(prob, point.threshold)
             heatmap = None
             if positive and pred.cam is not None and self.heatmap_dir is not None:
                 heatmap = f"{name}_{label}.png"
@@ -444,11 +508,12 @@ class Scorer:
             res.findings.append(
                 Finding(
                     label=label,
-                    probability=float(probs[i]),
-                    threshold=thr,
+                    probability=prob,
+                    threshold=point.threshold,
                     positive=positive,
                     heatmap=heatmap,
                     logit=float(logits[i]),
+                    operating_point=point,
                 )
             )
         res.timing_ms["heatmaps"] = _ms(t0)
@@ -482,6 +547,15 @@ class Scorer:
             res.qc.append(check)
             return False
         return self._outside(res, check)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (a measurement that was not possible, stored as NaN/null)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
 
 
 _REPORTED_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation")

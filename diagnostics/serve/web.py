@@ -24,7 +24,7 @@ from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.i18n import ages_text, norm_lang, outside_reason, t
 from diagnostics.serve.i18n import finding as finding_name
 from diagnostics.serve.monitor import daily
-from diagnostics.serve.reports import shown_model
+from diagnostics.serve.reports import complete_operating_points, shown_model, stored_preprocessing
 from diagnostics.serve.review import ReviewError, ReviewItem, record_reviews, review_labels
 from diagnostics.serve.store import STATUSES, USERNAME, Store
 
@@ -214,7 +214,13 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
             ai_shown=not pending,
             independent_impression=study.clinic_id in cfg.review.independent_impression_clinics,
         )
-        thresholds = holder.model.metadata.thresholds
+        # Each finding is explained by the operating point stored with it, never by the model
+        # serving now; rows stored before that was recorded fall back to the very model file
+        # that scored them (same sha256), or say that it is not known.
+        model = holder.model
+        complete_operating_points(view, model)
+        _, preprocessing = stored_preprocessing(view.get("result"), model)
+        same_model = (view.get("result") or {}).get("model_sha256") == model.sha256
         lang = lang_of(request)
         return render(
             request,
@@ -223,8 +229,9 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
             study=study,
             pending_impression=pending,
             saved=bool(saved),
-            thresholds=thresholds,
-            population=holder.model.metadata.population,
+            preprocessing_known=preprocessing != "current_model",
+            # the intended population of the model serving now: shown for its own studies only
+            population=model.metadata.population if same_model else None,
             ages=lambda a: ages_text(lang, a),
             no_call_reason=outside_reason(lang, (view.get("result") or {}).get("population") or {}),
             labels=review_labels([f["label"] for f in view["findings"]]),
@@ -293,7 +300,8 @@ def create_web_router(cfg: ServeConfig, store: Store, holder: Any, data_dir: Pat
         from diagnostics.imaging import ImageError, decode, resize_square
 
         _, study = load_study(request, study_id)
-        spec = holder.model.metadata.preprocessing
+        # as the scoring model prepared it (stored with the result), so heatmaps line up
+        spec, _ = stored_preprocessing(study.result, holder.model)
         try:
             pixels = resize_square(decode(store.blobs.read(study.content_sha256)).pixels, spec)
         except (ImageError, ValueError, OSError):  # e.g. a study that failed to decode

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import threading
@@ -84,8 +83,13 @@ class Worker:
         if ready:
             scorer = self.scorer  # one model for the whole batch, even if it switches meanwhile
             try:
-                limits = [self._population_limit(scorer, study.clinic_id) for _, study in ready]
-                results = scorer.score_many(data, [study.id for _, study in ready], limits)
+                # each site's own calibration, operating points and population limit, if any:
+                # the Scorer makes the calls (and so the heatmaps) under them
+                profiles = [self._profile(scorer, study.clinic_id) for _, study in ready]
+                limits = [self._population_limit(scorer, profile) for profile in profiles]
+                results = scorer.score_many(
+                    data, [study.id for _, study in ready], limits, profiles
+                )
             except Exception as exc:  # an unexpected error: retry later, never lose the job
                 log.exception("scoring failed")
                 for job, _ in ready:
@@ -108,48 +112,21 @@ class Worker:
         except Exception:  # monitoring must never stop scoring
             log.exception("population monitoring check failed")
 
-    def _population_limit(self, scorer: Scorer, clinic: str) -> float | None:
+    def _profile(self, scorer: Scorer, clinic: str) -> Any:
+        """The site's newest profile for this model file, or None."""
+        return self.store.site_profile(scorer.model.sha256, clinic)
+
+    @staticmethod
+    def _population_limit(scorer: Scorer, profile: Any) -> float | None:
         """The site's own population-check threshold for this model file, if it has one."""
         population = getattr(scorer, "population", None)
-        if population is None or population.check is None:
+        if population is None or population.check is None or profile is None:
             return None
-        profile = self.store.site_profile(scorer.model.sha256, clinic)
-        return profile.population_threshold if profile is not None else None
+        return profile.population_threshold
 
     def _store(self, job: Any, study: Any, result: ScoreResult) -> None:
         doc = result.as_dict()
-        findings = doc.pop("findings")
-        profile = (
-            self.store.site_profile(result.model_sha256, study.clinic_id) if findings else None
-        )
-        rows = [
-            {
-                "label": f["label"],
-                "probability": f["probability"],
-                "threshold": f["threshold"],
-                "positive": f["positive"],
-                "heatmap": f["heatmap"],
-                "logit": f["logit"],
-                "profile_id": None,
-                "model_sha256": result.model_sha256,
-                "model_version": result.model_version,
-                "preprocess_version": result.preprocess_version,
-                "provider": result.provider,
-            }
-            for f in findings
-        ]
-        if profile is not None:  # this site's own calibration and operating points
-            for row in rows:
-                label = row["label"]
-                if row["positive"] is None:  # no call (outside the population): none now either
-                    continue
-                if label in profile.temperatures and row["logit"] is not None:
-                    z = max(-60.0, min(60.0, row["logit"] / profile.temperatures[label]))
-                    row["probability"] = 1.0 / (1.0 + math.exp(-z))
-                    row["threshold"] = float(profile.thresholds[label])
-                    row["positive"] = row["probability"] >= row["threshold"]
-                    row["profile_id"] = profile.id
-            doc["site_profile"] = profile.id
+        rows = [finding_row(f, result) for f in doc.pop("findings")]
         try:
             if result.status == "failed" and result.code not in PERMANENT:
                 self._retry(job, result.code or "worker_error", result.message or "")
@@ -219,6 +196,30 @@ class Worker:
                 self.wake.clear()
             busy = n > 0
         log.info("worker %s stopped", self.owner)
+
+
+def finding_row(f: dict[str, Any], result: ScoreResult) -> dict[str, Any]:
+    """A finding as the Scorer made it (`Finding.model_dump()`), as the store keeps it: with
+    the operating point it was judged by and the model that judged it."""
+    point = f.get("operating_point") or {}
+    return {
+        "label": f["label"],
+        "probability": f["probability"],
+        "threshold": f["threshold"],
+        "positive": f["positive"],
+        "heatmap": f["heatmap"],
+        "logit": f["logit"],
+        "profile_id": point.get("profile_id"),
+        "temperature": point.get("temperature"),
+        "threshold_policy": (point.get("policy") or "")[:64] or None,
+        "threshold_sensitivity": point.get("sensitivity"),
+        "threshold_specificity": point.get("specificity"),
+        "operating_point_source": point.get("source"),
+        "model_sha256": result.model_sha256,
+        "model_version": result.model_version,
+        "preprocess_version": result.preprocess_version,
+        "provider": result.provider,
+    }
 
 
 def start_thread(worker: Worker) -> tuple[threading.Thread, threading.Event]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from diagnostics.contract import calibrated_probability
 from diagnostics.train.metrics import at_threshold
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+    """The uncalibrated probability of raw logits (temperature 1)."""
+    return calibrated_probability(x, 1.0)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -26,7 +28,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         return 1.0
 
     def nll(log_temp: float) -> float:
-        q = sigmoid(z / np.exp(log_temp))
+        q = calibrated_probability(z, np.exp(log_temp))
         q = np.clip(q, 1e-12, 1 - 1e-12)
         return float(-np.mean(t * np.log(q) + (1 - t) * np.log(1 - q)))
 

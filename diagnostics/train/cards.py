@@ -12,6 +12,7 @@ from diagnostics import __version__
 from diagnostics.contract import ModelMetadata
 from diagnostics.data.clinical import ValidatedTable
 from diagnostics.data.cxr import CXRTable
+from diagnostics.train.metrics import calibration_text
 
 
 def cxr_model_card(
@@ -164,10 +165,8 @@ def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:
         f"PPV {te['ppv']:.3f}, NPV {te['npv']:.3f}",
         "",
         "## Calibration",
-        f"- CV: slope {cv['calibration_slope']:.2f}, intercept "
-        f"{cv['calibration_intercept']:.2f}, ECE {cv['ece']:.3f}",
-        f"- Test: slope {te['calibration_slope']:.2f}, intercept "
-        f"{te['calibration_intercept']:.2f}, ECE {te['ece']:.3f}",
+        f"- CV: {_calibration(cv)}",
+        f"- Test: {_calibration(te)}",
         "",
         "## Subgroups (test split)",
     ]
@@ -189,3 +188,10 @@ def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration(r: dict) -> str:
+    """Slope, intercept and ECE in words; an undefined slope says why."""
+    slope = calibration_text(r.get("calibration_slope"), r.get("calibration_note"))
+    intercept = calibration_text(r.get("calibration_intercept"))
+    return f"slope {slope}, intercept {intercept}, ECE {r['ece']:.3f}"

@@ -3,7 +3,8 @@
 - Discrimination: AUROC of each, their difference with a paired bootstrap 95% CI (the same
   resampled patients' images for both models) and DeLong's test (DeLong et al. 1988, the fast
   midrank form of Sun & Xu 2014).
-- Calibration: slope (logistic regression of the label on logit(p); 1 is ideal) and ECE.
+- Calibration: slope (logistic regression of the label on logit(p); 1 is ideal; undefined, with
+  the reason, where the score separates the classes perfectly) and ECE.
 - The operating point: sensitivity and specificity of each model at its own threshold.
 - Disagreements: images whose positive/negative call differs, by a study key (the manifest's
   study_id, or a hash of the file name), never a patient identifier.
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from diagnostics.train.metrics import at_threshold, auroc, ece
+from diagnostics.train.metrics import at_threshold, auroc, calibration_fields, calibration_text, ece
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
@@ -94,29 +95,6 @@ def paired_bootstrap(
     return (float(lo), float(hi))
 
 
-def calibration_slope(y: np.ndarray, p: np.ndarray) -> float:
-    """Slope of a logistic regression of y on logit(p): 1 is ideal, < 1 overconfident."""
-    y = np.asarray(y, float)
-    x = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
-    if len(np.unique(y)) < 2:
-        return math.nan
-    a, b = 0.0, 1.0
-    for _ in range(50):  # Newton-Raphson on (intercept, slope)
-        eta = a + b * x
-        mu = 1 / (1 + np.exp(-eta))
-        w = mu * (1 - mu) + 1e-12
-        g = np.array([(y - mu).sum(), ((y - mu) * x).sum()])
-        h = np.array([[w.sum(), (w * x).sum()], [(w * x).sum(), (w * x * x).sum()]])
-        try:
-            step = np.linalg.solve(h, g)
-        except np.linalg.LinAlgError:
-            return math.nan
-        a, b = a + step[0], b + step[1]
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(b)
-
-
 def study_key(path: str, study_id: str | None = None) -> str:
     """A key to find an image again, without patient identity."""
     if study_id:
@@ -143,14 +121,14 @@ def compare_finding(
         "positives": int(y.sum()),
         "candidate": {
             "auroc": auroc(y, pc),
-            "calibration_slope": calibration_slope(y, pc),
+            **calibration_fields(y, pc),  # slope NaN with calibration_note where undefined
             "ece": ece(y, pc),
             "threshold": t_cand,
             **{k: at_threshold(y, pc, t_cand)[k] for k in ("sensitivity", "specificity")},
         },
         "baseline": {
             "auroc": auroc(y, pb),
-            "calibration_slope": calibration_slope(y, pb),
+            **calibration_fields(y, pb),  # slope NaN with calibration_note where undefined
             "ece": ece(y, pb),
             "threshold": t_base,
             **{k: at_threshold(y, pb, t_base)[k] for k in ("sensitivity", "specificity")},
@@ -200,11 +178,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {f} | {r['n']} ({r['positives']}) | {rc['auroc']:.4f} | {rb['auroc']:.4f} | "
             f"{r['auroc_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {r['delong_p']:.3g} | "
-            f"{rc['calibration_slope']:.2f}/{rb['calibration_slope']:.2f} | "
+            f"{_slope(rc)}/{_slope(rb)} | "
             f"{rc['ece']:.3f}/{rb['ece']:.3f} | "
             f"{rc['sensitivity']:.3f}/{rb['sensitivity']:.3f} | "
             f"{rc['specificity']:.3f}/{rb['specificity']:.3f} | {len(r['disagreements'])} |"
         )
+    undefined = [
+        f"- {f}, {who}: calibration slope undefined: {r[who]['calibration_note']}."
+        for f, r in report["findings"].items()
+        for who in ("candidate", "baseline")
+        if r[who].get("calibration_note")
+    ]
+    if undefined:
+        lines += ["", *undefined]
     for col, groups in report.get("subgroups", {}).items():
         lines += [
             "",
@@ -223,6 +209,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     for f, r in report["findings"].items():
         lines.append(f"- {f}: {', '.join(r['disagreements'][:20]) or 'none'}")
     return "\n".join(lines) + "\n"
+
+
+def _slope(r: dict[str, Any]) -> str:
+    """The calibration slope in the table: "undefined" where it does not exist (the reason is
+    listed under the table). JSON turns NaN into null, so None means undefined too."""
+    return calibration_text(r.get("calibration_slope"))
 
 
 def json_dump(report: dict[str, Any], path: Path) -> None:

@@ -32,6 +32,7 @@ from diagnostics.contract import (
     Population,
     PreprocessSpec,
     Threshold,
+    calibrated_probability,
 )
 from diagnostics.data.augment import CXRAugment
 from diagnostics.data.cache import build_cache, from_uint16
@@ -611,7 +612,7 @@ def _finish(
         fit_temperature(val_logits[:, i], y_val[:, i]) if ev.calibrate else 1.0
         for i in range(len(findings))
     ]
-    p_val = sigmoid(val_logits / np.asarray(temps))
+    p_val = calibrated_probability(val_logits, temps)
     thresholds: dict[str, Threshold] = {}
     val_report: dict[str, dict[str, float]] = {}
     for i, f in enumerate(findings):
@@ -631,8 +632,8 @@ def _finish(
     for i, f in enumerate(findings):
         save_plots(y_val[:, i], p_val[:, i], f"val_{f}", plots_dir, ev.ece_bins)
     if "test" in idx and len(idx["test"]):
-        p_test = sigmoid(
-            predict_logits(model, cache, idx["test"], spec, device, bs) / np.asarray(temps)
+        p_test = calibrated_probability(
+            predict_logits(model, cache, idx["test"], spec, device, bs), temps
         )
         y_test = labels[idx["test"]]
         test_report = {

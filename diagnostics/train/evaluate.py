@@ -239,7 +239,8 @@ def evaluate_risk(model: str, config: Path, overrides: list[str], n_boot: int = 
     """A risk model on every valid row of a risk config's table (schema from the model file)."""
     from diagnostics.data.clinical import validate_records
     from diagnostics.serve.risk import RiskModel
-    from diagnostics.train.risk import calibration_slope_intercept, load_risk_config, load_source
+    from diagnostics.train.metrics import calibration_fields
+    from diagnostics.train.risk import load_risk_config, load_source
 
     scorer = RiskModel(resolve_model(model))
     cfg = load_risk_config(config, overrides)
@@ -247,7 +248,7 @@ def evaluate_risk(model: str, config: Path, overrides: list[str], n_boot: int = 
     vt = validate_records(load_source(cfg.table), schema)
     p = scorer.predict(vt.X)
     r = finding_report(vt.y, p, scorer.threshold, n_boot=n_boot)
-    r["calibration_slope"], r["calibration_intercept"] = calibration_slope_intercept(vt.y, p)
+    r.update(calibration_fields(vt.y, p))  # slope NaN with calibration_note where undefined
     return {
         "model": {
             "name": scorer.metadata.name,

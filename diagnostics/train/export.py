@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagnostics.contract import METADATA_KEY, ModelMetadata
+from diagnostics.contract import METADATA_KEY, ModelMetadata, calibrated_probability
 from diagnostics.models.cxr import CAMClassifier, WithCAM
 
 log = logging.getLogger(__name__)
@@ -75,25 +75,20 @@ def check_parity(model: CAMClassifier, onnx_path: str | Path, inputs: np.ndarray
         logits, population = model.forward_train(
             torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
         )
-    temp = np.asarray(runner.metadata.temperature)
-    p_torch = _sigmoid(logits.double().numpy() / temp)
+    p_torch = calibrated_probability(logits.double().numpy(), runner.metadata.temperature)
     pred = runner.predict(inputs)
     diff = float(np.abs(p_torch - pred.probabilities).max())
     if population is not None:  # the population check, on the same probability scale
         if pred.population is None:
             raise ExportParityError("the exported model lost its population output")
-        q_torch = _sigmoid(population.double().numpy())
-        diff = max(diff, float(np.abs(q_torch - _sigmoid(pred.population)).max()))
+        q_torch = calibrated_probability(population.double().numpy())
+        diff = max(diff, float(np.abs(q_torch - calibrated_probability(pred.population)).max()))
     if not diff <= PARITY_TOLERANCE:
         raise ExportParityError(
             f"ONNX Runtime and torch disagree: max probability difference {diff:.2e} > "
             f"{PARITY_TOLERANCE:.0e}"
         )
     return diff
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
 def quantize_int8(

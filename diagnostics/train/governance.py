@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from diagnostics.contract import is_positive
 from diagnostics.serve.qc import QCConfig
 from diagnostics.settings import get_settings
 
@@ -172,7 +173,7 @@ def compare(
         tc = runners[0].metadata.thresholds[f].value
         tb = runners[1].metadata.thresholds[f].value
         r = compare_finding(y, probs[0][:, i], probs[1][:, j], tc, tb, groups, n_boot)
-        calls_c, calls_b = probs[0][:, i] >= tc, probs[1][:, j] >= tb
+        calls_c, calls_b = is_positive(probs[0][:, i], tc), is_positive(probs[1][:, j], tb)
         r["disagreements"] = [keys[k] for k in np.flatnonzero(calls_c != calls_b)]
         report["findings"][f] = r
     for col in subgroups or []:
@@ -224,12 +225,16 @@ def _log_compare(report: dict[str, Any], out_dir: Path) -> str:
                 "split": report["dataset"]["split"],
             }
         )
-        flat = {}
+        flat, undefined = {}, {}
         for f, r in report["findings"].items():
             for who in ("candidate", "baseline"):
                 for k, v in r[who].items():
                     if isinstance(v, float) and np.isfinite(v):
                         flat[f"{f}.{who}.{k}"] = v
+                if r[who].get("calibration_note"):  # no metric: a tag that says why
+                    undefined[f"{f}.{who}.calibration_slope"] = (
+                        f"undefined: {r[who]['calibration_note']}"
+                    )
             for k in ("auroc_diff", "delong_p"):
                 if np.isfinite(r[k]):
                     flat[f"{f}.{k}"] = r[k]
@@ -237,6 +242,8 @@ def _log_compare(report: dict[str, Any], out_dir: Path) -> str:
                 flat[f"{f}.auroc_diff_lo"] = r["auroc_diff_ci"][0]
                 flat[f"{f}.auroc_diff_hi"] = r["auroc_diff_ci"][1]
         mlflow.log_metrics(flat)
+        if undefined:
+            mlflow.set_tags(undefined)
         mlflow.log_artifact(str(out_dir / "compare.md"))
         mlflow.log_artifact(str(out_dir / "compare.json"))
         return run.info.run_id
@@ -259,6 +266,19 @@ class Gate(BaseModel):
     min_sensitivity: float | None = Field(None, ge=0, le=1)
     min_specificity: float | None = Field(None, ge=0, le=1)
     max_ece: float | None = Field(None, ge=0, le=1)
+    # The candidate's calibration slope lies in [low, high] for every shared finding, e.g.
+    # [0.8, 1.25]. An undefined slope (one class, a constant score, classes separated
+    # perfectly) fails the rule and says why.
+    calibration_slope: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _slope_bounds(self) -> Gate:
+        if self.calibration_slope is not None:
+            low, high = self.calibration_slope
+            if not 0 < low <= high:
+                raise ValueError("calibration_slope is [low, high] with 0 < low <= high")
+        return self
+
     require_parity: bool = True  # the training run logged an ONNX parity check
     require_qc_reference: bool = True  # the model carries an OOD reference for input QC
     # The model states its intended population and its population check, measured at training,
@@ -324,7 +344,23 @@ def check_gate(
         if gate.max_ece is not None:
             ok = bool(c["ece"] <= gate.max_ece)
             out.append((f"{f}: ECE <= {gate.max_ece}", ok, f"{c['ece']:.3f}"))
+        if gate.calibration_slope is not None:
+            out.append(_slope_rule(f, c, gate.calibration_slope))
     return out
+
+
+def _slope_rule(
+    finding: str, c: dict[str, Any], bounds: tuple[float, float]
+) -> tuple[str, bool, str]:
+    """The calibration-slope rule of one finding. NaN (or null, read back from JSON) is an
+    undefined slope: it fails, with the reason the fit gave."""
+    low, high = bounds
+    rule = f"{finding}: calibration slope in [{low:g}, {high:g}]"
+    slope = c.get("calibration_slope")
+    if slope is None or not np.isfinite(slope):
+        why = c.get("calibration_note") or "not computed"
+        return (rule, False, f"undefined ({why}): calibration cannot be judged")
+    return (rule, bool(low <= slope <= high), f"{slope:.2f}")
 
 
 def _name_version(ref: str) -> tuple[str, str]:
@@ -371,7 +407,13 @@ def promote(
     run = client.get_run(runner.metadata.run_id) if runner.metadata.run_id else None
     parity = run.data.metrics.get("onnx_parity_max_abs_diff") if run else None
     report = None
-    if previous is not None or gate.min_sensitivity or gate.min_specificity or gate.max_ece:
+    needs_report = (
+        gate.min_sensitivity is not None
+        or gate.min_specificity is not None
+        or gate.max_ece is not None
+        or gate.calibration_slope is not None
+    )
+    if previous is not None or needs_report:
         baseline = f"models:/{name}/{previous}" if previous else f"models:/{name}/{version}"
         report = compare(
             f"models:/{name}/{version}",

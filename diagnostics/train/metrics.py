@@ -6,6 +6,7 @@ probabilities. AUROC is the Mann-Whitney statistic, exact with ties.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,8 +64,10 @@ def bootstrap_ci(
 
 def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """Sensitivity, specificity, PPV and NPV when `p >= threshold` is called positive."""
+    from diagnostics.contract import is_positive
+
     y, p = _known(y, p)
-    pred = p >= threshold
+    pred = is_positive(p, threshold)
     tp = float((pred & (y == 1)).sum())
     fp = float((pred & (y == 0)).sum())
     fn = float((~pred & (y == 1)).sum())
@@ -107,6 +110,116 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str, list[
             out["observed"].append(float(y[m].mean()))
             out["count"].append(float(m.sum()))
     return out
+
+
+# p is clipped to [CLIP, 1 - CLIP] before its logit is taken, so logits stay finite (+-27.6)
+CALIBRATION_CLIP = 1e-12
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """Logistic recalibration of the label on logit(p) (Cox 1958).
+
+    - `slope`: b in logit P(y=1) = a + b logit(p), fitted by maximum likelihood. 1 is ideal,
+      < 1 overconfident (probabilities too extreme), > 1 underconfident.
+    - `intercept`: calibration-in-the-large, a in logit P(y=1) = a + logit(p) (the slope held
+      at 1): 0 is ideal, > 0 the model predicts too low on average.
+    - `reason`: why the slope is undefined (then `slope` is NaN), in words; None when defined.
+    """
+
+    slope: float
+    intercept: float
+    reason: str | None = None
+
+    @property
+    def defined(self) -> bool:
+        return self.reason is None
+
+
+def calibration_fit(y: np.ndarray, p: np.ndarray) -> CalibrationFit:
+    """Calibration slope and intercept of probabilities `p` for labels `y` (NaN labels skipped).
+
+    The slope is fitted with scikit-learn's unpenalised LogisticRegression on logit(p), p
+    clipped to [1e-12, 1 - 1e-12]. Where its maximum-likelihood value does not exist it is NaN
+    with the reason, never a huge number: one class only, a constant score, or classes that
+    the score separates perfectly (every positive scored at or above every negative, or the
+    reverse: the likelihood keeps rising as the slope grows without bound).
+    """
+    y, p = _known(y, p)
+    nan = float("nan")
+    if len(y) == 0:
+        return CalibrationFit(nan, nan, "no rows with a known label")
+    if not np.isfinite(p).all():
+        return CalibrationFit(nan, nan, "some probabilities are not finite")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == len(y):
+        which = "positive" if n_pos else "negative"
+        return CalibrationFit(nan, nan, f"only one class (every row {which})")
+    q = np.clip(p, CALIBRATION_CLIP, 1 - CALIBRATION_CLIP)
+    x = np.log(q) - np.log1p(-q)  # (N,) logit(p), finite
+    intercept = _calibration_in_the_large(y, x)
+    if x.min() == x.max():
+        return CalibrationFit(nan, intercept, "the probability is the same for every row")
+    pos, neg = x[y == 1], x[y == 0]
+    if neg.max() <= pos.min() or pos.max() <= neg.min():
+        return CalibrationFit(
+            nan,
+            intercept,
+            "the score separates the classes perfectly (no maximum-likelihood slope)",
+        )
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():  # near-separated data may stop short: the fit is checked
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = LogisticRegression(
+            **_unpenalised(), solver="newton-cholesky", tol=1e-10, max_iter=500
+        ).fit(x[:, None], y.astype(int))
+    slope = float(fit.coef_[0, 0])
+    if not np.isfinite(slope):
+        return CalibrationFit(nan, intercept, "the logistic fit did not converge")
+    return CalibrationFit(slope, intercept)
+
+
+def _unpenalised() -> dict[str, Any]:
+    """LogisticRegression without a penalty: `penalty=None` before scikit-learn 1.8, which
+    deprecates it for `C=inf`."""
+    import sklearn
+
+    major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
+    return {"C": np.inf} if (major, minor) >= (1, 8) else {"penalty": None}
+
+
+def _calibration_in_the_large(y: np.ndarray, x: np.ndarray) -> float:
+    """a solving sum(y - sigmoid(a + x)) = 0: the score equation is monotone in a, and has a
+    root whenever both classes are present (x finite)."""
+    from scipy.optimize import brentq
+
+    def score(a: float) -> float:
+        return float(np.sum(y - 1.0 / (1.0 + np.exp(-np.clip(a + x, -700, 700)))))
+
+    span = float(np.abs(x).max()) + 50.0  # sigmoid(+-50 beyond any logit) is 0 or 1 in effect
+    return float(brentq(score, -span, span, xtol=1e-12))
+
+
+def calibration_fields(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """`calibration_fit` as report fields: calibration_slope, calibration_intercept (NaN where
+    undefined) and calibration_note (why the slope is undefined; None when it is defined)."""
+    fit = calibration_fit(y, p)
+    return {
+        "calibration_slope": fit.slope,
+        "calibration_intercept": fit.intercept,
+        "calibration_note": fit.reason,
+    }
+
+
+def calibration_text(value: float | None, reason: str | None = None, digits: int = 2) -> str:
+    """A slope or intercept for people: the number, or "undefined (why)"."""
+    if value is None or not np.isfinite(value):
+        return f"undefined ({reason})" if reason else "undefined"
+    return f"{value:.{digits}f}"
 
 
 def brier(y: np.ndarray, p: np.ndarray) -> float:

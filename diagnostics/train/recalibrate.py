@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.train.calibrate import choose_threshold, fit_temperature, sigmoid
+from diagnostics.contract import calibrated_probability
+from diagnostics.train.calibrate import choose_threshold, fit_temperature
 from diagnostics.train.metrics import at_threshold
 
 
@@ -51,9 +52,9 @@ def recalibrate(
                 f"{chosen!r} needs at least {min_cases} of each (--min-cases)"
             )
         t = fit_temperature(z, y)
-        p_site = sigmoid(z / t)
+        p_site = calibrated_probability(z, t)
         thr = choose_threshold(y, p_site, chosen)
-        p_model = sigmoid(z / meta.temperature[i])
+        p_model = calibrated_probability(z, meta.temperature[i])
         before = at_threshold(y, p_model, meta.thresholds[f].value)
         after = at_threshold(y, p_site, thr)
         temps[f], thresholds[f] = float(t), float(thr)

@@ -31,7 +31,7 @@ from diagnostics.train import tracking
 from diagnostics.train.calibrate import choose_threshold
 from diagnostics.train.cards import risk_model_card
 from diagnostics.train.config import EvalConfig, TrackingConfig
-from diagnostics.train.metrics import bootstrap_ci, finding_report
+from diagnostics.train.metrics import bootstrap_ci, calibration_fields, finding_report
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +97,6 @@ def load_source(table: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- metrics
 
 
-def calibration_slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """Slope of logit(p) in a logistic recalibration fit, and calibration-in-the-large."""
-    from scipy.optimize import minimize
-
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    z = np.log(p / (1 - p))
-
-    def nll(params: np.ndarray, offset: bool) -> float:
-        a, b = params[0], (1.0 if offset else params[1])
-        q = 1 / (1 + np.exp(-(a + b * z)))
-        q = np.clip(q, 1e-12, 1 - 1e-12)
-        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
-
-    slope = minimize(nll, [0.0, 1.0], args=(False,), method="Nelder-Mead").x[1]
-    intercept = minimize(nll, [0.0], args=(True,), method="Nelder-Mead").x[0]
-    return float(slope), float(intercept)
-
-
 def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict[str, list[float]]:
     """Net benefit of the model, treat-all and treat-none at each threshold probability."""
     n, prev = len(y), float(np.mean(y))
@@ -139,7 +121,7 @@ def full_report(y: np.ndarray, p: np.ndarray, threshold: float, ev: EvalConfig, 
     from diagnostics.train.metrics import auprc
 
     r["auprc_lo"], r["auprc_hi"] = bootstrap_ci(auprc, y, p, n=ev.bootstrap, seed=seed)
-    r["calibration_slope"], r["calibration_intercept"] = calibration_slope_intercept(y, p)
+    r.update(calibration_fields(y, p))  # slope NaN with calibration_note where undefined
     return r
 
 
@@ -329,8 +311,14 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
         [schema.outcome.label, *schema.feature_names],
     )
     label = schema.outcome.label
-    flat = {f"cv.{k}": v for k, v in cv_report.items() if np.isfinite(v)}
-    flat |= {f"test.{k}": v for k, v in test_report.items() if np.isfinite(v)}
+    flat = {f"cv.{k}": v for k, v in cv_report.items() if _finite(v)}
+    flat |= {f"test.{k}": v for k, v in test_report.items() if _finite(v)}
+    # an undefined calibration slope has no metric: a tag says why
+    undefined = {
+        f"{split}.calibration_slope": f"undefined: {r['calibration_note']}"
+        for split, r in (("cv", cv_report), ("test", test_report))
+        if r.get("calibration_note")
+    }
     meta = ModelMetadata(
         task="risk",
         name=cfg.tracking.registered_model or cfg.name,
@@ -413,7 +401,9 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
                     }
                 )
             )
-            mlflow.set_tags(tracking.standard_tags("cpu") | {"onnx_sha256": sha, "task": "risk"})
+            mlflow.set_tags(
+                tracking.standard_tags("cpu") | {"onnx_sha256": sha, "task": "risk"} | undefined
+            )
             mlflow.log_metrics(flat | {"onnx_parity_max_abs_diff": parity})
             ds = mlflow.data.from_pandas(
                 vt.X.assign(**{label: vt.y}), name=schema.name, targets=label, digest=digest[:32]
@@ -445,6 +435,11 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
 
 def _f(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
+
+
+def _finite(v: Any) -> bool:
+    """A number worth logging as a metric (not a note, not NaN)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 def _json_default(o: Any) -> Any:
