@@ -283,7 +283,7 @@ def train_risk_cmd(
 ) -> None:
     """Train a calibrated risk model on a table, report governance metrics, export ONNX."""
     from diagnostics.configio import ConfigError
-    from diagnostics.data.clinical import SchemaError
+    from diagnostics.tables import SchemaError
     from diagnostics.train.risk import load_risk_config, train_risk
 
     try:
@@ -296,6 +296,11 @@ def train_risk_cmd(
         typer.echo(_mlflow_ui_hint())
 
 
+def _slope_cell(r: dict[str, Any]) -> str:
+    """A calibration slope for the summary table; "undef" where it does not exist."""
+    return "undef" if r.get("calibration_note") else f"{r['calibration_slope']:.2f}"
+
+
 def _risk_summary(result: Any) -> str:
     cv, te = result.cv, result.test
     ci = {n: f"{r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}" for n, r in (("cv", cv), ("test", te))}
@@ -306,9 +311,14 @@ def _risk_summary(result: Any) -> str:
             f"{'sens':>7}{'spec':>7}",
             *[
                 f"{name:<6}{r['auroc']:>8.3f}{ci[name]:>16}"
-                f"{r['auprc']:>8.3f}{r['brier']:>8.3f}{r['calibration_slope']:>8.2f}{r['ece']:>7.3f}"
+                f"{r['auprc']:>8.3f}{r['brier']:>8.3f}{_slope_cell(r):>8}{r['ece']:>7.3f}"
                 f"{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
                 for name, r in (("cv", cv), ("test", te))
+            ],
+            *[
+                f"{name}: calibration slope undefined: {r['calibration_note']}"
+                for name, r in (("cv", cv), ("test", te))
+                if r.get("calibration_note")
             ],
             f"threshold {te['threshold']:.3f}; ONNX parity max |dp| {result.parity:.1e}; "
             f"{result.seconds:.0f} s",
@@ -332,8 +342,8 @@ def score_risk(
     out: Annotated[Path, typer.Option(help="output CSV")] = Path("risk_scores.csv"),
 ) -> None:
     """Score records with a risk model: per row a risk and category, or why it was refused."""
-    from diagnostics.data.clinical import SchemaError, read_table
     from diagnostics.serve.risk import RiskModel
+    from diagnostics.tables import SchemaError, read_table
 
     try:
         path, _ = resolve_model_ref(model)
@@ -1152,8 +1162,8 @@ def evaluate(
     inside the model file.
     """
     from diagnostics.configio import ConfigError
-    from diagnostics.data.clinical import SchemaError
     from diagnostics.data.cxr import DatasetError
+    from diagnostics.tables import SchemaError
     from diagnostics.train.evaluate import evaluate as run_eval
     from diagnostics.train.evaluate import evaluate_risk, json_safe, model_task, render_report
 

@@ -6,14 +6,63 @@
 - The decision: the calibrated probability (`calibrated_probability`) and the call
   (`is_positive`), one definition for training, export and serving.
 - The model's metadata (`ModelMetadata`) and a finding (`Finding`).
+- The harmonised finding vocabulary (`FINDINGS`) and a model file's identity (`file_sha256`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The 14 NIH ChestX-ray14 findings first (Wang et al. 2017), then the other datasets' findings.
+NIH14 = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+FINDINGS: tuple[str, ...] = (
+    *NIH14,
+    "No_Finding",
+    # CheXpert / MIMIC-CXR
+    "Enlarged_Cardiomediastinum",
+    "Lung_Opacity",
+    "Lung_Lesion",  # nodule or mass, as CheXpert and VinDr ("Nodule/Mass", "Lung tumor") use it
+    "Fracture",
+    "Support_Devices",
+    "Pleural_Other",
+    # VinDr-CXR
+    "Aortic_Enlargement",
+    "Calcification",
+    "ILD",
+    "Other_Lesion",
+    "Tuberculosis",
+    "COPD",
+)
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256 (hex): a model file's identity, recorded with every finding it makes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 # Bump when `imaging.preprocess` changes its output for the same parameters. Findings record it.
 PREPROCESS_VERSION = "1"

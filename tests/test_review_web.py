@@ -111,13 +111,13 @@ def test_worklist_filters_and_pages(svc):
 
 
 def test_every_message_is_translated():
-    from diagnostics.serve.i18n import FINDINGS, MESSAGES
+    from diagnostics.serve.i18n import FINDING_NAMES, MESSAGES
 
     assert set(MESSAGES["vi"]) == set(MESSAGES["en"])
-    assert set(FINDINGS["vi"]) == set(FINDINGS["en"])
-    from diagnostics.data.labels import FINDINGS as VOCABULARY
+    assert set(FINDING_NAMES["vi"]) == set(FINDING_NAMES["en"])
+    from diagnostics.contract import FINDINGS as VOCABULARY
 
-    assert set(VOCABULARY) <= set(FINDINGS["en"])  # every harmonised finding has a name
+    assert set(VOCABULARY) <= set(FINDING_NAMES["en"])  # every harmonised finding has a name
 
 
 def test_users_command(home):

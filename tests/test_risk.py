@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diagnostics.data.clinical import SchemaError, TableSchema, validate_records
+from diagnostics.tables import SchemaError, TableSchema, validate_records
 from tests.conftest import REPO, shared
 
 SCHEMA = TableSchema.model_validate(
@@ -130,8 +130,8 @@ def test_demo_trains_exports_with_parity_and_registers(home):
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"metrics.json", "schema.yaml", "model_card.md", "plots"} <= names
     # Score records at the clinic: bad rows are refused with reasons, never given a default.
-    from diagnostics.data.clinical import read_table  # noqa: F401  (the CLI path reads CSVs)
     from diagnostics.serve.risk import RiskModel
+    from diagnostics.tables import read_table  # noqa: F401  (the CLI path reads CSVs)
     from diagnostics.train.risk import load_source
 
     records = load_source("sklearn:breast_cancer").drop(columns="malignant").head(4)

@@ -10,41 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-# The 14 NIH ChestX-ray14 findings first (Wang et al. 2017), then the other datasets' findings.
-NIH14 = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
-FINDINGS: tuple[str, ...] = (
-    *NIH14,
-    "No_Finding",
-    # CheXpert / MIMIC-CXR
-    "Enlarged_Cardiomediastinum",
-    "Lung_Opacity",
-    "Lung_Lesion",  # nodule or mass, as CheXpert and VinDr ("Nodule/Mass", "Lung tumor") use it
-    "Fracture",
-    "Support_Devices",
-    "Pleural_Other",
-    # VinDr-CXR
-    "Aortic_Enlargement",
-    "Calcification",
-    "ILD",
-    "Other_Lesion",
-    "Tuberculosis",
-    "COPD",
-)
+from diagnostics.contract import FINDINGS, NIH14  # the vocabulary is a contract of both sides
 
 # Dataset label -> harmonised finding. None means "read but not harmonised" (dropped on purpose).
 NIH14_MAP: dict[str, str | None] = {name: name for name in NIH14} | {"No Finding": "No_Finding"}

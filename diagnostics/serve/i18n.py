@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LANGS = ("vi", "en")
 
-FINDINGS: dict[str, dict[str, str]] = {
+FINDING_NAMES: dict[str, dict[str, str]] = {  # names of contract.FINDINGS
     "en": {
         "Pneumonia": "Pneumonia",
         "Effusion": "Pleural effusion",
@@ -378,7 +378,11 @@ def t(lang: str, key: str, **values: object) -> str:
 
 
 def finding(lang: str, label: str) -> str:
-    return FINDINGS.get(lang, {}).get(label) or FINDINGS["en"].get(label) or label.replace("_", " ")
+    return (
+        FINDING_NAMES.get(lang, {}).get(label)
+        or FINDING_NAMES["en"].get(label)
+        or label.replace("_", " ")
+    )
 
 
 def age_text(lang: str, years: float) -> str:

@@ -37,9 +37,9 @@ class ReviewError(Exception):
 
 def review_labels(listed: list[str]) -> list[str]:
     """What a correction may name: the harmonised vocabulary and the study's own findings."""
-    from diagnostics.serve.i18n import FINDINGS
+    from diagnostics.contract import FINDINGS
 
-    return sorted(set(FINDINGS["en"]) | set(listed))
+    return sorted(set(FINDINGS) | set(listed))
 
 
 def record_reviews(store: Store, study: Any, actor: str, items: list[ReviewItem]) -> list[int]:

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diagnostics.contract import ModelMetadata, is_positive
-from diagnostics.data.clinical import TableSchema, validate_records
-from diagnostics.serve.runner import file_sha256
+from diagnostics.contract import ModelMetadata, file_sha256, is_positive
+from diagnostics.tables import TableSchema, validate_records
 
 
 class RiskModel:

@@ -14,7 +14,6 @@ downloads the `.onnx` artefact; this module only ever reads ONNX files, never pi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -29,6 +28,7 @@ from diagnostics.contract import (
     ModelMetadata,
     OperatingPoint,
     calibrated_probability,
+    file_sha256,
     is_positive,
 )
 from diagnostics.imaging import ImageError, decode
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ModelIntegrityError(ValueError):

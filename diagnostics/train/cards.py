@@ -10,8 +10,8 @@ from typing import Any
 
 from diagnostics import __version__
 from diagnostics.contract import ModelMetadata
-from diagnostics.data.clinical import ValidatedTable
 from diagnostics.data.cxr import CXRTable
+from diagnostics.tables import ValidatedTable
 from diagnostics.train.metrics import calibration_text
 
 

@@ -688,7 +688,7 @@ def _finish(
     paths = table.frame["path"].to_numpy()[idx["val"][: ev.parity_images]]
     inputs = np.stack([load_for_model(p, spec) for p in paths])
     parity = check_parity(model, onnx_path, inputs)
-    from diagnostics.serve.runner import file_sha256
+    from diagnostics.contract import file_sha256
 
     sha = file_sha256(onnx_path)
     clock.lap("export")
@@ -883,8 +883,9 @@ def _int8_variant(
     labels: np.ndarray,
 ) -> dict[str, Any]:
     """Static int8 model calibrated on training images, checked against fp32 on validation."""
+    from diagnostics.contract import file_sha256
     from diagnostics.imaging import normalize
-    from diagnostics.serve.runner import OnnxModel, file_sha256
+    from diagnostics.serve.runner import OnnxModel
     from diagnostics.train.export import quantize_int8
 
     spec = cfg.preprocess

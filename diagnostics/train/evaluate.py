@@ -237,8 +237,8 @@ def model_task(model: str) -> str:
 
 def evaluate_risk(model: str, config: Path, overrides: list[str], n_boot: int = 1000) -> dict:
     """A risk model on every valid row of a risk config's table (schema from the model file)."""
-    from diagnostics.data.clinical import validate_records
     from diagnostics.serve.risk import RiskModel
+    from diagnostics.tables import validate_records
     from diagnostics.train.metrics import calibration_fields
     from diagnostics.train.risk import load_risk_config, load_source
 

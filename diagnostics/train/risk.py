@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from diagnostics import __version__
 from diagnostics.configio import ConfigError, apply_overrides, load_yaml, validation_lines
 from diagnostics.contract import METADATA_KEY, ModelMetadata, Threshold
-from diagnostics.data.clinical import TableSchema, ValidatedTable, read_table, validate_records
 from diagnostics.models.risk import make_pipeline
 from diagnostics.settings import get_settings
+from diagnostics.tables import TableSchema, ValidatedTable, read_table, validate_records
 from diagnostics.train import tracking
 from diagnostics.train.calibrate import choose_threshold
 from diagnostics.train.cards import risk_model_card
@@ -366,7 +366,7 @@ def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResul
                 "Isotonic calibration and some estimators do not convert exactly: use "
                 "estimator: logistic with calibration: sigmoid."
             )
-        from diagnostics.serve.runner import file_sha256
+        from diagnostics.contract import file_sha256
 
         sha = file_sha256(onnx_path)
         doc = {

@@ -1,5 +1,8 @@
 """Clinical tables: a YAML schema per table, and loading that validates every row against it.
 
+Shared by both sides (numpy, pandas and pydantic only): training reads CSVs with it, the clinic
+validates the records it scores with the same schema.
+
 The schema gives, per feature, its type, unit, plausible range (outside it: an error, or
 missing), the values that mean "missing" (Pima's zeros) and the allowed categories; then the
 outcome and the rule that makes it binary (`num > 0`), subgroup columns and an optional site
