@@ -102,4 +102,11 @@ def log_onnx_model(
         await_registration_for=60,
     )
     version = getattr(info, "registered_model_version", None)
+    if registered_model and version is not None:
+        # The clinic's registry client checks downloads against this (and, for versions
+        # registered before this tag, against the run's onnx_sha256 tag).
+        h = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+        mlflow.MlflowClient().set_model_version_tag(
+            registered_model, str(version), "onnx_sha256", h
+        )
     return info.model_uri, (str(version) if version is not None else None)
