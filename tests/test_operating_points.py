@@ -287,7 +287,7 @@ def _alembic(store, action: str, revision: str) -> None:
     import diagnostics.serve.store as store_module
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(store_module.__file__).with_name("migrations")))
+    cfg.set_main_option("script_location", str(store_module.MIGRATIONS_DIR))
     with store.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         getattr(command, action)(cfg, revision)

@@ -24,6 +24,7 @@ import hmac
 import io
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,14 @@ def _patient_id(data: bytes) -> str | None:
     return value or None
 
 
-def patient_key(secret: bytes, view: dict[str, Any], blob: bytes) -> str:
+def patient_key(secret: bytes, view: Mapping[str, Any], blob: bytes) -> str:
     pid = _patient_id(blob) if view["format"] == "dicom" else None
     # one site's patient 123 is not another's: the site is part of the identity
     ident = f"{view['clinic']}:{pid}" if pid else f"study:{view['id']}"
     return hmac.new(secret, ident.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
 
 
-def reviewed_labels(view: dict[str, Any]) -> dict[str, float | None]:
+def reviewed_labels(view: Mapping[str, Any]) -> dict[str, float | None]:
     """finding -> 1.0 / 0.0 / None (unknown), from the latest review of each finding."""
     labels: dict[str, float | None] = {f["label"]: None for f in view["findings"]}
     corrected: set[str] = set()

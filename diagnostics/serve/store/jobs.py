@@ -1,0 +1,167 @@
+"""The job queue: workers lease jobs (FOR UPDATE SKIP LOCKED on PostgreSQL, the write lock on
+SQLite), and store each outcome fenced by that lease. Job states: received -> queued -> running
+(lease) -> scored | failed_qc | failed."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from diagnostics.serve.store.audit import AuditMixin
+from diagnostics.serve.store.tables import FINAL, FindingRow, Job, Study, now
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job (its lease expired and another took it)."""
+
+
+class JobsMixin(AuditMixin):
+    def queue_depth(self) -> int:
+        with self.session() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.status.in_(("queued", "running")))
+                )
+                or 0
+            )
+
+    def qc_refusal_counts(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.last_error_code, func.count())
+                .where(Job.status == "failed_qc")
+                .group_by(Job.last_error_code)
+            ).all()
+        return {str(k): int(v) for k, v in rows}
+
+    def claim(self, owner: str, lease_s: float, limit: int = 1) -> list[tuple[Job, Study]]:
+        """Lease up to `limit` jobs: queued ones, and running ones whose lease expired (a worker
+        died). PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the write lock. A reclaimed job past
+        its attempts is failed instead, for reviewers to see."""
+
+        def tx(s: Session) -> list[tuple[Job, Study]]:
+            t = now()
+            q = (
+                select(Job)
+                .where(
+                    (
+                        (Job.status == "queued")
+                        | ((Job.status == "running") & (Job.lease_expires_at < t))
+                    )
+                    & (Job.available_at <= t)
+                )
+                .order_by(Job.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            out = []
+            for job in s.scalars(q):
+                study = s.get_one(Study, job.study_id)  # the foreign key: always there
+                reclaimed = job.status == "running"
+                if reclaimed and job.attempts >= job.max_attempts:
+                    job.status = study.status = "failed"
+                    job.last_error_code = "worker_lost"
+                    job.last_error = (
+                        f"The worker scoring this study stopped {job.attempts} times; "
+                        "it was not retried again."
+                    )
+                    job.lease_owner, job.lease_expires_at = None, None
+                    job.updated_at = study.updated_at = t
+                    self.audit(
+                        s, f"worker:{owner}", "study.failed", "study", study.id, code="worker_lost"
+                    )
+                    continue
+                job.status = study.status = "running"
+                job.attempts += 1
+                job.lease_owner = owner
+                job.lease_expires_at = t + timedelta(seconds=lease_s)
+                job.updated_at = study.updated_at = t
+                self.audit(
+                    s,
+                    f"worker:{owner}",
+                    "study.reclaimed" if reclaimed else "study.running",
+                    "study",
+                    study.id,
+                    attempt=job.attempts,
+                )
+                out.append((job, study))
+            return out
+
+        return self.write(tx)
+
+    def _owned(self, s: Session, job_id: int, owner: str, attempt: int) -> tuple[Job, Study]:
+        """The job, if this worker still holds its lease for this attempt; else LeaseLost."""
+        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None or job.lease_owner != owner or job.attempts != attempt:
+            raise LeaseLost(job_id)
+        if job.status != "running":
+            raise LeaseLost(job_id)
+        return job, s.get_one(Study, job.study_id)
+
+    def complete(
+        self,
+        job_id: int,
+        owner: str,
+        attempt: int,
+        *,
+        status: str,
+        result: dict[str, Any],
+        findings: list[dict[str, Any]],
+        code: str | None = None,
+        message: str | None = None,
+        flag: str | None = None,
+    ) -> None:
+        """Store the outcome, findings and audit in one transaction, fenced by the lease.
+        `flag`: why a scored study carries no call (its findings have `positive` None)."""
+        if status not in FINAL:
+            raise ValueError(status)
+        for f in findings:  # SQLite would store NaN as NULL, PostgreSQL as NaN: neither, ever
+            if not math.isfinite(f["probability"]) or not math.isfinite(f["threshold"]):
+                raise ValueError(f"non-finite score for {f['label']}: not stored")
+
+        def tx(s: Session) -> None:
+            job, study = self._owned(s, job_id, owner, attempt)
+            t = now()
+            for f in findings:
+                s.add(FindingRow(study_id=study.id, **f))
+            job.status = study.status = status
+            job.last_error_code, job.last_error = code, message
+            job.lease_owner, job.lease_expires_at = None, None
+            job.updated_at = study.updated_at = t
+            study.result = result
+            study.flag = flag
+            action = {"scored": "study.scored", "failed_qc": "study.qc_refused"}.get(
+                status, "study.failed"
+            )
+            detail = {"flag": flag} if flag else {}
+            self.audit(s, f"worker:{owner}", action, "study", study.id, code=code, **detail)
+
+        self.write(tx)
+
+    def retry_later(
+        self, job_id: int, owner: str, attempt: int, code: str, message: str, delay_s: float
+    ) -> str:
+        """A transient failure: back to the queue, or `failed` once attempts are spent."""
+
+        def tx(s: Session) -> str:
+            job, study = self._owned(s, job_id, owner, attempt)
+            t = now()
+            job.last_error_code, job.last_error = code, message
+            job.lease_owner, job.lease_expires_at = None, None
+            job.updated_at = study.updated_at = t
+            if job.attempts >= job.max_attempts:
+                job.status = study.status = "failed"
+                self.audit(s, f"worker:{owner}", "study.failed", "study", study.id, code=code)
+            else:
+                job.status = study.status = "queued"
+                job.available_at = t + timedelta(seconds=delay_s)
+                self.audit(s, f"worker:{owner}", "study.retry", "study", study.id, code=code)
+            return job.status
+
+        return self.write(tx)

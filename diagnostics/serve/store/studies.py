@@ -1,0 +1,298 @@
+"""Studies: upload (de-duplicated by content, SOP Instance UID and idempotency key), lookup,
+the study view with findings and reviews, listing, and the review page's browse list."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from diagnostics.serve.store.keys import ClinicsMixin
+from diagnostics.serve.store.tables import FindingRow, Job, Review, SiteProfile, Study
+from diagnostics.serve.store.views import (
+    BrowseItem,
+    StudyView,
+    operating_point,
+    review_dict,
+    study_summary,
+)
+
+
+class Conflict(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def triage_order(any_positive: Any, top: Any) -> list[Any]:
+    """AI-positive studies first, then by the highest probability. A study with no call (its
+    findings' `positive` NULL: outside the population) is not triaged: it ranks with the
+    negatives, and its model output does not move it. Explicit, as NULLs sort first under
+    DESC on PostgreSQL and last on SQLite."""
+    return [
+        func.coalesce(any_positive, 0).desc(),
+        case((Study.flag.is_not(None), 0.0), else_=func.coalesce(top, 0.0)).desc(),
+    ]
+
+
+class StudiesMixin(ClinicsMixin):
+    def has_idempotency_key(self, clinic: str, key: str) -> bool:
+        with self.session() as s:
+            return (
+                s.scalar(
+                    select(Study.id).where(Study.clinic_id == clinic, Study.idempotency_key == key)
+                )
+                is not None
+            )
+
+    def find_existing(
+        self,
+        clinic: str,
+        sha256: str,
+        sop_uid: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[Study | None, str | None]:
+        """(existing study, conflict code). Same bytes -> that study; the same idempotency key
+        or SOP Instance UID with other bytes -> a conflict."""
+        with self.session() as s:
+            # a retry names the same key or the same instance; other bytes under it conflict
+            for column, value, conflict in (
+                (Study.idempotency_key, idempotency_key, "idempotency_key_reused"),
+                (Study.sop_instance_uid, sop_uid, "sop_instance_conflict"),
+            ):
+                if not value:
+                    continue
+                hit = s.scalar(select(Study).where(Study.clinic_id == clinic, column == value))
+                if hit is not None:
+                    return hit, (conflict if hit.content_sha256 != sha256 else None)
+            hit = s.scalar(
+                select(Study).where(Study.clinic_id == clinic, Study.content_sha256 == sha256)
+            )
+            return hit, None
+
+    def create_study(
+        self,
+        *,
+        clinic: str,
+        actor: str,
+        sha256: str,
+        size: int,
+        fmt: str,
+        filename: str,
+        sop_uid: str | None,
+        idempotency_key: str | None,
+        max_attempts: int,
+    ) -> tuple[Study, bool]:
+        """Insert study + queued job + audit in one transaction. (study, created). A race with an
+        identical upload resolves to the first study; a conflicting one raises `Conflict`."""
+        study_id = uuid.uuid4().hex
+        self.ensure_clinic(clinic)
+
+        def tx(s: Session) -> Study:
+            study = Study(
+                id=study_id,
+                clinic_id=clinic,
+                status="queued",
+                content_sha256=sha256,
+                size_bytes=size,
+                format=fmt,
+                original_filename=filename,
+                sop_instance_uid=sop_uid,
+                idempotency_key=idempotency_key,
+            )
+            s.add(study)
+            s.flush()
+            s.add(Job(study_id=study_id, status="queued", max_attempts=max_attempts))
+            self.audit(s, actor, "study.upload", "study", study_id, size=size, format=fmt)
+            self.audit(s, actor, "study.queued", "study", study_id)
+            return study
+
+        try:
+            return self.write(tx), True
+        except IntegrityError:
+            existing, conflict = self.find_existing(clinic, sha256, sop_uid, idempotency_key)
+            if conflict or existing is None:
+                raise Conflict(conflict or "duplicate_upload") from None
+            return existing, False
+
+    def get_study(self, study_id: str) -> Study | None:
+        with self.session() as s:
+            return s.get(Study, study_id)
+
+    def blob_in_use(self, sha256: str) -> bool:
+        with self.session() as s:
+            return (
+                s.scalar(select(Study.id).where(Study.content_sha256 == sha256).limit(1))
+                is not None
+            )
+
+    def study_view(self, study_id: str) -> StudyView | None:
+        """A study with its findings, each with its reviews (latest first) and current verdict."""
+        with self.session() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return None
+            job = s.scalar(select(Job).where(Job.study_id == study_id))
+            findings = list(
+                s.scalars(
+                    select(FindingRow)
+                    .where(FindingRow.study_id == study_id)
+                    .order_by(FindingRow.id)
+                )
+            )
+            reviews = list(
+                s.scalars(
+                    select(Review).where(Review.study_id == study_id).order_by(Review.id.desc())
+                )
+            )
+            # rows stored before operating points were: their site profile still explains them
+            legacy = {f.profile_id for f in findings if f.operating_point_source is None}
+            legacy.discard(None)
+            profiles: dict[int | None, SiteProfile] = {
+                row.id: row
+                for row in (
+                    s.scalars(select(SiteProfile).where(SiteProfile.id.in_(legacy)))
+                    if legacy
+                    else []
+                )
+            }
+        by_finding: dict[int | None, list[Review]] = {}
+        for r in reviews:
+            by_finding.setdefault(r.finding_id, []).append(r)
+        return {
+            **study_summary(study),
+            "attempts": job.attempts if job else 0,
+            "error_code": job.last_error_code if job else None,
+            "result": study.result,
+            "findings": [
+                {
+                    "id": f.id,
+                    "label": f.label,
+                    "probability": f.probability,
+                    "threshold": f.threshold,
+                    "positive": f.positive,
+                    "heatmap": f.heatmap,
+                    "model_sha256": f.model_sha256,
+                    "model_version": f.model_version,
+                    "preprocess_version": f.preprocess_version,
+                    "provider": f.provider,
+                    "site_profile": f.profile_id,
+                    "operating_point": operating_point(f, profiles.get(f.profile_id)),
+                    "review": review_dict(by_finding[f.id][0]) if f.id in by_finding else None,
+                    "review_history": [review_dict(r) for r in by_finding.get(f.id, [])],
+                }
+                for f in findings
+            ],
+            "unlisted": [review_dict(r) for r in by_finding.get(None, [])],
+        }
+
+    def list_studies(
+        self,
+        clinics: list[str] | None,
+        *,
+        status: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Study]:
+        q = select(Study).order_by(Study.created_at.desc()).limit(limit)
+        if clinics is not None:
+            q = q.where(Study.clinic_id.in_(clinics))
+        if status:
+            q = q.where(Study.status == status)
+        if since is not None:
+            q = q.where(Study.created_at >= since)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def status_counts(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Study.status, func.count()).group_by(Study.status)).all()
+        return {k: int(v) for k, v in rows}
+
+    def browse(
+        self,
+        clinics: list[str] | None,
+        *,
+        clinic: str | None = None,
+        status: str | None = None,
+        finding: str | None = None,
+        sort: str = "triage",
+        page: int = 1,
+        per_page: int = 20,
+    ) -> tuple[list[BrowseItem], int]:
+        """The review page's worklist: filtered, sorted ("triage" = AI-positive first, then by
+        probability, then oldest; "newest"; "oldest"), one page. Returns (items, total)."""
+        agg = (
+            select(
+                FindingRow.study_id.label("sid"),
+                func.max(cast(FindingRow.positive, Integer)).label("any_pos"),
+                func.max(FindingRow.probability).label("top"),
+            )
+            .group_by(FindingRow.study_id)
+            .subquery()
+        )
+        q = select(Study, agg.c.any_pos, agg.c.top).outerjoin(agg, agg.c.sid == Study.id)
+        if clinics is not None:
+            q = q.where(Study.clinic_id.in_(clinics))
+        if clinic:
+            q = q.where(Study.clinic_id == clinic)
+        if status:
+            q = q.where(Study.status == status)
+        if finding:
+            q = q.where(
+                Study.id.in_(
+                    select(FindingRow.study_id).where(
+                        FindingRow.label == finding, FindingRow.positive.is_(True)
+                    )
+                )
+            )
+        by_time: dict[str, list[Any]] = {
+            "newest": [Study.created_at.desc(), Study.id],
+            "oldest": [Study.created_at, Study.id],
+        }
+        order = by_time.get(
+            sort,
+            [
+                *triage_order(agg.c.any_pos, agg.c.top),
+                Study.created_at,
+                Study.id,  # a total order: pages never repeat or skip a study
+            ],
+        )
+        with self.session() as s:
+            total = int(s.scalar(select(func.count()).select_from(q.subquery())) or 0)
+            rows = s.execute(q.order_by(*order).offset((page - 1) * per_page).limit(per_page)).all()
+            ids = [st.id for st, _, _ in rows]
+            positives: dict[str, list[str]] = {}
+            # reviewed = every listed finding has a review
+            pending_ids = set(
+                s.scalars(
+                    select(FindingRow.study_id).where(
+                        FindingRow.study_id.in_(ids),
+                        FindingRow.id.not_in(
+                            select(Review.finding_id).where(Review.finding_id.is_not(None))
+                        ),
+                    )
+                )
+            )
+            scored = set(s.scalars(select(FindingRow.study_id).where(FindingRow.study_id.in_(ids))))
+            reviewed = scored - pending_ids
+            for sid, label in s.execute(
+                select(FindingRow.study_id, FindingRow.label).where(
+                    FindingRow.study_id.in_(ids), FindingRow.positive.is_(True)
+                )
+            ):
+                positives.setdefault(sid, []).append(label)
+        items: list[BrowseItem] = [
+            {
+                **study_summary(st),
+                "positives": sorted(positives.get(st.id, [])),
+                "top_probability": float(top) if top is not None else None,
+                "reviewed": st.id in reviewed,
+            }
+            for st, _, top in rows
+        ]
+        return items, total
