@@ -484,13 +484,11 @@ def test_many_form_fields_are_refused(service):
 
 
 def test_refused_uploads_are_audited_and_counted(service):
-    import httpx
-
     r = service.upload(b"", filename="x.dcm")
     assert r.status_code == 400
     refused = [a for a in service.store.audit_rows("empty_file") if a.action == "upload.refused"]
     assert refused
-    text = httpx.get(f"{service.url}/metrics").text
+    text = service.get("/metrics", service.admin).text
     assert 'diagnostics_upload_refusals_total{code="empty_file"}' in text
 
 
