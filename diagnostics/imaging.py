@@ -280,16 +280,17 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
         raise UnsupportedTransferSyntaxError("The transfer syntax in the file meta is not a UID.")
     with _quiet_pydicom():
         _check_decoder(tsyntax)
-    if not isinstance(ds.PixelData, bytes | bytearray):
+    pixel_data = ds.PixelData
+    if not isinstance(pixel_data, bytes | bytearray):
         raise CorruptImageError("The pixel data element is not binary data.")
-    if not tsyntax.is_encapsulated:
+    if not getattr(tsyntax, "is_encapsulated", False):  # a pydicom UID here
         expected = rows * cols * allocated // 8
-        if len(ds.PixelData) < expected:
+        if len(pixel_data) < expected:
             raise TruncatedFileError(
-                f"The pixel data is cut short: {len(ds.PixelData)} of {expected} bytes."
+                f"The pixel data is cut short: {len(pixel_data)} of {expected} bytes."
             )
     else:
-        _check_codestream_size(ds.PixelData, rows, cols)
+        _check_codestream_size(bytes(pixel_data), rows, cols)
     return ds
 
 

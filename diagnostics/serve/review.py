@@ -44,7 +44,8 @@ def review_labels(listed: list[str]) -> list[str]:
 
 def record_reviews(store: Store, study: Any, actor: str, items: list[ReviewItem]) -> list[int]:
     """Validate and append reviews of a scored study; returns the new review IDs."""
-    listed = [f["label"] for f in (store.study_view(study.id) or {}).get("findings", [])]
+    view = store.study_view(study.id)
+    listed = [f["label"] for f in view["findings"]] if view is not None else []
     allowed_labels = review_labels(listed)
     if study.status != "scored":
         raise ReviewError(409, "not_scored", f"The study is {study.status}; nothing to review.")

@@ -438,7 +438,8 @@ class Scorer:
             chunk = ready[start : start + self.batch_size]
             t0 = time.perf_counter()
             try:
-                pred = self.model.predict(np.stack([pendings[i].x for i in chunk]), cam=True)
+                batch = np.stack([x for i in chunk if (x := pendings[i].x) is not None])
+                pred = self.model.predict(batch, cam=True)
             except Exception as exc:  # ORT errors: the job fails with a code, no score
                 for i in chunk:
                     r = pendings[i].result
@@ -494,7 +495,12 @@ class Scorer:
             # flagged (outside the population): no call, whatever the operating point
             positive = None if flagged else is_positive(prob, point.threshold)
             heatmap = None
-            if positive and pred.cam is not None and self.heatmap_dir is not None:
+            if (
+                positive
+                and pred.cam is not None
+                and self.heatmap_dir is not None
+                and p.pixels is not None
+            ):
                 heatmap = f"{name}_{label}.png"
                 write_overlay(p.pixels, pred.cam[k, i], self.heatmap_dir / heatmap)
             res.findings.append(
