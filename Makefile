@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# A clinic install, made as a clinic makes it: non-editable, [clinic] only (no torch, mlflow or
+# scikit-learn). tests/test_clinic_install.py checks it, scores and serves with it.
+CLINIC       := .venv-clinic
+CLINIC_STAMP := $(CLINIC)/.installed
+PACKAGE_FILES = $(shell find diagnostics -type f -not -path '*/__pycache__/*' -not -name '*.pyc')
 
-.PHONY: demo test test-all lint format venv clean chromium
+.PHONY: demo test test-all lint format venv clinic-venv clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +18,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Reinstalled (pip always rebuilds a local folder) when the package changes, so the test never
+# checks a stale copy.
+$(CLINIC_STAMP): pyproject.toml $(PACKAGE_FILES)
+	test -x $(CLINIC)/bin/python || $(PYTHON) -m venv $(CLINIC)
+	$(CLINIC)/bin/python -m pip install --quiet --upgrade pip
+	$(CLINIC)/bin/python -m pip install --quiet '.[clinic]'
+	touch $(CLINIC_STAMP)
+
+clinic-venv: $(CLINIC_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/diagnostics demo
@@ -26,7 +41,7 @@ chromium:
 	  echo "note: chromium could not be installed; browser tests will skip"
 
 # Default run: everything except `gpu` tests (see pytest addopts in pyproject.toml).
-test: $(STAMP) chromium
+test: $(STAMP) $(CLINIC_STAMP) chromium
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -38,4 +53,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix diagnostics tests benchmarks
 
 clean:
-	rm -rf $(VENV) .diagnostics .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(CLINIC) .diagnostics .pytest_cache .ruff_cache build *.egg-info

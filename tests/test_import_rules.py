@@ -15,6 +15,7 @@ SERVE_MODULES = (
     "config",
     "logs",
     "score_file",
+    "registry_client",
 )
 
 
@@ -62,3 +63,39 @@ def test_torch_free_modules_stay_torch_free():
 def test_cli_import_is_light():
     # Commands import heavy modules inside themselves; `diagnostics --help` must stay fast.
     assert _loaded_after("import diagnostics.cli") == set()
+
+
+def test_ruff_bans_training_imports_in_serve():
+    """`make lint` (ruff TID251) refuses training imports in diagnostics/serve, lazy ones too."""
+    from pathlib import Path
+
+    import pytest
+
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.is_file():
+        pytest.skip("ruff is not installed in this venv")
+    repo = Path(__file__).resolve().parents[1]
+    probe = (
+        "import torch.nn\nfrom mlflow import MlflowClient\nimport diagnostics.train.evaluate\n\n\n"
+        "def f():\n    from sklearn.linear_model import LogisticRegression\n\n"
+        "    return torch, MlflowClient, diagnostics, LogisticRegression\n"
+    )
+    for where, banned in (("serve", 4), ("train", 0)):
+        out = subprocess.run(
+            [
+                str(ruff),
+                "check",
+                "--select",
+                "TID251",
+                "--output-format",
+                "concise",
+                "--stdin-filename",
+                f"diagnostics/{where}/probe.py",
+                "-",
+            ],
+            input=probe,
+            capture_output=True,
+            text=True,
+            cwd=repo,
+        )
+        assert out.stdout.count("TID251") == banned, (where, out.stdout, out.stderr)

@@ -279,7 +279,6 @@ def store(request, tmp_path):
 
 
 def _alembic(store, action: str, revision: str) -> None:
-    from pathlib import Path
 
     from alembic import command
     from alembic.config import Config

@@ -15,7 +15,8 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    # A path to an exported .onnx file, or models:/NAME@ALIAS (resolved by the CLI with MLflow).
+    # A path to an exported .onnx file, or models:/NAME@ALIAS: resolved by the CLI over the
+    # tracking server's REST API (serve/registry_client.py), or with mlflow for a local store.
     path: str = "models:/cxr-demo/latest"
     sha256: str | None = Field(None, description="refuse to start unless the file has this hash")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -481,8 +481,3 @@ class RegistryClient:
             return found.path, found.version
 
         return source
-
-
-def is_remote(tracking_uri: str) -> bool:
-    """True for a tracking server this client reads (http/https)."""
-    return tracking_uri.startswith(("http://", "https://"))
