@@ -47,6 +47,7 @@ test: $(STAMP) $(CLINIC_STAMP) chromium
 lint: $(STAMP)
 	$(BIN)/ruff check diagnostics tests benchmarks
 	$(BIN)/ruff format --check diagnostics tests benchmarks
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format diagnostics tests benchmarks

@@ -36,7 +36,7 @@ class _HeaderTimedH11(H11Protocol):
 
     headers_s = 10.0  # set per server by `protocol_class`
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self._header_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._arm()
