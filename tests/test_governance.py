@@ -223,9 +223,12 @@ def test_service_follows_the_champion_without_dropping_a_request(registry, tmp_p
     with running_service(cfg, _model_source(cfg)) as svc:
         assert svc.app.state.holder.model.version == "1"
         results, lock = [], threading.Lock()
+        switched = threading.Event()
 
         def client_thread(chunk: list[bytes]) -> None:
-            for data in chunk:
+            for j, data in enumerate(chunk):
+                if j == len(chunk) // 2:  # half sent before the switch, half after (whatever
+                    switched.wait(30)  # the machine's load), while the first half is queued
                 r = svc.upload(data)
                 with lock:
                     results.append(r)
@@ -234,8 +237,14 @@ def test_service_follows_the_champion_without_dropping_a_request(registry, tmp_p
         threads = [threading.Thread(target=client_thread, args=(payloads[i::4],)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while len(results) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.wait(results[0].json()["id"])["findings"][0]["model_version"] == "1"
         client.set_registered_model_alias("cxr-gov", "champion", "2")  # the alias moves
+        while svc.app.state.holder.model.version != "2" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        switched.set()
         for t in threads:
             t.join()
         assert [r.status_code for r in results] == [202] * 40
