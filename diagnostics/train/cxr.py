@@ -2,7 +2,9 @@
 
 The steps, each in its own module: data (`data.cxr`, `data.cache`, `data.augment`), network
 (`models`), metrics and calibration (`train.metrics`, `train.calibrate`), export (`train.export`)
-and MLflow (`train.tracking`). This file is the loop that ties them together.
+and MLflow (`train.tracking`). This file is the loop that ties them together: `train_cxr` is
+a list of steps (load data, build the network, cache images, fit, calibrate, QC references,
+export, int8, reports, log), each a function below that returns a small dataclass.
 """
 
 from __future__ import annotations
@@ -297,6 +299,102 @@ def _splits(table: CXRTable) -> dict[str, np.ndarray]:
     return out
 
 
+# --------------------------------------------------------------------------- steps
+#
+# `train_cxr` is the list of steps below, in order. Each takes what it needs and returns a small
+# dataclass. The tracker is MLflow, or does nothing when tracking is off (`tracking.make_tracker`).
+
+
+@dataclass
+class Runtime:
+    """Where and how the arithmetic runs."""
+
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype; None = fp32
+    precision: str  # "fp32", "fp16-amp" or "bf16-autocast"
+    channels_last: bool
+    np_rng: np.random.Generator  # the epochs' shuffles
+
+
+@dataclass
+class CXRData:
+    """The labelled dataset, its splits, and the outside images of a population check."""
+
+    table: CXRTable
+    findings: list[str]
+    idx: dict[str, np.ndarray]  # split name -> row indices
+    labels: np.ndarray  # (N, F) float32, NaN = unknown
+    outside: OutsideImages | None
+
+
+@dataclass
+class Images:
+    """The preprocessed image cache, pooled with any outside images (which come after)."""
+
+    cache: np.ndarray | ImagePool
+    labels: np.ndarray  # (N + outside, F) float32: outside images have no finding labels (NaN)
+    inside: np.ndarray  # (N + outside,) population target: 1 inside, 0 outside
+    train_idx: np.ndarray  # what an epoch draws from: train rows and the outside `fit` images
+
+
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    pos_weight: torch.Tensor | None  # (F,) or None
+    augment: CXRAugment | None
+    ema: Any  # torch.optim.swa_utils.AveragedModel, or None
+    steps: int  # optimiser steps per epoch
+
+
+@dataclass
+class LoopState:
+    """Where training stands: at the start, or as a resume point (checkpoints/last.pt) left it."""
+
+    start_epoch: int = 0
+    best: float = -np.inf  # the best merit so far (higher is better)
+    bad: int = 0  # epochs since the best
+    run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # early-stopped: only the steps after the loop remain
+
+
+@dataclass
+class Fitted:
+    epochs_run: int
+    history: list[dict[str, float]]
+
+
+@dataclass
+class Calibration:
+    temperatures: list[float]  # one per finding
+    thresholds: dict[str, Threshold]
+    val: dict[str, dict[str, float]]  # finding -> report
+    test: dict[str, dict[str, float]] | None
+    mean_val_auroc: float
+    flat: dict[str, float]  # finite val metrics, "val.<finding>.<name>" and "val.mean_auroc"
+    plots_dir: Path
+
+
+@dataclass
+class QCReferences:
+    """What the clinic's input QC checks against: the OOD reference and the population."""
+
+    ood: OODReference
+    population: Population | None
+    population_report: dict[str, Any] | None
+
+
+@dataclass
+class Exported:
+    metadata: ModelMetadata
+    onnx_path: Path
+    sha256: str
+    parity: float  # max |torch - ONNX Runtime| on the parity images
+    inputs: np.ndarray  # (n, C, S, S) parity images, preprocessed as the clinic does
+
+
 def train_cxr(
     cfg: CXRTrainConfig,
     *,
@@ -307,17 +405,74 @@ def train_cxr(
     """Train, calibrate, evaluate, export and (optionally) track. Returns what it measured."""
     t_start = time.perf_counter()
     clock = PhaseClock()
-    settings = get_settings()
+    run_dir = start_run_dir(cfg, resume)
+    runtime = make_runtime(cfg.train)  # seeds first: the network's initial weights use them
+    with clock("data"):
+        data = load_data(cfg)
+    model = build_model(cfg, data, runtime)  # before the cache: a bad name fails before hours
+    images = cache_images(cfg, data, clock, progress)
+    opt = make_optimisation(cfg, model, images, runtime)
+    state = resume_state(run_dir, resume, model, opt, runtime)
+    digest = tracking.dataset_digest(data.table.frame, data.findings)
+    tracker = tracking.make_tracker(log_to_mlflow, cfg.tracking.experiment)
+    with tracker.run(run_dir.name, state.run_id) as run_id:  # ends FAILED if anything raises
+        if state.run_id is None:  # a fresh run; a resumed one logged these when it began
+            log_setup(tracker, cfg, data, runtime, digest)
+        state.run_id = run_id  # kept in the resume point: a resume continues this run
+        fitted = fit(
+            cfg, model, opt, data, images, runtime, state, run_dir, tracker, clock, progress
+        )
+        load_best(model, run_dir, runtime.device)
+        clock.lap(None)
+        model = as_exported(model, runtime.device)
+        cal = calibrate(cfg, model, data, images, runtime.device, run_dir)
+        clock.lap("calibrate")
+        qc = qc_references(cfg, model, data, images)
+        clock.lap("qc_references")  # the OOD reference and the population check
+        metadata = model_metadata(cfg, data, cal, qc, run_id, digest)
+        exported = export_model(cfg, model, metadata, data, run_dir)
+        clock.lap("export")
+        int8 = int8_variant(cfg, exported, data, images) if cfg.eval.int8 else None
+        clock.lap("int8")
+        write_reports(run_dir, data, cal, qc, exported, int8, clock, fitted.history)
+        version = log_results(tracker, cfg, run_dir, cal, qc, exported, int8, clock)
+        mark_finished(run_dir)  # a resume of this run would register the model twice
+    return TrainResult(
+        timing=clock.seconds,
+        int8=int8,
+        run_dir=run_dir,
+        run_id=run_id,
+        onnx_path=exported.onnx_path,
+        sha256=exported.sha256,
+        model_version=version,
+        findings=data.findings,
+        val=cal.val,
+        test=cal.test,
+        mean_val_auroc=cal.mean_val_auroc,
+        parity=exported.parity,
+        seconds=time.perf_counter() - t_start,
+        epochs_run=fitted.epochs_run,
+        device=runtime.device.type,
+        precision=runtime.precision,
+        metadata=metadata,
+        history=fitted.history,
+    )
+
+
+def start_run_dir(cfg: CXRTrainConfig, resume: str | Path | None) -> Path:
+    """The run's folder: new, with its config.yaml, or the one to resume (same config)."""
     run_dir = _run_dir(cfg, resume)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resume in (None, ""):
         config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         (run_dir / "config.yaml").write_text(config_text)
     else:
         _check_resumable(run_dir, cfg)
+    return run_dir
 
-    loop = cfg.train
+
+def make_runtime(loop: LoopConfig) -> Runtime:
+    """Seed torch and numpy, set the threads, choose the device and precision."""
     torch.manual_seed(loop.seed)
     np_rng = np.random.default_rng(loop.seed)
     if loop.threads:
@@ -325,59 +480,82 @@ def train_cxr(
     device = select_device(loop.device)
     amp = autocast_dtype(device, loop.mixed_precision)
     precision = {None: "fp32", torch.float16: "fp16-amp", torch.bfloat16: "bf16-autocast"}[amp]
-    channels_last = loop.channels_last
+    return Runtime(device, amp, precision, loop.channels_last, np_rng)
 
-    with clock("data"):
-        table = load_dataset(cfg.data)
-        check_cfg = cfg.population.check if cfg.population is not None else None
-        outside = load_outside(check_cfg) if check_cfg is not None else None
-    findings = list(table.findings)
-    idx = _splits(table)
+
+def load_data(cfg: CXRTrainConfig) -> CXRData:
+    """The dataset table with its splits and labels, and a population check's outside images."""
+    table = load_dataset(cfg.data)
+    check_cfg = cfg.population.check if cfg.population is not None else None
+    outside = load_outside(check_cfg) if check_cfg is not None else None
     labels = table.labels().astype(np.float32)  # (N, F), NaN = unknown
-    spec = cfg.preprocess
-    model = create_model(  # before the cache: a bad model name fails before hours of decoding
+    return CXRData(table, list(table.findings), _splits(table), labels, outside)
+
+
+def build_model(cfg: CXRTrainConfig, data: CXRData, runtime: Runtime) -> torch.nn.Module:
+    """The network from the registry, with a population head when there are outside images."""
+    model = create_model(
         cfg.model.name,
-        in_channels=spec.channels,
-        num_classes=len(findings),
+        in_channels=cfg.preprocess.channels,
+        num_classes=len(data.findings),
         pretrained=cfg.model.pretrained,
         weights_path=cfg.model.weights_path,
         dropout=cfg.model.dropout,
         **cfg.model.options,
     )
-    if outside is not None:
+    if data.outside is not None:
         model.add_population_head()
-    model = model.to(device)
-    if channels_last:
+    model = model.to(runtime.device)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def cache_images(cfg: CXRTrainConfig, data: CXRData, clock: PhaseClock, progress: bool) -> Images:
+    """Decode and preprocess every image once (cached on disk), outside images after the rest."""
+    settings = get_settings()
+    spec = cfg.preprocess
     with clock("cache"):
         cache: np.ndarray | ImagePool = build_cache(
-            table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress
+            data.table.frame["path"].tolist(), spec, settings.cache_dir, progress=progress
         )
     n_inside = len(cache)
+    labels, outside = data.labels, data.outside
     # Population target per pooled image: 1 for the dataset's (inside), 0 for outside images.
     inside = np.ones(n_inside, dtype=np.float32)
-    train_idx = idx["train"]
+    train_idx = data.idx["train"]
     if outside is not None:
         with clock("cache"):
             outside_cache = build_cache(outside.paths, spec, settings.cache_dir, progress=progress)
         cache = ImagePool(cache, outside_cache)
-        labels = np.vstack([labels, np.full((len(outside.paths), len(findings)), np.nan, "f4")])
-        inside = np.r_[inside, np.zeros(len(outside.paths), dtype=np.float32)]
+        n_out, n_findings = len(outside.paths), len(data.findings)
+        labels = np.vstack([labels, np.full((n_out, n_findings), np.nan, "f4")])
+        inside = np.r_[inside, np.zeros(n_out, dtype=np.float32)]
         train_idx = np.r_[train_idx, n_inside + np.flatnonzero(outside.fit)]
-    steps = math.ceil(len(train_idx) / loop.batch_size)
+    return Images(cache, labels, inside, train_idx)
+
+
+def make_optimisation(
+    cfg: CXRTrainConfig, model: torch.nn.Module, images: Images, runtime: Runtime
+) -> Optimisation:
+    """AdamW with warmup then cosine decay, the AMP scaler, class weights, augmentation, EMA."""
+    loop = cfg.train
+    steps = math.ceil(len(images.train_idx) / loop.batch_size)
     if loop.max_steps_per_epoch:
         steps = min(steps, loop.max_steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(loop.epochs * steps, int(loop.warmup_epochs * steps))
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp == torch.float16)
     pos_weight = None
     if loop.pos_weight == "balanced":
-        y = labels[train_idx]
+        y = images.labels[images.train_idx]
         pos = np.nansum(y, axis=0)
         neg = np.sum(~np.isnan(y), axis=0) - pos
-        pos_weight = torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), device=device)
+        pos_weight = torch.tensor(
+            np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), device=runtime.device
+        )
     augment = (
         CXRAugment(**cfg.augment.model_dump(exclude={"enabled"})) if cfg.augment.enabled else None
     )
@@ -388,226 +566,267 @@ def train_cxr(
         ema = AveragedModel(
             model, multi_avg_fn=get_ema_multi_avg_fn(loop.ema_decay), use_buffers=True
         )
-    judged = ema.module if ema is not None else model  # what is validated, kept and exported
-
-    start_epoch, best, bad, run_id, history, stopped = 0, -np.inf, 0, None, [], False
-    last = ckpt_dir / "last.pt"
-    if resume not in (None, "") and last.is_file():
-        # Load on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        if state.get("finished"):
-            raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the run began without fp16 AMP
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        np_rng.bit_generator.state = state["numpy_rng"]
-        start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
-        run_id, history = state.get("run_id"), state.get("history", [])
-        stopped = bool(state.get("stopped"))  # early-stopped: only the final steps remain
-        log.info("resuming %s after epoch %d", run_dir.name, start_epoch)
-
-    digest = tracking.dataset_digest(table.frame, findings)
-    mlflow = None
-    if log_to_mlflow:
-        import mlflow
-
-        exp_id = tracking.setup(
-            settings.mlflow_uri(), cfg.tracking.experiment, settings.artifact_root
-        )
-        fresh = run_id is None
-        mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_dir.name)
-        run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-        if fresh:
-            mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
-            mlflow.log_params(
-                {"device": device.type, "precision": precision, "findings": ",".join(findings)}
-            )
-            mlflow.set_tags(tracking.standard_tags(f"{device.type}:{precision}"))
-            tracking.log_dataset(table.frame, findings, f"{cfg.name}:{cfg.data.source}", digest)
-
-    epochs_run = start_epoch
-    status = "FAILED"
-    try:
-        for epoch in range(start_epoch, start_epoch if stopped else loop.epochs):
-            epochs_run = epoch + 1
-            model.train()
-            order = np_rng.permutation(train_idx)
-            losses, seen, t0 = [], 0, time.perf_counter()
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(
-                    total=steps * loop.batch_size,
-                    desc=f"epoch {epoch + 1}/{loop.epochs}",
-                    unit="img",
-                    leave=False,
-                    disable=None,
-                )
-            for step in range(steps):
-                batch_idx = order[step * loop.batch_size : (step + 1) * loop.batch_size]
-                if len(batch_idx) == 0:
-                    break
-                x = _batch(cache, batch_idx, spec, augment).to(device)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = torch.from_numpy(labels[batch_idx]).to(device)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits, population = model.forward_train(x)
-                loss = masked_bce(logits.float(), y, pos_weight, loop.label_smoothing)
-                if population is not None:  # inside (1) or outside (0) the population
-                    target = torch.from_numpy(inside[batch_idx]).to(device)
-                    loss = loss + check_cfg.weight * (  # type: ignore[union-attr]
-                        torch.nn.functional.binary_cross_entropy_with_logits(
-                            population.float(), target
-                        )
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if loop.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                losses.append(loss.item())
-                seen += len(batch_idx)
-                if bar is not None:
-                    bar.update(len(batch_idx))
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if bar is not None:
-                bar.close()
-            speed = seen / max(time.perf_counter() - t0, 1e-9)
-            clock.seconds["train"] = clock.seconds.get("train", 0.0) + time.perf_counter() - t0
-            with clock("validate"):
-                val_logits = predict_logits(
-                    judged, cache, idx["val"], spec, device, loop.batch_size * 2, amp, channels_last
-                )
-            val_auc = mean_auroc(labels[idx["val"]], sigmoid(val_logits))
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean(losses)),
-                "val_mean_auroc": val_auc,
-                "val_loss": val_log_loss(labels[idx["val"]], val_logits),
-                "images_per_s": speed,
-                "lr": scheduler.get_last_lr()[0],
-            }
-            for i, f in enumerate(findings):
-                row[f"val_auroc_{f}"] = auroc(labels[idx["val"], i], val_logits[:, i])
-            history.append(row)
-            log.info(
-                "epoch %d: loss %.4f, val mean AUROC %.4f, %.1f img/s",
-                epoch + 1,
-                row["train_loss"],
-                val_auc,
-                speed,
-            )
-            if mlflow is not None:
-                mlflow.log_metrics(
-                    {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)},
-                    step=epoch + 1,
-                )
-            # higher is better: AUROC, minus the loss, or the epoch itself ("last")
-            merit = {"val_auroc": val_auc, "val_loss": -row["val_loss"], "last": epoch}[loop.select]
-            if (np.isfinite(merit) and merit > best) or not np.isfinite(best):
-                best, bad = (merit if np.isfinite(merit) else best), 0
-                _save(judged.state_dict(), ckpt_dir / "best.pt")
-            else:
-                bad += 1
-            stopped = bad >= loop.patience
-            _save(
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np_rng.bit_generator.state,
-                    "epoch": epoch,
-                    "best": best,
-                    "bad": bad,
-                    "run_id": run_id,
-                    "history": history,
-                    "stopped": stopped,
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                },
-                last,
-            )
-            if stopped:
-                log.info("early stop: no better %s for %d epochs", loop.select, bad)
-                break
-
-        model.load_state_dict(
-            torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=True)
-        )
-        result = _finish(
-            cfg,
-            model,
-            table,
-            findings,
-            idx,
-            labels,
-            cache,
-            device,
-            run_dir,
-            digest,
-            run_id,
-            mlflow,
-            history,
-            outside,
-            clock,
-        )
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        state["finished"] = True  # a resume of this run would register the model twice
-        _save(state, last)
-        status = "FINISHED"
-    finally:
-        if mlflow is not None:
-            mlflow.end_run(status=status)
-    result.seconds = time.perf_counter() - t_start
-    result.epochs_run = epochs_run
-    result.device, result.precision = device.type, precision
-    return result
+    return Optimisation(optimizer, scheduler, scaler, pos_weight, augment, ema, steps)
 
 
-def _finish(
-    cfg: CXRTrainConfig,
-    model: Any,
-    table: CXRTable,
-    findings: list[str],
-    idx: dict[str, np.ndarray],
-    labels: np.ndarray,
-    cache: np.ndarray,
-    device: torch.device,
+def resume_state(
     run_dir: Path,
-    digest: str,
-    run_id: str | None,
-    mlflow: Any,
-    history: list[dict[str, float]],
-    outside: OutsideImages | None = None,
-    clock: PhaseClock | None = None,
-) -> TrainResult:
-    """Calibrate and choose thresholds on val, report val/test, export, check parity, log."""
-    spec, ev = cfg.preprocess, cfg.eval
-    clock = clock or PhaseClock()
-    clock.lap(None)
+    resume: str | Path | None,
+    model: torch.nn.Module,
+    opt: Optimisation,
+    runtime: Runtime,
+) -> LoopState:
+    """A fresh start, or the resume point loaded into the model, optimiser and RNGs."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume in (None, "") or not last.is_file():
+        return LoopState()
+    # Load on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    if state.get("finished"):
+        raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
+    model.load_state_dict(state["model"])
+    if opt.ema is not None and state.get("ema") is not None:
+        opt.ema.load_state_dict(state["ema"])
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when the run began without fp16 AMP
+        opt.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    runtime.np_rng.bit_generator.state = state["numpy_rng"]
+    log.info("resuming %s after epoch %d", run_dir.name, state["epoch"] + 1)
+    return LoopState(
+        start_epoch=state["epoch"] + 1,
+        best=state["best"],
+        bad=state["bad"],
+        run_id=state.get("run_id"),
+        history=state.get("history", []),
+        stopped=bool(state.get("stopped")),
+    )
+
+
+def log_setup(
+    tracker: tracking.Tracker, cfg: CXRTrainConfig, data: CXRData, runtime: Runtime, digest: str
+) -> None:
+    """A new run's config, device and precision, standard tags and dataset input."""
+    tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+    tracker.log_params(
+        {
+            "device": runtime.device.type,
+            "precision": runtime.precision,
+            "findings": ",".join(data.findings),
+        }
+    )
+    tracker.set_tags(tracking.standard_tags(f"{runtime.device.type}:{runtime.precision}"))
+    frame = tracking.label_frame(data.table.frame, data.findings)
+    tracker.log_dataset(frame, f"{cfg.name}:{cfg.data.source}", digest)
+
+
+def fit(
+    cfg: CXRTrainConfig,
+    model: torch.nn.Module,
+    opt: Optimisation,
+    data: CXRData,
+    images: Images,
+    runtime: Runtime,
+    state: LoopState,
+    run_dir: Path,
+    tracker: tracking.Tracker,
+    clock: PhaseClock,
+    progress: bool,
+) -> Fitted:
+    """The epoch loop: train, validate, log; keep the best weights (checkpoints/best.pt) and a
+    resume point (checkpoints/last.pt) every epoch; stop early after `patience` epochs."""
+    loop, ckpt_dir = cfg.train, run_dir / "checkpoints"
+    judged = opt.ema.module if opt.ema is not None else model  # validated, kept and exported
+    val = data.idx["val"]
+    epochs_run = state.start_epoch
+    for epoch in range(state.start_epoch, state.start_epoch if state.stopped else loop.epochs):
+        epochs_run = epoch + 1
+        t0 = time.perf_counter()
+        losses, seen = train_epoch(cfg, model, opt, images, runtime, epoch, progress)
+        speed = seen / max(time.perf_counter() - t0, 1e-9)
+        clock.seconds["train"] = clock.seconds.get("train", 0.0) + time.perf_counter() - t0
+        with clock("validate"):
+            val_logits = predict_logits(
+                judged,
+                images.cache,
+                val,
+                cfg.preprocess,
+                runtime.device,
+                loop.batch_size * 2,
+                runtime.amp,
+                runtime.channels_last,
+            )
+        y_val = images.labels[val]
+        val_auc = mean_auroc(y_val, sigmoid(val_logits))
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "val_mean_auroc": val_auc,
+            "val_loss": val_log_loss(y_val, val_logits),
+            "images_per_s": speed,
+            "lr": opt.scheduler.get_last_lr()[0],
+        }
+        for i, f in enumerate(data.findings):
+            row[f"val_auroc_{f}"] = auroc(y_val[:, i], val_logits[:, i])
+        state.history.append(row)
+        log.info(
+            "epoch %d: loss %.4f, val mean AUROC %.4f, %.1f img/s",
+            epoch + 1,
+            row["train_loss"],
+            val_auc,
+            speed,
+        )
+        tracker.log_metrics(
+            {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch + 1
+        )
+        # higher is better: AUROC, minus the loss, or the epoch itself ("last")
+        merit = {"val_auroc": val_auc, "val_loss": -row["val_loss"], "last": epoch}[loop.select]
+        if (np.isfinite(merit) and merit > state.best) or not np.isfinite(state.best):
+            state.best, state.bad = (merit if np.isfinite(merit) else state.best), 0
+            _save(judged.state_dict(), ckpt_dir / "best.pt")
+        else:
+            state.bad += 1
+        state.stopped = state.bad >= loop.patience
+        save_resume_point(ckpt_dir / "last.pt", model, opt, runtime, state, epoch)
+        if state.stopped:
+            log.info("early stop: no better %s for %d epochs", loop.select, state.bad)
+            break
+    return Fitted(epochs_run, state.history)
+
+
+def train_epoch(
+    cfg: CXRTrainConfig,
+    model: torch.nn.Module,
+    opt: Optimisation,
+    images: Images,
+    runtime: Runtime,
+    epoch: int,
+    progress: bool,
+) -> tuple[list[float], int]:
+    """One pass over a shuffle of the training images: the batch losses and images seen."""
+    loop, spec, device, amp = cfg.train, cfg.preprocess, runtime.device, runtime.amp
+    check_cfg = cfg.population.check if cfg.population is not None else None
+    model.train()
+    order = runtime.np_rng.permutation(images.train_idx)
+    losses: list[float] = []
+    seen = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=opt.steps * loop.batch_size,
+            desc=f"epoch {epoch + 1}/{loop.epochs}",
+            unit="img",
+            leave=False,
+            disable=None,
+        )
+    for step in range(opt.steps):
+        batch_idx = order[step * loop.batch_size : (step + 1) * loop.batch_size]
+        if len(batch_idx) == 0:
+            break
+        x = _batch(images.cache, batch_idx, spec, opt.augment).to(device)
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.from_numpy(images.labels[batch_idx]).to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits, population = model.forward_train(x)
+        loss = masked_bce(logits.float(), y, opt.pos_weight, loop.label_smoothing)
+        if population is not None:  # inside (1) or outside (0) the population
+            target = torch.from_numpy(images.inside[batch_idx]).to(device)
+            loss = loss + check_cfg.weight * (  # type: ignore[union-attr]
+                torch.nn.functional.binary_cross_entropy_with_logits(population.float(), target)
+            )
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        if loop.grad_clip:
+            opt.scaler.unscale_(opt.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.scheduler.step()
+        if opt.ema is not None:
+            opt.ema.update_parameters(model)
+        losses.append(loss.item())
+        seen += len(batch_idx)
+        if bar is not None:
+            bar.update(len(batch_idx))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    if bar is not None:
+        bar.close()
+    return losses, seen
+
+
+def save_resume_point(
+    path: Path,
+    model: torch.nn.Module,
+    opt: Optimisation,
+    runtime: Runtime,
+    state: LoopState,
+    epoch: int,
+) -> None:
+    """Everything a resume needs to continue after `epoch` as if never stopped."""
+    _save(
+        {
+            "model": model.state_dict(),
+            "ema": opt.ema.state_dict() if opt.ema is not None else None,
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": runtime.np_rng.bit_generator.state,
+            "epoch": epoch,
+            "best": state.best,
+            "bad": state.bad,
+            "run_id": state.run_id,
+            "history": state.history,
+            "stopped": state.stopped,
+            "cuda_rng": (torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else None),
+        },
+        path,
+    )
+
+
+def load_best(model: torch.nn.Module, run_dir: Path, device: torch.device) -> None:
+    """The best epoch's weights (of the averaged model, with EMA) into `model`."""
+    best = torch.load(run_dir / "checkpoints" / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best)
+
+
+def mark_finished(run_dir: Path) -> None:
+    """Mark the resume point finished: resuming a finished run is refused."""
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["finished"] = True
+    _save(state, last)
+
+
+def as_exported(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """fp32, contiguous, and on CUDA without TF32: the arithmetic ONNX Runtime will do."""
     model = model.float().to(memory_format=torch.contiguous_format)
-    if device.type == "cuda":  # true fp32, as ONNX Runtime computes: no TF32
+    if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    return model
+
+
+def calibrate(
+    cfg: CXRTrainConfig,
+    model: torch.nn.Module,
+    data: CXRData,
+    images: Images,
+    device: torch.device,
+    run_dir: Path,
+) -> Calibration:
+    """A temperature and an operating threshold per finding, chosen on val; val and test
+    reports (calibrated probabilities), and their plots under run_dir/plots."""
+    spec, ev, findings, idx = cfg.preprocess, cfg.eval, data.findings, data.idx
     bs = cfg.train.batch_size * 2
-    val_logits = predict_logits(model, cache, idx["val"], spec, device, bs)  # fp32, as exported
-    y_val = labels[idx["val"]]
+    val_logits = predict_logits(model, images.cache, idx["val"], spec, device, bs)  # fp32
+    y_val = images.labels[idx["val"]]
     temps = [
         fit_temperature(val_logits[:, i], y_val[:, i]) if ev.calibrate else 1.0
         for i in range(len(findings))
@@ -633,9 +852,9 @@ def _finish(
         save_plots(y_val[:, i], p_val[:, i], f"val_{f}", plots_dir, ev.ece_bins)
     if "test" in idx and len(idx["test"]):
         p_test = calibrated_probability(
-            predict_logits(model, cache, idx["test"], spec, device, bs), temps
+            predict_logits(model, images.cache, idx["test"], spec, device, bs), temps
         )
-        y_test = labels[idx["test"]]
+        y_test = images.labels[idx["test"]]
         test_report = {
             f: finding_report(
                 y_test[:, i],
@@ -651,120 +870,152 @@ def _finish(
 
     finite = [r["auroc"] for r in val_report.values() if np.isfinite(r["auroc"])]
     mean_val = float(np.mean(finite)) if finite else float("nan")
-    flat = {
-        f"val.{f}.{k}": float(v)
-        for f, r in val_report.items()
-        for k, v in r.items()
-        if np.isfinite(v)
-    }
+    flat = _flat("val", val_report)
     if np.isfinite(mean_val):  # metadata holds finite numbers only
         flat["val.mean_auroc"] = mean_val
-    clock.lap("calibrate")
-    ood = _ood_reference(cfg, model, cache, idx, bs)
-    population, population_report = _population(cfg, model, cache, idx, bs, outside, ood)
-    clock.lap("qc_references")  # the OOD reference and the population check
-    metadata = ModelMetadata(
+    return Calibration(temps, thresholds, val_report, test_report, mean_val, flat, plots_dir)
+
+
+def qc_references(
+    cfg: CXRTrainConfig, model: torch.nn.Module, data: CXRData, images: Images
+) -> QCReferences:
+    """The OOD reference, and the intended population with its check (if configured)."""
+    bs = cfg.train.batch_size * 2
+    ood = _ood_reference(cfg, model, images.cache, data.idx, bs)
+    population, report = _population(cfg, model, images.cache, data.idx, bs, data.outside, ood)
+    return QCReferences(ood, population, report)
+
+
+def model_metadata(
+    cfg: CXRTrainConfig,
+    data: CXRData,
+    cal: Calibration,
+    qc: QCReferences,
+    run_id: str | None,
+    digest: str,
+) -> ModelMetadata:
+    """What the ONNX file says about itself (the clinic needs nothing else)."""
+    spec = cfg.preprocess
+    return ModelMetadata(
         task="cxr",
         name=cfg.tracking.registered_model or cfg.name,
         architecture=cfg.model.name,
-        labels=findings,
-        temperature=temps,
-        thresholds=thresholds,
+        labels=data.findings,
+        temperature=cal.temperatures,
+        thresholds=cal.thresholds,
         preprocessing=spec,
         input=InputSpec(shape=["batch", spec.channels, spec.size, spec.size]),
         run_id=run_id,
         dataset_digest=digest,
         dataset_name=f"{cfg.name}:{cfg.data.source}",
-        metrics=flat,
+        metrics=cal.flat,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         package_version=__version__,
         intended_use=cfg.intended_use,
         limitations=cfg.limitations,
-        ood=ood,
-        population=population,
+        ood=qc.ood,
+        population=qc.population,
     )
-    onnx_path = export_onnx(model.cpu(), metadata, run_dir / "model.onnx")
-    # Parity on real images, through the exact numpy preprocessing the clinic uses.
-    paths = table.frame["path"].to_numpy()[idx["val"][: ev.parity_images]]
-    inputs = np.stack([load_for_model(p, spec) for p in paths])
-    parity = check_parity(model, onnx_path, inputs)
+
+
+def export_model(
+    cfg: CXRTrainConfig,
+    model: torch.nn.Module,
+    metadata: ModelMetadata,
+    data: CXRData,
+    run_dir: Path,
+) -> Exported:
+    """run_dir/model.onnx, checked against torch on real validation images."""
     from diagnostics.contract import file_sha256
 
-    sha = file_sha256(onnx_path)
-    clock.lap("export")
-    int8 = _int8_variant(cfg, metadata, onnx_path, cache, idx, labels) if ev.int8 else None
-    clock.lap("int8")
+    onnx_path = export_onnx(model.cpu(), metadata, run_dir / "model.onnx")
+    # Parity on real images, through the exact numpy preprocessing the clinic uses.
+    paths = data.table.frame["path"].to_numpy()[data.idx["val"][: cfg.eval.parity_images]]
+    inputs = np.stack([load_for_model(p, cfg.preprocess) for p in paths])
+    parity = check_parity(model, onnx_path, inputs)
+    return Exported(metadata, onnx_path, file_sha256(onnx_path), parity, inputs)
+
+
+def write_reports(
+    run_dir: Path,
+    data: CXRData,
+    cal: Calibration,
+    qc: QCReferences,
+    exported: Exported,
+    int8: dict[str, Any] | None,
+    clock: PhaseClock,
+    history: list[dict[str, float]],
+) -> None:
+    """run_dir/metrics.json and run_dir/model_card.md."""
     metrics_doc = {
-        "findings": findings,
-        "val": val_report,
-        "test": test_report,
-        "mean_val_auroc": mean_val,
-        "onnx_parity_max_abs_diff": parity,
-        "sha256": sha,
+        "findings": data.findings,
+        "val": cal.val,
+        "test": cal.test,
+        "mean_val_auroc": cal.mean_val_auroc,
+        "onnx_parity_max_abs_diff": exported.parity,
+        "sha256": exported.sha256,
         "int8": int8,
-        "population": population_report,
+        "population": qc.population_report,
         "timing_s": {k: round(v, 1) for k, v in clock.seconds.items()},  # mlflow logging: after
         "history": history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=float))
     (run_dir / "model_card.md").write_text(
-        cxr_model_card(metadata, val_report, test_report, table, sha)
+        cxr_model_card(exported.metadata, cal.val, cal.test, data.table, exported.sha256)
     )
 
-    version = None
-    if mlflow is not None:
-        mlflow.log_metrics(flat)
-        mlflow.log_metric("onnx_parity_max_abs_diff", parity)
-        if test_report:
-            mlflow.log_metrics(
-                {
-                    f"test.{f}.{k}": float(v)
-                    for f, r in test_report.items()
-                    for k, v in r.items()
-                    if np.isfinite(v)
-                }
-            )
-        mlflow.set_tag("onnx_sha256", sha)
-        if population_report is not None:
-            mlflow.log_metrics(
-                {
-                    f"population.{k}": float(v)
-                    for k, v in population_report["metrics"].items()
-                    if np.isfinite(v)
-                }
-            )
-            mlflow.log_metric("population.threshold", population_report["threshold"])
-            mlflow.set_tag("population.rule", population_report["rule"][:5000])
-        if int8 is not None:
-            mlflow.log_metrics({f"int8.{k}": v for k, v in int8.items() if isinstance(v, float)})
-            mlflow.log_artifact(int8["path"], artifact_path="int8")
-            mlflow.set_tag("onnx_int8_sha256", int8["sha256"])
-        for name in ("config.yaml", "metrics.json", "model_card.md"):
-            mlflow.log_artifact(str(run_dir / name))
-        mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
-        _, version = tracking.log_onnx_model(onnx_path, inputs[:1], cfg.tracking.registered_model)
-        clock.lap("mlflow")
-        mlflow.log_metrics({f"time.{k}_s": v for k, v in clock.seconds.items()})
-    return TrainResult(
-        timing=clock.seconds,
-        int8=int8,
-        run_dir=run_dir,
-        run_id=run_id,
-        onnx_path=onnx_path,
-        sha256=sha,
-        model_version=version,
-        findings=findings,
-        val=val_report,
-        test=test_report,
-        mean_val_auroc=mean_val,
-        parity=parity,
-        seconds=0.0,
-        epochs_run=0,
-        device="",
-        precision="",
-        metadata=metadata,
-        history=history,
+
+def log_results(
+    tracker: tracking.Tracker,
+    cfg: CXRTrainConfig,
+    run_dir: Path,
+    cal: Calibration,
+    qc: QCReferences,
+    exported: Exported,
+    int8: dict[str, Any] | None,
+    clock: PhaseClock,
+) -> str | None:
+    """Metrics, tags, files and plots; log the ONNX model and register it if configured.
+    Returns the registered version."""
+    tracker.log_metrics(cal.flat)
+    tracker.log_metrics({"onnx_parity_max_abs_diff": exported.parity})
+    if cal.test:
+        tracker.log_metrics(_flat("test", cal.test))
+    tracker.set_tags({"onnx_sha256": exported.sha256})
+    population = qc.population_report
+    if population is not None:
+        tracker.log_metrics(
+            {
+                f"population.{k}": float(v)
+                for k, v in population["metrics"].items()
+                if np.isfinite(v)
+            }
+        )
+        tracker.log_metrics({"population.threshold": population["threshold"]})
+        tracker.set_tags({"population.rule": population["rule"][:5000]})
+    if int8 is not None:
+        tracker.log_metrics({f"int8.{k}": v for k, v in int8.items() if isinstance(v, float)})
+        tracker.log_artifact(Path(int8["path"]), artifact_path="int8")
+        tracker.set_tags({"onnx_int8_sha256": int8["sha256"]})
+    for name in ("config.yaml", "metrics.json", "model_card.md"):
+        tracker.log_artifact(run_dir / name)
+    tracker.log_artifacts(cal.plots_dir, artifact_path="plots")
+    version = tracker.log_onnx_model(
+        exported.onnx_path, exported.inputs[:1], cfg.tracking.registered_model
     )
+    clock.lap("mlflow" if tracker.enabled else None)  # an untracked run has no MLflow phase
+    tracker.log_metrics({f"time.{k}_s": v for k, v in clock.seconds.items()})
+    return version
+
+
+def _flat(prefix: str, report: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"<prefix>.<finding>.<name>": value} for the finite values of a per-finding report."""
+    return {
+        f"{prefix}.{f}.{k}": float(v)
+        for f, r in report.items()
+        for k, v in r.items()
+        if np.isfinite(v)
+    }
 
 
 def _ood_reference(
@@ -837,11 +1088,11 @@ def _population(
             raise ValueError("the model has no population head")
         return z
 
-    calibrate = first + np.flatnonzero(outside.part == "calibrate")
+    calibration = first + np.flatnonzero(outside.part == "calibrate")
     report = outside.part == "report"
     held = first + np.flatnonzero(report)
     check = fit_check(
-        check_cfg, logits(idx["val"]), logits(calibrate), logits(held), outside.groups[report]
+        check_cfg, logits(idx["val"]), logits(calibration), logits(held), outside.groups[report]
     )
     # The OOD distance on the same images: what the population check is compared with.
     detector = OODDetector(ood)
@@ -874,20 +1125,18 @@ def _population(
     return population_metadata(cfg.population, check), report
 
 
-def _int8_variant(
-    cfg: CXRTrainConfig,
-    metadata: ModelMetadata,
-    fp32_path: Path,
-    cache: np.ndarray,
-    idx: dict[str, np.ndarray],
-    labels: np.ndarray,
+def int8_variant(
+    cfg: CXRTrainConfig, exported: Exported, data: CXRData, images: Images
 ) -> dict[str, Any]:
-    """Static int8 model calibrated on training images, checked against fp32 on validation."""
+    """Static int8 model (model.int8.onnx) calibrated on training images, checked against the
+    fp32 one on validation."""
     from diagnostics.contract import file_sha256
     from diagnostics.imaging import normalize
     from diagnostics.serve.runner import OnnxModel
     from diagnostics.train.export import quantize_int8
 
+    metadata, fp32_path = exported.metadata, exported.onnx_path
+    cache, idx, labels = images.cache, data.idx, images.labels
     spec = cfg.preprocess
     rng = np.random.default_rng(cfg.train.seed)  # a sample of every class, not the first rows
     n = min(cfg.eval.int8_calibration_images, len(idx["train"]))

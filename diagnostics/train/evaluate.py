@@ -327,7 +327,8 @@ def render_report(result: dict[str, Any]) -> str:
         ci = f"{r['auroc_lo']:.3f}-{r['auroc_hi']:.3f}"
         lines.append(
             f"{f:<22}{int(r['n']):>7}{r['auroc']:>8.3f}{ci:>16}"
-            f"{r['auprc']:>8.3f}{r['threshold']:>7.3f}{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
+            f"{r['auprc']:>8.3f}{r['threshold']:>7.3f}"
+            f"{r['sensitivity']:>7.3f}{r['specificity']:>7.3f}"
             f"{r['ppv']:>7.3f}{r['npv']:>7.3f}{r['ece']:>7.3f}"
         )
     if result["dataset"].get("note"):

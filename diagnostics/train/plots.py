@@ -66,3 +66,17 @@ def save_plots(
     paths.append(out_dir / f"reliability_{finding}.png")
     fig.savefig(paths[-1], bbox_inches="tight")
     return paths
+
+
+def save_decision_curve(curve: dict[str, list[float]], out_dir: str | Path, label: str) -> Path:
+    """decision_curve_<label>.png: net benefit of the model, treat-all and treat-none."""
+    fig, ax = _figure()
+    ax.plot(curve["threshold"], curve["model"], label="model", lw=1.5)
+    ax.plot(curve["threshold"], curve["treat_all"], label="treat all", ls="--")
+    ax.plot(curve["threshold"], curve["treat_none"], label="treat none", ls=":")
+    ax.set(xlabel="threshold probability", ylabel="net benefit", title=f"Decision curve: {label}")
+    ax.set_ylim(min(-0.05, min(curve["model"])), max(0.05, max(curve["treat_all"]) * 1.1))
+    ax.legend()
+    path = Path(out_dir) / f"decision_curve_{label}.png"
+    fig.savefig(path, bbox_inches="tight")
+    return path

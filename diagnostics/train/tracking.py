@@ -3,6 +3,10 @@
 The default store is SQLite with local artefacts under the project home (`settings.mlflow_uri()`);
 MLFLOW_TRACKING_URI or DIAGNOSTICS_TRACKING_URI points elsewhere. Nothing identifying a patient
 is logged: the dataset input holds labels and split only, and its digest is a hash.
+
+Training code talks to a `Tracker`, chosen once by `make_tracker`: `MlflowTracker` logs, and
+`NullTracker` (tracking off) has the same methods and does nothing, so the loops need no
+`if tracking:` branches.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import hashlib
 import json
 import logging
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -60,12 +65,21 @@ def dataset_digest(frame: pd.DataFrame, findings: list[str]) -> str:
     return h.hexdigest()
 
 
+def label_frame(frame: pd.DataFrame, findings: list[str]) -> pd.DataFrame:
+    """Labels and split only (no paths, no patient keys): what a CXR dataset input may show."""
+    return frame[[*findings, "split"]].reset_index(drop=True)
+
+
 def log_dataset(frame: pd.DataFrame, findings: list[str], name: str, digest: str) -> None:
     """An MLflow dataset input with labels and split only (no paths, no patient keys)."""
+    log_frame(label_frame(frame, findings), name, digest)
+
+
+def log_frame(frame: pd.DataFrame, name: str, digest: str, targets: str | None = None) -> None:
+    """`frame`, as it is, as the run's training dataset input."""
     import mlflow
 
-    safe = frame[[*findings, "split"]].reset_index(drop=True)
-    dataset = mlflow.data.from_pandas(safe, name=name, digest=digest[:32])
+    dataset = mlflow.data.from_pandas(frame, name=name, targets=targets, digest=digest[:32])
     mlflow.log_input(dataset, context="training")
 
 
@@ -110,3 +124,143 @@ def log_onnx_model(
             registered_model, str(version), "onnx_sha256", h
         )
     return info.model_uri, (str(version) if version is not None else None)
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+class Tracker(Protocol):
+    """What a training loop records. `enabled` is False only for `NullTracker`."""
+
+    enabled: bool
+
+    def run(self, run_name: str, run_id: str | None = None) -> Any:
+        """Context manager: start (or, with `run_id`, reopen) a run and yield its ID; the run
+        ends FINISHED, or FAILED when the block raises."""
+        ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_dataset(
+        self, frame: pd.DataFrame, name: str, digest: str, targets: str | None = None
+    ) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_onnx_model(
+        self, onnx_path: Path, example: np.ndarray | None, registered_model: str | None
+    ) -> str | None:
+        """Log the ONNX file, register it when `registered_model` is set; the version or None."""
+        ...
+
+
+class NullTracker:
+    """Tracking off: every method does nothing; a run keeps the ID it was given (or None)."""
+
+    enabled = False
+
+    @contextmanager
+    def run(self, run_name: str, run_id: str | None = None) -> Iterator[str | None]:
+        yield run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_dataset(
+        self, frame: pd.DataFrame, name: str, digest: str, targets: str | None = None
+    ) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_onnx_model(
+        self, onnx_path: Path, example: np.ndarray | None, registered_model: str | None
+    ) -> str | None:
+        return None
+
+
+class MlflowTracker:
+    """Logs to the MLflow store at `tracking_uri`, in `experiment` (created if new)."""
+
+    enabled = True
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path) -> None:
+        self.tracking_uri, self.experiment, self.artifact_root = (
+            tracking_uri,
+            experiment,
+            artifact_root,
+        )
+
+    @contextmanager
+    def run(self, run_name: str, run_id: str | None = None) -> Iterator[str]:
+        import mlflow
+
+        experiment_id = setup(self.tracking_uri, self.experiment, self.artifact_root)
+        mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name)
+        status = "FAILED"
+        try:
+            yield mlflow.active_run().info.run_id  # type: ignore[union-attr]
+            status = "FINISHED"
+        finally:
+            mlflow.end_run(status=status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_params(dict(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics(dict(metrics), step=step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(dict(tags))
+
+    def log_dataset(
+        self, frame: pd.DataFrame, name: str, digest: str, targets: str | None = None
+    ) -> None:
+        log_frame(frame, name, digest, targets)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+    def log_onnx_model(
+        self, onnx_path: Path, example: np.ndarray | None, registered_model: str | None
+    ) -> str | None:
+        return log_onnx_model(onnx_path, example, registered_model)[1]
+
+
+def make_tracker(enabled: bool, experiment: str) -> MlflowTracker | NullTracker:
+    """MLflow at the configured store (`settings.mlflow_uri()`) when `enabled`, else nothing."""
+    if not enabled:
+        return NullTracker()
+    from diagnostics.settings import get_settings
+
+    settings = get_settings()
+    return MlflowTracker(settings.mlflow_uri(), experiment, settings.artifact_root)
