@@ -5,18 +5,40 @@ The graph takes `image` (batch, C, S, S) float32 and returns `logits` (batch, F)
 with the training distribution; with a population head also `population` (batch,), the logit
 of the model's population check. `ModelMetadata` goes into metadata_props. Parity with torch is
 checked on real images through the shared numpy preprocessing; a mismatch fails the export.
+
+The CXR training steps: `model_metadata` (what the file says about itself), `export_model`
+(run_dir/model.onnx with its parity check) and `int8_variant` (model.int8.onnx, compared with
+the fp32 model on the validation images).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from diagnostics.contract import METADATA_KEY, ModelMetadata, calibrated_probability
+from diagnostics import __version__
+from diagnostics.contract import (
+    METADATA_KEY,
+    InputSpec,
+    ModelMetadata,
+    calibrated_probability,
+)
+from diagnostics.data.cache import from_uint16
+from diagnostics.imaging import load_for_model
 from diagnostics.models.cxr import CAMClassifier, WithCAM
+from diagnostics.train.metrics import auroc
+
+if TYPE_CHECKING:
+    from diagnostics.train.calibrate import Calibration
+    from diagnostics.train.config import CXRTrainConfig
+    from diagnostics.train.cxr_data import CXRData, Images
+    from diagnostics.train.qc_references import QCReferences
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +171,112 @@ def quantize_int8(
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out_path))
     return out_path
+
+
+@dataclass
+class Exported:
+    metadata: ModelMetadata
+    onnx_path: Path
+    sha256: str
+    parity: float  # max |torch - ONNX Runtime| on the parity images
+    inputs: np.ndarray  # (n, C, S, S) parity images, preprocessed as the clinic does
+
+
+def model_metadata(
+    cfg: CXRTrainConfig,
+    data: CXRData,
+    cal: Calibration,
+    qc: QCReferences,
+    run_id: str | None,
+    digest: str,
+) -> ModelMetadata:
+    """What the ONNX file says about itself (the clinic needs nothing else)."""
+    spec = cfg.preprocess
+    return ModelMetadata(
+        task="cxr",
+        name=cfg.tracking.registered_model or cfg.name,
+        architecture=cfg.model.name,
+        labels=data.findings,
+        temperature=cal.temperatures,
+        thresholds=cal.thresholds,
+        preprocessing=spec,
+        input=InputSpec(shape=["batch", spec.channels, spec.size, spec.size]),
+        run_id=run_id,
+        dataset_digest=digest,
+        dataset_name=f"{cfg.name}:{cfg.data.source}",
+        metrics=cal.flat,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        package_version=__version__,
+        intended_use=cfg.intended_use,
+        limitations=cfg.limitations,
+        ood=qc.ood,
+        population=qc.population,
+    )
+
+
+def export_model(
+    cfg: CXRTrainConfig,
+    model: torch.nn.Module,
+    metadata: ModelMetadata,
+    data: CXRData,
+    run_dir: Path,
+) -> Exported:
+    """run_dir/model.onnx, checked against torch on real validation images."""
+    from diagnostics.contract import file_sha256
+
+    onnx_path = export_onnx(model.cpu(), metadata, run_dir / "model.onnx")
+    # Parity on real images, through the exact numpy preprocessing the clinic uses.
+    paths = data.table.frame["path"].to_numpy()[data.idx["val"][: cfg.eval.parity_images]]
+    inputs = np.stack([load_for_model(p, cfg.preprocess) for p in paths])
+    parity = check_parity(model, onnx_path, inputs)
+    return Exported(metadata, onnx_path, file_sha256(onnx_path), parity, inputs)
+
+
+def int8_variant(
+    cfg: CXRTrainConfig, exported: Exported, data: CXRData, images: Images
+) -> dict[str, Any]:
+    """Static int8 model (model.int8.onnx) calibrated on training images, checked against the
+    fp32 one on validation."""
+    from diagnostics.contract import file_sha256
+    from diagnostics.imaging import normalize
+    from diagnostics.serve.runner import OnnxModel
+
+    metadata, fp32_path = exported.metadata, exported.onnx_path
+    cache, idx, labels = images.cache, data.idx, images.labels
+    spec = cfg.preprocess
+    rng = np.random.default_rng(cfg.train.seed)  # a sample of every class, not the first rows
+    n = min(cfg.eval.int8_calibration_images, len(idx["train"]))
+    calib_idx = np.sort(rng.choice(idx["train"], n, replace=False))
+    calibration = normalize(from_uint16(cache[calib_idx]), spec)
+    meta = metadata.model_copy(update={"quantization": "int8-static-qdq-per-channel"})
+    path = quantize_int8(fp32_path, fp32_path.with_name("model.int8.onnx"), calibration, meta)
+    fp32, q8 = OnnxModel(fp32_path), OnnxModel(path)
+    p32, p8, z32, z8 = [], [], [], []
+    val = idx["val"]
+    for start in range(0, len(val), 32):
+        x = normalize(from_uint16(cache[val[start : start + 32]]), spec)
+        r32, r8 = fp32.predict(x), q8.predict(x)
+        p32.append(r32.probabilities)
+        p8.append(r8.probabilities)
+        if r32.population is not None and r8.population is not None:
+            z32.append(r32.population)
+            z8.append(r8.population)
+    a, b = np.concatenate(p32), np.concatenate(p8)
+    y = labels[val]
+    out: dict[str, Any] = {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "max_prob_diff": float(np.abs(a - b).max()),
+    }
+    out["mean_prob_diff"] = float(np.abs(a - b).mean())
+    for i, f in enumerate(metadata.labels):
+        out[f"val.{f}.auroc"] = auroc(y[:, i], b[:, i])
+        out[f"val.{f}.auroc_delta"] = out[f"val.{f}.auroc"] - auroc(y[:, i], a[:, i])
+        thr = metadata.thresholds[f].value
+        # validation images whose positive/negative call differs between fp32 and int8
+        out[f"val.{f}.decision_flips"] = float(((a[:, i] >= thr) != (b[:, i] >= thr)).sum())
+    check = metadata.population.check if metadata.population else None
+    if check is not None and z32:  # the population check keeps its fp32 threshold
+        c32, c8 = np.concatenate(z32) >= check.threshold, np.concatenate(z8) >= check.threshold
+        out["val.population.decision_flips"] = float((c32 != c8).sum())
+    return out
