@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -38,6 +40,7 @@ from diagnostics.serve.qc import OODDetector, QCConfig, QCResult
 log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
+T = TypeVar("T")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
@@ -459,6 +462,18 @@ class Scorer:
         for p in pendings:  # this study's own steps; a batch's model time is shared equally
             p.result.timing_ms["total"] = round(sum(p.result.timing_ms.values()), 3)
         return [p.result for p in pendings]
+
+    def score_iter(self, items: Iterable[tuple[str, bytes | T]]) -> Iterator[ScoreResult | T]:
+        """`score_many` over a stream of (name, data), `batch_size` items at a time, so only one
+        batch is held in memory however many inputs there are. One result per item, in order.
+        Where `data` is not bytes (the caller's record of an input it could not read), it comes
+        back unchanged in the result's place."""
+        stream = iter(items)
+        while chunk := list(islice(stream, self.batch_size)):
+            ready = [(name, data) for name, data in chunk if isinstance(data, bytes)]
+            results = iter(self.score_many([d for _, d in ready], [n for n, _ in ready]))
+            for _, data in chunk:
+                yield next(results) if isinstance(data, bytes) else data
 
     def score(self, data: bytes, name: str = "0") -> ScoreResult:
         return self.score_many([data], [name])[0]

@@ -1,0 +1,288 @@
+"""`diagnostics models`: registered versions, compared, promoted behind a gate, rolled back,
+recalibrated for a site, pulled as files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diagnostics.cli import registry
+from diagnostics.cli.common import (
+    DEFAULT_SERVE_CONFIG,
+    SetOption,
+    _fail,
+    _open_store,
+    _serve_config,
+    _training,
+    load_data_config,
+)
+
+
+@_training
+def models_list() -> None:
+    """Registered versions with aliases, sha256, training run, dataset digest, val AUROC."""
+    from diagnostics.train.governance import list_models
+
+    rows = list_models()
+    if not rows:
+        typer.echo("no registered models (train one: `make demo`)")
+        return
+    typer.echo(
+        f"{'model':<18}{'ver':>4}  {'aliases':<14}{'sha256':<14}{'run':<10}"
+        f"{'dataset':<14}{'val AUROC':>9}"
+    )
+    for r in rows:
+        auc = f"{r['val_mean_auroc']:.4f}" if r["val_mean_auroc"] is not None else "—"
+        typer.echo(
+            f"{r['name']:<18}{r['version']:>4}  {','.join(r['aliases']) or '-':<14}"
+            f"{(r['sha256'] or '-')[:12]:<14}{(r['run_id'] or '-')[:8]:<10}"
+            f"{(r['dataset_digest'] or '-')[:12]:<14}{auc:>9}"
+        )
+
+
+@_training
+def models_compare(
+    candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION, @ALIAS or a .onnx")],
+    baseline: Annotated[str, typer.Argument(help="the model to compare against")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="evaluation dataset config")],
+    split: Annotated[str, typer.Option(help="split to score, or 'all'")] = "val",
+    subgroup: Annotated[
+        list[str] | None, typer.Option(help="a subgroup column (repeatable): sex, view, site")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(min=0)] = 1000,
+    out: Annotated[Path, typer.Option(help="folder for compare.md and compare.json")] = Path(
+        "compare"
+    ),
+    population_check: Annotated[
+        bool,
+        typer.Option(
+            help="compare only on images both models would score with a call at the clinic "
+            "(the default); off: every image, with a note"
+        ),
+    ] = True,
+    set_: SetOption = None,
+) -> None:
+    """Both models on the same images: AUROC difference (paired bootstrap, DeLong),
+    calibration, operating points, disagreements, subgroups; logged to MLflow. Images the
+    clinic's QC would withhold from either model are counted, not compared."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.governance import compare
+
+    try:
+        report = compare(
+            candidate,
+            baseline,
+            load_data_config(config, set_),
+            split=split,
+            subgroups=subgroup or [],
+            n_boot=bootstrap,
+            out_dir=out,
+            population_check=population_check,
+        )
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo((out / "compare.md").read_text())
+    typer.echo(f"wrote {out}/compare.md and compare.json; MLflow run {report['evidence_run']}")
+
+
+@_training
+def models_promote(
+    candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION")],
+    gate: Annotated[Path, typer.Option(help="gate YAML (configs/gates/)")],
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "champion",
+    out: Annotated[Path, typer.Option(help="folder for the evidence report")] = Path("promotion"),
+    dry_run: Annotated[bool, typer.Option(help="check the gate, move nothing")] = False,
+) -> None:
+    """Move an alias to a candidate only if every rule of the gate passes."""
+    from pydantic import ValidationError
+
+    from diagnostics.configio import validation_lines
+    from diagnostics.train.governance import load_gate, promote
+
+    try:
+        rules = load_gate(gate)
+    except ValidationError as exc:
+        raise _fail(f"{gate}:\n{validation_lines(exc)}") from None
+    except FileNotFoundError:
+        raise _fail(f"{gate} not found") from None
+    try:
+        result = promote(candidate, alias, rules, out_dir=out, dry_run=dry_run)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    for rule, ok, detail in result["rules"]:
+        typer.echo(f"  [{'pass' if ok else 'FAIL'}] {rule}: {detail}")
+    name, version = result["name"], result["version"]
+    if result["promoted"]:
+        typer.echo(
+            f"{name} version {version} is now @{alias} (was {result['previous'] or 'none'}); "
+            f"evidence run {result['evidence_run']}"
+        )
+    elif dry_run:
+        typer.echo("dry run: nothing moved")
+    else:
+        typer.secho(f"not promoted: @{alias} stays on {result['previous'] or 'none'}", fg="red")
+        raise typer.Exit(code=1)
+
+
+@_training
+def models_recalibrate(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or .onnx")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="the site's labelled data")],
+    site: Annotated[str, typer.Option(help="the clinic code the profile applies to")],
+    policy: Annotated[
+        str | None, typer.Option(help="threshold policy; default: the model's own")
+    ] = None,
+    min_cases: Annotated[
+        int,
+        typer.Option(
+            min=1, help="positives and negatives needed (--population: images; default 100)"
+        ),
+    ] = 30,
+    population: Annotated[
+        bool,
+        typer.Option(
+            "--population",
+            help="fit the site's threshold for the model's population check instead, from "
+            "the site's images of patients inside the intended population",
+        ),
+    ] = False,
+    serve_config: Annotated[
+        Path, typer.Option(help="the service config (its database holds the profiles)")
+    ] = DEFAULT_SERVE_CONFIG,
+    set_: SetOption = None,
+) -> None:
+    """Fit a site's temperature and thresholds (or, with --population, its population-check
+    threshold); store them as a site profile for this model file. The service applies it to
+    that site's studies; the ONNX file is not changed. A new profile keeps the site's other
+    settings from its previous one."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.recalibrate import SampleTooSmall, recalibrate, recalibrate_population
+
+    try:
+        path, _ = registry.resolve(model)
+        data = load_data_config(config, set_)
+        result = (
+            recalibrate_population(path, data, min_images=max(min_cases, 100))
+            if population
+            else recalibrate(path, data, policy=policy, min_cases=min_cases)
+        )
+    except SampleTooSmall as exc:
+        raise _fail(f"sample too small: {exc}") from None
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    store, _ = _open_store(_serve_config(serve_config, None))
+    row = _save_site_profile(store, result, site, population=population)
+    for line in _population_lines(result, site) if population else _threshold_lines(result):
+        typer.echo(line)
+    typer.echo(f"site profile {row.id} for {site}, model sha256 {result['model_sha256'][:12]}")
+
+
+def _save_site_profile(store: Any, result: dict[str, Any], site: str, *, population: bool) -> Any:
+    """A new site profile from a recalibration; what it did not fit, the site's previous
+    profile keeps (its thresholds for a population fit, its population threshold otherwise)."""
+    from diagnostics.train.governance import actor
+
+    previous = store.site_profile(result["model_sha256"], site)
+    if population:
+        return store.save_profile(
+            model_sha256=result["model_sha256"],
+            site=site,
+            temperatures=previous.temperatures if previous else {},
+            thresholds=previous.thresholds if previous else {},
+            policy=previous.policy if previous else "model's own",
+            evidence={**(previous.evidence if previous else {}), "population": result["evidence"]},
+            population_threshold=result["population_threshold"],
+            created_by=actor()[:64],
+        )
+    return store.save_profile(
+        model_sha256=result["model_sha256"],
+        site=site,
+        temperatures=result["temperatures"],
+        thresholds=result["thresholds"],
+        policy=result["policy"],
+        evidence=result["evidence"],
+        population_threshold=previous.population_threshold if previous else None,
+        created_by=actor()[:64],
+    )
+
+
+def _population_lines(result: dict[str, Any], site: str) -> list[str]:
+    e = result["evidence"]
+    lines = [
+        f"population check: n={e['n']} in-population images of {site}; threshold "
+        f"{e['model_threshold']:.3f} -> {result['population_threshold']:.3f}; refused "
+        f"{100 * e['refused_before']:.1f}% -> {100 * e['refused_after']:.1f}% of them"
+    ]
+    if result["population_threshold"] < e["model_threshold"]:
+        lines.append(
+            "  note: a lower threshold lets more patients outside the population through "
+            "(at the model's own threshold it refused "
+            f"{100 * (e['model_outside_refused'] or float('nan')):.1f}% of held-out outside "
+            "images); check a sample of the site's adults with `diagnostics evaluate`"
+        )
+    return lines
+
+
+def _threshold_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for f, e in result["evidence"].items():
+        b, a = e["before"], e["after"]
+        lines.append(
+            f"{f}: n={e['n']} ({e['positives']} positive), policy {e['policy']}: "
+            f"threshold {e['model_threshold']:.3f} -> {result['thresholds'][f]:.3f}, "
+            f"temperature {e['model_temperature']:.2f} -> {result['temperatures'][f]:.2f}; "
+            f"sensitivity {b['sensitivity']:.3f} -> {a['sensitivity']:.3f}, "
+            f"specificity {b['specificity']:.3f} -> {a['specificity']:.3f}"
+        )
+    return lines
+
+
+@_training
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    alias: Annotated[str, typer.Option()] = "champion",
+) -> None:
+    """Move the alias back to the version it held before the latest promotion."""
+    from diagnostics.train.governance import rollback
+
+    try:
+        r = rollback(name, alias)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{name}@{alias}: {r['from']} -> {r['to'] or '(unset)'}")
+
+
+def models_pull(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    out: Annotated[Path, typer.Option(help="folder for NAME-vVERSION.onnx and its .sha256")] = Path(
+        "."
+    ),
+) -> None:
+    """Download a registered model file: NAME-vVERSION.onnx and its .sha256.
+
+    Over the tracking server's REST API (no mlflow needed) when the tracking URI is http(s),
+    checked against the sha256 training recorded. `sha256sum -c` reads the .sha256 file."""
+    import hashlib
+    import shutil
+
+    if not model.startswith("models:/"):
+        raise _fail("give a registry URI: models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        path, version = registry.resolve(model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    name = model[len("models:/") :].split("@")[0].split("/")[0]
+    dest = out / f"{name}-v{version}.onnx" if version else out / f"{name}.onnx"
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        shutil.copyfile(path, tmp)
+        tmp.replace(dest)
+        dest.with_name(dest.name + ".sha256").write_text(f"{h}  {dest.name}\n")
+    except OSError as exc:
+        raise _fail(f"cannot write to {out}: {exc.strerror or exc}") from None
+    typer.echo(f"{model} -> version {version}, sha256 {h}")
+    typer.echo(f"wrote {dest} and {dest.name}.sha256")

@@ -1,0 +1,154 @@
+"""`diagnostics serve` and `worker`: the clinic service, and a worker on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diagnostics.cli import registry
+from diagnostics.cli.common import (
+    DEFAULT_SERVE_CONFIG,
+    ServeConfigOption,
+    SetOption,
+    _fail,
+    _open_store,
+    _serve_config,
+)
+
+
+def _service_model_cache(cfg: Any) -> Path:
+    from diagnostics.settings import get_settings
+
+    return cfg.resolved_data_dir(get_settings().home) / "model-cache"
+
+
+def _load_service_model(cfg: Any) -> Any:
+    from diagnostics.serve.runner import ModelIntegrityError, OnnxModel
+
+    try:
+        path, version = registry.resolve(cfg.model.path, _service_model_cache(cfg))
+        return OnnxModel(
+            path,
+            device=cfg.model.device,
+            threads=cfg.model.threads or None,
+            expected_sha256=cfg.model.sha256,
+            version=version,
+        )
+    except FileNotFoundError as exc:
+        if cfg.model.path.startswith("models:/"):  # the registry said why
+            raise _fail(f"model {cfg.model.path}: {exc}") from None
+        raise _fail(
+            f"model {cfg.model.path}: {exc} (train one with `make demo`, or set model.path)"
+        ) from None
+    except (ValueError, ModelIntegrityError) as exc:
+        raise _fail(f"model {cfg.model.path}: {exc}") from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before loading anything (or starting a worker) when the address is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn binds: connections of a previous run left in TIME_WAIT must not block a
+        # restart (a supervisor restarting after a crash); a live listener still does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _model_source(cfg: Any) -> Any:
+    """For a registry URI: a source the service polls, returning a new (file, version) when the
+    alias (or `latest`) points elsewhere. A plain file never changes under the service."""
+    ref = cfg.model.path
+    if not ref.startswith("models:/"):
+        return None
+    client = registry.registry_client(_service_model_cache(cfg))
+    if client is not None:  # a tracking server: followed over REST, without mlflow
+        return client.follow(ref)
+
+    def source(current: str | None) -> tuple[Path, str | None] | None:
+        evaluate = registry._local_registry()
+        registry_version, resolve_model = evaluate.registry_version, evaluate.resolve_model
+
+        version = registry_version(ref)
+        if version is None or version == current:
+            return None
+        return resolve_model(
+            f"models:/{ref[len('models:/') :].split('@')[0].split('/')[0]}/{version}"
+        ), version
+
+    return source
+
+
+def serve(
+    config: ServeConfigOption = DEFAULT_SERVE_CONFIG,
+    set_: SetOption = None,
+    host: Annotated[str | None, typer.Option(help="overrides the config's host")] = None,
+    port: Annotated[int | None, typer.Option(help="overrides the config's port")] = None,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="allow auth: false, on a loopback address only")
+    ] = False,
+) -> None:
+    """Run the clinic scoring service (FastAPI + uvicorn), with its worker in-process."""
+    import uvicorn
+
+    from diagnostics.serve import logs
+    from diagnostics.serve.app import create_app
+    from diagnostics.serve.config import check_auth_setting
+    from diagnostics.serve.server import uvicorn_config
+
+    cfg = _serve_config(config, set_)
+    if host is not None:
+        cfg.host = host
+    if port is not None:
+        cfg.port = port
+    try:
+        check_auth_setting(cfg, dev)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    _check_port_free(cfg.host, cfg.port)
+    logs.configure()
+    model = _load_service_model(cfg)
+    store, data_dir = _open_store(cfg)
+    api = create_app(cfg, model, store, data_dir, _model_source(cfg))
+    uvicorn.Server(uvicorn_config(api, cfg, host=cfg.host, port=cfg.port)).run()
+
+
+def worker(
+    config: ServeConfigOption = DEFAULT_SERVE_CONFIG,
+    set_: SetOption = None,
+) -> None:
+    """Run a scoring worker on its own, against the service's database and blob store."""
+    import signal
+    import threading
+
+    from diagnostics.serve import logs
+    from diagnostics.serve.models import ModelHolder
+    from diagnostics.serve.monitor import AlertLog
+    from diagnostics.serve.worker import Worker
+
+    cfg = _serve_config(config, set_)
+    logs.configure()
+    model = _load_service_model(cfg)
+    store, data_dir = _open_store(cfg)
+    holder = ModelHolder(model, cfg, data_dir / "heatmaps", _model_source(cfg))
+    w = Worker(
+        store,
+        holder,
+        lease_s=cfg.worker.lease_s,
+        batch_size=cfg.model.batch_size,
+        poll_s=cfg.worker.poll_s,
+        retry_delay_s=cfg.worker.retry_delay_s,
+        alerts=AlertLog(store, cfg.monitor),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if holder.source is not None and cfg.model.refresh_s > 0:
+        threading.Thread(target=holder.run, args=(stop, cfg.model.refresh_s), daemon=True).start()
+    w.run(stop)
