@@ -24,6 +24,7 @@ venv: $(STAMP)
 $(CLINIC_STAMP): pyproject.toml $(PACKAGE_FILES)
 	test -x $(CLINIC)/bin/python || $(PYTHON) -m venv $(CLINIC)
 	$(CLINIC)/bin/python -m pip install --quiet --upgrade pip
+	rm -rf build  # setuptools reuses build/lib and never drops a module deleted since
 	$(CLINIC)/bin/python -m pip install --quiet '.[clinic]'
 	touch $(CLINIC_STAMP)
 

@@ -13,6 +13,8 @@ can act on.
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import os
 import re
 import struct
@@ -30,6 +32,7 @@ import numpy as np
 from diagnostics.contract import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 _WARNINGS_LOCK = threading.Lock()
+_ALPHA_LOCK = threading.Lock()
 
 # 50 Mpx: a 7000 x 7000 detector. Larger inputs are refused before their pixels are decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -187,9 +190,10 @@ def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Head
         return HeaderInfo("dicom", rows, cols, _safe_tags(ds), uid, age, source)
     if kind in ("png", "jpeg"):
         img = _open_bitmap(data, max_pixels)
-        if _has_alpha(img):  # only these are decoded at intake, to read their alpha
-            _load_bitmap(img)
-            _check_opaque(img)
+        if _has_alpha(img):  # only these are decoded at intake, to read their alpha; one at a
+            with _ALPHA_LOCK:  # time, so that concurrent uploads cannot stack their memory
+                _load_bitmap(img)
+                _check_opaque(img)
         return HeaderInfo(kind, img.size[1], img.size[0])
     if not data:
         raise EmptyFileError("The file is empty (0 bytes).")
@@ -291,6 +295,8 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
             )
     else:
         _check_codestream_size(bytes(pixel_data), rows, cols)
+        if str(tsyntax) == RLE_LOSSLESS:
+            _check_rle_header(bytes(pixel_data), allocated)
     return ds
 
 
@@ -308,7 +314,9 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
         stored = ds.pixel_array
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError("The compressed pixel data ends early: cut short.") from exc
-    except Exception as exc:
+    except BaseException as exc:  # incl. a Rust decoder's PanicException (not an Exception)
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
         if "end of" in str(exc).lower() or "truncat" in str(exc).lower():
             raise TruncatedFileError(f"The pixel data is cut short: {exc}") from exc
         raise CorruptImageError(
@@ -396,14 +404,17 @@ def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """
     from pydicom import config
 
+    logger = logging.getLogger("pydicom")  # its warn_and_log logs what it warns
     with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mode = config.settings.reading_validation_mode
         config.settings.reading_validation_mode = config.IGNORE
+        disabled, logger.disabled = logger.disabled, True
         try:
             yield caught
         finally:
             config.settings.reading_validation_mode = mode
+            logger.disabled = disabled
 
 
 def _convert_all(ds: Any) -> None:
@@ -492,6 +503,31 @@ def _check_codestream_size(pixel_data: bytes, rows: int, cols: int) -> None:
         raise CorruptImageError(
             f"The compressed image is {size[1]}x{size[0]} but the header says {cols}x{rows}."
         )
+
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def _check_rle_header(pixel_data: bytes, bits_allocated: int) -> None:
+    """An RLE frame starts with a 64-byte header (PS3.5 G.4): the number of segments (one per
+    byte of a grey sample) and their offsets, the first at 64, increasing, inside the frame."""
+    from pydicom.encaps import generate_fragments
+
+    items = generate_fragments(pixel_data)
+    next(items, None)  # the Basic Offset Table
+    frame = next(items, b"")
+    if len(frame) < 64:
+        raise CorruptImageError("The RLE pixel data is shorter than its 64-byte header.")
+    header = struct.unpack("<16I", frame[:64])
+    count, offsets = header[0], header[1 : 1 + min(header[0], 15)]
+    if count != bits_allocated // 8:
+        raise CorruptImageError(
+            f"The RLE header lists {count} segments; a {bits_allocated}-bit grey image has "
+            f"{bits_allocated // 8}."
+        )
+    bounds = [*offsets, len(frame)]
+    if offsets[0] != 64 or any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise CorruptImageError("The RLE header's segment offsets are damaged.")
 
 
 def codestream_size(data: bytes) -> tuple[int, int] | None:
@@ -726,7 +762,12 @@ def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
     if _has_alpha(img):
         _check_opaque(img)
     if fmt == "jpeg":
-        img = ImageOps.exif_transpose(img)  # phone photos of films carry a rotation tag
+        try:
+            img = ImageOps.exif_transpose(img)  # phone photos of films carry a rotation tag
+        except Exception as exc:  # a damaged EXIF block: the orientation is unknown
+            raise CorruptImageError(
+                "The JPEG's EXIF block (which holds its orientation) is damaged."
+            ) from exc
 
     mode = img.mode
     chroma = 0.0
@@ -777,7 +818,8 @@ def _check_opaque(img: Any) -> None:
     """Refuse an image with transparent areas: what lies under them (black? white? a viewer's
     chequerboard?) is unknown, and a fully transparent image holds no picture at all. An alpha
     channel that is opaque everywhere, as many exporters write, is fine (and then dropped)."""
-    alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+    rgba = img if img.mode in ("RGBA", "LA") else img.convert("RGBA")  # no copy when it has A
+    alpha = np.asarray(rgba.getchannel("A"))
     fraction = float((alpha < 255).mean())
     if fraction > MAX_TRANSPARENT_FRACTION:
         raise TransparentImageError(

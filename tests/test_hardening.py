@@ -460,3 +460,148 @@ def test_mangled_headers_raise_only_image_errors():
         for fn in (inspect_header, decode):
             with contextlib.suppress(ImageError):
                 fn(bytes(data))
+
+
+# --------------------------------------------------------------------------- found by a red team
+
+
+def _panicking_rle() -> bytes:
+    """The synthetic DICOM, RLE-compressed, with 4 bytes of its RLE data changed: the Rust RLE
+    decoder panics on it (pyo3's PanicException is not an Exception)."""
+    from pydicom.uid import RLELossless
+
+    ds = _dicom(60)
+    ds.compress(RLELossless)
+    data = bytearray(_bytes(ds))
+    start = bytes(data).index(b"\xe0\x7f\x10\x00") + 12
+    rng = random.Random(3)
+    for p in [rng.randrange(start + 100, len(data) - 10) for _ in range(4)]:
+        data[p] = rng.randrange(256)
+    return bytes(data)
+
+
+def test_a_decoder_panic_fails_the_study_and_the_worker_goes_on(service):
+    r = service.upload(_panicking_rle())
+    assert r.status_code == 202, r.text
+    doc = service.wait(r.json()["id"])
+    assert doc["status"] == "failed_qc" and doc["error_code"] == "corrupt_image", doc
+    (px,) = synth_pixels(1, seed=61)
+    after = service.upload(dicom_bytes(px))
+    assert service.wait(after.json()["id"])["status"] == "scored"  # the worker is alive
+    ready = httpx.get(f"{service.url}/health/ready", timeout=30).json()
+    assert ready["checks"]["worker"]["ok"] is True
+
+
+def test_a_damaged_exif_block_is_a_corrupt_image(service):
+    from PIL import Image
+
+    (px,) = synth_pixels(1, seed=62)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(px * 255).astype(np.uint8)).save(buf, "JPEG")
+    app1 = bytes.fromhex(  # an EXIF orientation tag whose IFD points past the block
+        "ffe100664578696600004d4d002a000000080003010300020000000600000032011200030000000100"
+        "060000876900040000000100000038000000004d616b657200000190030002000000140000004a0000"
+        "0000323032303a30313a30312030303a30303a303000"
+    )
+    jpeg = buf.getvalue()[:2] + app1 + buf.getvalue()[2:]
+    with pytest.raises(ImageError):
+        decode(jpeg)
+    r = service.upload(jpeg, content_type="image/jpeg")
+    doc = service.wait(r.json()["id"])
+    assert doc["status"] == "failed_qc" and doc["error_code"] == "corrupt_image", doc
+
+
+def test_an_overlong_multipart_boundary_is_400(service):
+    r = httpx.post(
+        f"{service.url}/v1/studies",
+        content=b"--x\r\n",
+        headers={
+            **service.headers(service.submitter),
+            "Content-Type": "multipart/form-data; boundary=" + "b" * 5000,
+        },
+    )
+    assert r.status_code == 400 and r.json()["code"] == "bad_multipart", r.text
+
+
+@pytest.mark.parametrize("since", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00"])
+def test_since_past_the_range_of_dates_is_422(service, since):
+    r = httpx.get(
+        f"{service.url}/v1/studies",
+        params={"since": since},
+        headers=service.headers(service.submitter),
+    )
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/studies/%00", "/v1/studies/a%00b/report", "/review/?clinic=%00"]
+)
+def test_nul_in_a_path_or_query_is_400(service, path):
+    r = httpx.get(f"{service.url}{path}", headers=service.headers(service.admin))
+    assert r.status_code == 400 and r.json()["code"] == "bad_request", r.text
+
+
+def test_nul_in_a_review_note_is_422(service):
+    (px,) = synth_pixels(1, seed=63)
+    sid = service.upload(dicom_bytes(px)).json()["id"]
+    label = service.wait(sid)["findings"][0]["label"]
+    r = httpx.post(
+        f"{service.url}/v1/studies/{sid}/reviews",
+        json={"reviews": [{"label": label, "verdict": "agree", "note": "a\u0000b"}]},
+        headers=service.headers(service.reviewer),
+    )
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+
+
+def test_concurrent_conflicts_leave_no_file_behind(service):
+    import concurrent.futures as cf
+
+    payloads = [dicom_bytes(px) for px in synth_pixels(8, seed=64)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(lambda d: service.upload(d, **{"Idempotency-Key": "same-key"}), payloads)
+        )
+    assert sorted(r.status_code for r in codes).count(202) == 1
+    assert {r.status_code for r in codes} <= {202, 409}
+    held = {s.content_sha256 for s in service.store.list_studies(None, limit=10000)}
+    files = {p.name for p in (service.data_dir / "blobs").rglob("*") if p.parent.name != "tmp"}
+    assert {p for p in files if len(p) == 64} <= held  # no file without its study
+
+
+def test_a_large_body_is_413_before_the_key_is_checked(service):
+    r = httpx.post(
+        f"{service.url}/v1/studies/x/reviews",
+        content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["code"] == "request_too_large", r.text
+
+
+def test_a_reused_idempotency_key_is_still_rate_limited(cxr_model, tmp_path):
+    cfg = serve_config(cxr_model, tmp_path / "serve", limits={"rate_per_minute": 2})
+    with running_service(cfg) as svc:
+        first, *rest = [dicom_bytes(px) for px in synth_pixels(4, seed=65)]
+        assert svc.upload(first, **{"Idempotency-Key": "K1"}).status_code == 202
+        codes = [svc.upload(d, **{"Idempotency-Key": "K1"}).status_code for d in rest]
+        assert 429 in codes
+
+
+def test_unknown_methods_share_one_metrics_label(service):
+    for i in range(5):
+        httpx.request(f"XMETHOD{i}", f"{service.url}/health/live")
+    text = service.get("/metrics", service.admin).text
+    assert "XMETHOD" not in text
+    assert 'method="other"' in text
+
+
+def test_character_set_text_never_reaches_the_logs(service, caplog):
+    import logging
+
+    ds = _dicom(66)
+    ds.SpecificCharacterSet = "NGUYEN VAN A DOB 1975-01-01"
+    data = _bytes(ds)  # (pydicom warns here, in the test, as it writes the file)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        r = service.upload(data)
+        service.wait(r.json()["id"])
+    assert "NGUYEN" not in caplog.text and "1975" not in caplog.text

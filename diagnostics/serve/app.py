@@ -41,7 +41,7 @@ from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.models import ModelHolder, ModelSource
 from diagnostics.serve.monitor import AlertLog
 from diagnostics.serve.runner import OnnxModel
-from diagnostics.serve.server import BodyTimeout
+from diagnostics.serve.server import BodyTimeout, RequestGuard
 from diagnostics.serve.store import Store
 from diagnostics.serve.worker import Worker, start_thread
 
@@ -61,6 +61,7 @@ log = logging.getLogger("diagnostics.serve")
 
 # Sent with every response. The review pages use no inline script or style, so the policy can
 # be strict; they are never framed (clickjacking) and types are never sniffed.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -108,6 +109,7 @@ def create_app(
     app.add_middleware(
         BodyTimeout, idle_s=cfg.timeouts.body_idle_s, total_s=cfg.timeouts.body_total_s
     )
+    app.add_middleware(RequestGuard, max_body=int(cfg.limits.max_body_kb * 1024))
     web.install(app)  # the review page under /review (routers, static files, session)
     install_error_handlers(app)
     app.middleware("http")(_count_and_secure)
@@ -145,6 +147,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     thread = stop = None
     if cfg.worker.in_process:
         thread, stop = start_thread(worker)
+        app.state.worker_thread = thread  # /health/ready checks it is alive
     refresher_stop = threading.Event()
     threading.Thread(
         target=_janitor, args=(store, cfg, refresher_stop), name="part-janitor", daemon=True
@@ -185,7 +188,8 @@ async def _count_and_secure(request: Request, call_next: Any) -> Response:
     route = request.scope.get("route")
     path = getattr(route, "path", "unmatched")
     metrics: Metrics = request.app.state.metrics
-    metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+    method = request.method if request.method in HTTP_METHODS else "other"  # bounded labels
+    metrics.requests.labels(method, path, str(response.status_code)).inc()
     code = getattr(request.state, "problem_code", None)
     log.info(
         "%s %s %d%s %.1f ms",

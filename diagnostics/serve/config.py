@@ -31,6 +31,9 @@ class LimitsSection(_Strict):
     max_queue: int = Field(1000, ge=1, description="queued+running jobs before 503")
     rate_per_minute: int = Field(120, ge=1, description="uploads per clinic per minute (429)")
     disk_reserve_mb: float = Field(1024.0, ge=0, description="free space kept; below it 507")
+    # Any other request body (a review as JSON, a review-page form): read before any key is
+    # checked, so it is capped (413) before it is parsed.
+    max_body_kb: float = Field(256.0, gt=0)
 
 
 class TimeoutsSection(_Strict):

@@ -46,3 +46,21 @@ def configure(level: int = logging.INFO) -> None:
     # Library warnings (pydicom's, Pillow's) become JSON log lines like the rest, not raw
     # stderr text, and pass through the same redaction.
     logging.captureWarnings(True)
+    # pydicom's messages quote tag values (a character set field can hold anything a device
+    # wrote, names included): keep the level, drop the text.
+    logging.getLogger("pydicom").addFilter(_without_text)
+    logging.getLogger("py.warnings").addFilter(_pydicom_warning_without_text)
+
+
+_PYDICOM_TEXT = "pydicom: a file had a problem (text not logged: it may quote tag values)"
+
+
+def _without_text(record: logging.LogRecord) -> bool:
+    record.msg, record.args = _PYDICOM_TEXT, None
+    return True
+
+
+def _pydicom_warning_without_text(record: logging.LogRecord) -> bool:
+    if "pydicom" in str(record.msg):  # a captured warning's text names the file that warned
+        record.msg, record.args = _PYDICOM_TEXT, None
+    return True

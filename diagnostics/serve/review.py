@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diagnostics.serve.store import Store
 
@@ -21,6 +21,14 @@ class ReviewItem(BaseModel):
     verdict: Literal["agree", "disagree", "uncertain"] = "agree"
     corrected_label: str | None = Field(None, max_length=64)
     note: str = Field("", max_length=4000)
+
+    @field_validator("label", "corrected_label", "note")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # NUL is no text a reviewer types, and PostgreSQL refuses it in a text column
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 class ReviewBody(BaseModel):

@@ -23,6 +23,14 @@ from diagnostics.serve.config import ServeConfig, TimeoutsSection
 log = logging.getLogger("diagnostics.serve")
 
 
+class RequestTooLarge(Exception):
+    """A body over the limit for its route: answered 413."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class RequestTimedOut(Exception):
     """The request body stalled or took too long: answered 408."""
 
@@ -115,6 +123,62 @@ class BodyTimeout:
             return message
 
         await self.app(scope, timed_receive, send)
+
+
+UPLOAD_ROUTE = ("POST", "/v1/studies")  # streams to disk under its own cap (limits.max_upload_mb)
+
+
+class RequestGuard:
+    """ASGI middleware for what no route should have to check:
+
+    - a NUL character in the path or query answers 400 (no identifier, code or filter holds one,
+      and PostgreSQL refuses it in text);
+    - a body over `max_body` bytes answers 413, from its Content-Length before anything is read,
+      or as soon as it passes the cap; the upload route has its own streamed cap.
+    """
+
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
+            await _send_problem(send, 400, "bad_request", "The request holds a NUL character.")
+            return
+        if (scope["method"], scope["path"]) == UPLOAD_ROUTE:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body
+        too_large = f"The request body is over the limit of {limit // 1024} KB."
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _send_problem(send, 413, "request_too_large", too_large)
+                return
+        seen = 0
+
+        async def capped_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise RequestTooLarge(too_large)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+async def _send_problem(send: Any, status: int, code: str, detail: str) -> None:
+    from diagnostics.serve.api.errors import problem_response
+
+    response = problem_response(status, code, detail, headers={"Connection": "close"})
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Any:
+    return {"type": "http.disconnect"}
 
 
 def uvicorn_config(app: Any, cfg: ServeConfig, *, host: str, port: int) -> Any:

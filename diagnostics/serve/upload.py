@@ -60,6 +60,10 @@ async def receive_file(
         raise UploadError(
             400, "not_multipart", "Send the file as multipart/form-data in a field named 'file'."
         )
+    if not 1 <= len(params[b"boundary"]) <= 70:  # RFC 2046: 1 to 70 characters
+        raise UploadError(
+            400, "bad_multipart", "The multipart boundary must be 1 to 70 characters."
+        )
     state: dict[str, Any] = {
         "headers": {},
         "field": b"",

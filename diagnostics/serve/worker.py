@@ -24,6 +24,8 @@ from typing import Any
 from diagnostics.serve.runner import Scorer, ScoreResult
 from diagnostics.serve.store import LeaseLost, Store, StoreBusy
 
+# What ends the process on purpose; anything else raised while scoring is a failed batch.
+PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 log = logging.getLogger(__name__)
 
 # Failures that another attempt cannot fix: the job ends at once.
@@ -90,7 +92,9 @@ class Worker:
                 results = scorer.score_many(
                     data, [study.id for _, study in ready], limits, profiles
                 )
-            except Exception as exc:  # an unexpected error: retry later, never lose the job
+            except BaseException as exc:  # unexpected (a native decoder's panic is not an
+                if isinstance(exc, PROCESS_EXITS):  # Exception): retry later, never lose the job
+                    raise
                 log.exception("scoring failed")
                 for job, _ in ready:
                     self._retry(job, "worker_error", f"Scoring raised {type(exc).__name__}.")
@@ -186,7 +190,9 @@ class Worker:
                 n = self.run_once()
             except StoreBusy:
                 n = 0
-            except Exception:
+            except BaseException as exc:  # the loop outlives any one batch's failure
+                if isinstance(exc, PROCESS_EXITS):
+                    raise
                 log.exception("worker loop error")
                 n = 0
             if n == 0:

@@ -56,7 +56,8 @@ def admit(
     length: str | None,
 ) -> None:
     """Refusals decided before the body is read: size, disk, queue, rate. A retry of an
-    upload already accepted under its Idempotency-Key skips queue and rate limits."""
+    upload already accepted under its Idempotency-Key skips the queue limit (its study is
+    queued already), never the rate limit (its bytes are not known yet)."""
     if length and length.isdigit() and int(length) > max_upload_bytes(cfg) + BODY_OVERHEAD:
         raise Problem(
             413,
@@ -65,9 +66,8 @@ def admit(
         )
     if shutil.disk_usage(store.blobs.root).free < disk_reserve_bytes(cfg):
         raise Problem(507, "insufficient_storage", "The service is low on disk space; try later.")
-    if idem is not None and store.has_idempotency_key(clinic, idem):
-        return
-    if store.queue_depth() >= cfg.limits.max_queue:
+    known = idem is not None and store.has_idempotency_key(clinic, idem)
+    if not known and store.queue_depth() >= cfg.limits.max_queue:
         raise Problem(
             503,
             "queue_full",
@@ -116,6 +116,7 @@ def accept(
         raise Problem(409, conflict, conflict_text(conflict))
     if existing is not None:
         return existing, False
+    created_blob = not store.blobs.path(got.sha256).exists()
     try:
         store.blobs.commit(got.path, got.sha256)  # durable before the row commits
     except OSError as exc:
@@ -134,11 +135,13 @@ def accept(
             idempotency_key=idem,
             max_attempts=cfg.worker.max_attempts,
         )
-    except Conflict as exc:
-        raise Problem(409, exc.code, conflict_text(exc.code)) from None
-    except StoreFull:  # 507; the file goes too, unless an earlier study holds the same bytes
-        if not store.blob_in_use(got.sha256):
+    except (Conflict, StoreFull) as exc:
+        # 409 (a concurrent upload won) or 507: the file this request stored goes too, unless a
+        # study holds the same bytes
+        if created_blob and not store.blob_in_use(got.sha256):
             store.blobs.remove(got.sha256)
+        if isinstance(exc, Conflict):
+            raise Problem(409, exc.code, conflict_text(exc.code)) from None
         raise
 
 

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diagnostics.serve.server import RequestTimedOut
+from diagnostics.serve.server import RequestTimedOut, RequestTooLarge
 from diagnostics.serve.store import StoreBusy, StoreFull
 
 log = logging.getLogger("diagnostics.serve")
@@ -38,7 +38,9 @@ TITLES = {
     403: "Forbidden",
     404: "Not found",
     409: "Conflict",
-    413: "Upload too large",
+    405: "Method not allowed",
+    408: "Request timeout",
+    413: "Request too large",
     415: "Unsupported media type",
     422: "Input refused",
     429: "Too many requests",
@@ -108,6 +110,13 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("database full on %s %s", request.method, request.url.path)
         return problem_response(
             507, "insufficient_storage", "The service's database is full.", request.url.path
+        )
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(request: Request, exc: RequestTooLarge) -> Response:
+        request.state.problem_code = "request_too_large"
+        return problem_response(
+            413, "request_too_large", exc.message, request.url.path, {"Connection": "close"}
         )
 
     @app.exception_handler(RequestTimedOut)

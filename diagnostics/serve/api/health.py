@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from diagnostics.serve.api.admission import disk_reserve_bytes
@@ -33,7 +33,7 @@ def live() -> Response:
 
 
 @router.get("/health/ready")
-def ready(cfg: ConfigDep, store: StoreDep, holder: HolderDep) -> Response:
+def ready(request: Request, cfg: ConfigDep, store: StoreDep, holder: HolderDep) -> Response:
     checks: dict[str, Any] = {}
     status = "ok"
     try:
@@ -53,7 +53,11 @@ def ready(cfg: ConfigDep, store: StoreDep, holder: HolderDep) -> Response:
     checks["model"] = {"ok": True, **current.describe(), "refresh_error": holder.last_error}
     if current.fallback and status == "ok":
         status = "degraded"  # CUDA wanted, CPU in use: scoring works, slower
-    checks["worker"] = {"in_process": cfg.worker.in_process}
+    thread = getattr(request.app.state, "worker_thread", None)
+    alive = thread is None or thread.is_alive()  # None: an external worker (or not started)
+    checks["worker"] = {"in_process": cfg.worker.in_process, "ok": alive}
+    if not alive:  # uploads would queue for ever
+        status = "unavailable"
     return json_response(
         {"status": status, "checks": checks}, status=503 if status == "unavailable" else 200
     )

@@ -122,7 +122,10 @@ def list_studies(
     if status is not None and status not in STATUSES:
         raise Problem(422, "invalid_status", f"status is one of {', '.join(STATUSES)}.")
     if since is not None:  # SQLite compares stored UTC text: convert, whatever the offset
-        since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
+        try:
+            since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
+        except OverflowError:  # 9999-12-31T23:59-23:59 lies past the last datetime in UTC
+            raise Problem(422, "invalid_request", "since: outside the range of dates") from None
     rows = store.list_studies(p.visible(), status=status, since=since, limit=limit)
     store.log_access(p.key_id, "study.list", "clinic", p.clinic or p.role)
     return json_response({"studies": [study_summary(s) for s in rows]})

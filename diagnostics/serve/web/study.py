@@ -12,7 +12,6 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import ValidationError
 
 from diagnostics.serve.api.deps import ConfigDep, DataDirDep, HolderDep, StoreDep
 from diagnostics.serve.i18n import ages_text, outside_reason
@@ -81,7 +80,10 @@ def study_page(
 async def impression(request: Request, study_id: str, store: StoreDep) -> Response:
     form = await form_checked(request)
     row, _ = load_study(request, store, study_id)
-    text = str(form.get("impression", ""))[:4000]
+    try:
+        text = _field(form, "impression").replace("\x00", "")[:4000]
+    except ValueError:
+        raise WebDenied(400, lang_of(request)) from None
     store.log_access(
         f"user:{row.username}", "review.impression", "study", study_id, impression=text
     )
@@ -97,7 +99,7 @@ async def submit(request: Request, study_id: str, cfg: ConfigDep, store: StoreDe
     view = _view(request, store, study_id)
     try:
         items = _form_reviews(form, view)
-    except ValidationError:
+    except ValueError:  # pydantic's ValidationError is one
         raise WebDenied(400, lang_of(request)) from None
     if not items:
         return RedirectResponse(f"/review/studies/{quote(study_id)}", status_code=303)
@@ -116,27 +118,35 @@ def _view(request: Request, store: Store, study_id: str) -> dict[str, Any]:
     return cast(dict[str, Any], view)
 
 
+def _field(form: Any, name: str) -> str:
+    """A text field of the review form; a file sent in its place is refused (ValueError)."""
+    value = form.get(name, "")
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text")
+    return value
+
+
 def _form_reviews(form: Any, view: dict[str, Any]) -> list[ReviewItem]:
     items = []
     for f in view["findings"]:
-        verdict = str(form.get(f"verdict_{f['id']}", ""))
+        verdict = _field(form, f"verdict_{f['id']}")
         if verdict not in ("agree", "disagree", "uncertain"):
             continue  # a finding left without a decision is not reviewed
         items.append(
             ReviewItem(
                 finding_id=f["id"],
                 verdict=verdict,
-                corrected_label=str(form.get(f"corrected_{f['id']}", "")) or None,
-                note=str(form.get(f"note_{f['id']}", ""))[:4000],
+                corrected_label=_field(form, f"corrected_{f['id']}") or None,
+                note=_field(form, f"note_{f['id']}")[:4000],
             )
         )
-    extra = str(form.get("unlisted_label", ""))
+    extra = _field(form, "unlisted_label")
     if extra:
         items.append(
             ReviewItem(
                 unlisted=True,
                 corrected_label=extra,
-                note=str(form.get("unlisted_note", ""))[:4000],
+                note=_field(form, "unlisted_note")[:4000],
             )
         )
     return items
