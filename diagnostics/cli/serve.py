@@ -129,23 +129,14 @@ def worker(
 
     from diagnostics.serve import logs
     from diagnostics.serve.models import ModelHolder
-    from diagnostics.serve.monitor import AlertLog
-    from diagnostics.serve.worker import Worker
+    from diagnostics.serve.worker import worker_for
 
     cfg = _serve_config(config, set_)
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
     holder = ModelHolder(model, cfg, data_dir / "heatmaps", _model_source(cfg))
-    w = Worker(
-        store,
-        holder,
-        lease_s=cfg.worker.lease_s,
-        batch_size=cfg.model.batch_size,
-        poll_s=cfg.worker.poll_s,
-        retry_delay_s=cfg.worker.retry_delay_s,
-        alerts=AlertLog(store, cfg.monitor),
-    )
+    w = worker_for(store, holder, cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

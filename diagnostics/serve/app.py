@@ -39,11 +39,10 @@ from diagnostics.serve.api.errors import (
 from diagnostics.serve.api.metrics import Metrics
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.models import ModelHolder, ModelSource
-from diagnostics.serve.monitor import AlertLog
 from diagnostics.serve.runner import OnnxModel
 from diagnostics.serve.server import BodyTimeout, RequestGuard
 from diagnostics.serve.store import Store
-from diagnostics.serve.worker import Worker, start_thread
+from diagnostics.serve.worker import Worker, start_thread, worker_for
 
 __all__ = [
     "PROBLEM",
@@ -82,16 +81,7 @@ def create_app(
 ) -> FastAPI:
     holder = ModelHolder(model, cfg, data_dir / "heatmaps", model_source)
     metrics = Metrics(store, cfg.monitor)
-    worker = Worker(
-        store,
-        holder,
-        lease_s=cfg.worker.lease_s,
-        batch_size=cfg.model.batch_size,
-        poll_s=cfg.worker.poll_s,
-        retry_delay_s=cfg.worker.retry_delay_s,
-        on_result=metrics.observe_result,
-        alerts=AlertLog(store, cfg.monitor),
-    )
+    worker = worker_for(store, holder, cfg, on_result=metrics.observe_result)
     app = FastAPI(
         title="diagnostics clinic service",
         version="1",

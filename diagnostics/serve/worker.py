@@ -19,10 +19,13 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diagnostics.serve.runner import Scorer, ScoreResult
 from diagnostics.serve.store import LeaseLost, Store, StoreBusy
+
+if TYPE_CHECKING:
+    from diagnostics.serve.config import ServeConfig
 
 # What ends the process on purpose; anything else raised while scoring is a failed batch.
 PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
@@ -226,6 +229,27 @@ def finding_row(f: dict[str, Any], result: ScoreResult) -> dict[str, Any]:
         "preprocess_version": result.preprocess_version,
         "provider": result.provider,
     }
+
+
+def worker_for(
+    store: Store,
+    holder: Any,
+    cfg: ServeConfig,
+    on_result: Callable[[ScoreResult], None] | None = None,
+) -> Worker:
+    """The worker a service config describes (in the API process or on its own)."""
+    from diagnostics.serve.monitor import AlertLog
+
+    return Worker(
+        store,
+        holder,
+        lease_s=cfg.worker.lease_s,
+        batch_size=cfg.model.batch_size,
+        poll_s=cfg.worker.poll_s,
+        retry_delay_s=cfg.worker.retry_delay_s,
+        on_result=on_result,
+        alerts=AlertLog(store, cfg.monitor),
+    )
 
 
 def start_thread(worker: Worker) -> tuple[threading.Thread, threading.Event]:
