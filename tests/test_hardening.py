@@ -605,3 +605,33 @@ def test_character_set_text_never_reaches_the_logs(service, caplog):
         r = service.upload(data)
         service.wait(r.json()["id"])
     assert "NGUYEN" not in caplog.text and "1975" not in caplog.text
+
+
+def test_a_chunked_json_body_over_the_cap_is_413_not_400(service):
+    """No Content-Length: the cap trips while FastAPI reads the JSON body."""
+
+    def chunks():
+        yield b'{"reviews": ['
+        for _ in range(400):
+            yield b'{"label": "Pneumonia", "verdict": "agree", "note": "' + b"x" * 1000 + b'"},'
+        yield b"]}"
+
+    r = httpx.post(
+        f"{service.url}/v1/studies/x/reviews",
+        content=chunks(),
+        headers={**service.headers(service.reviewer), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["code"] == "request_too_large", r.text
+
+
+def test_a_stalled_json_body_is_408_not_400(service):
+    head = (
+        "POST /v1/studies/x/reviews HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {service.reviewer}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    with _raw_connection(service) as sock:
+        sock.sendall(head + b'{"reviews": ')  # and then nothing
+        answer = _read_all(sock, 15)
+    assert b" 408 " in answer.split(b"\r\n", 1)[0], answer[:200]
+    assert b"request_timeout" in answer

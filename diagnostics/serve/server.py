@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import Any
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from diagnostics.serve.config import ServeConfig, TimeoutsSection
@@ -23,19 +24,23 @@ from diagnostics.serve.config import ServeConfig, TimeoutsSection
 log = logging.getLogger("diagnostics.serve")
 
 
-class RequestTooLarge(Exception):
+# Both are HTTPExceptions: FastAPI turns any other error raised while it reads a JSON body into
+# a 400 "error parsing the body", and re-raises these; their own handlers answer them.
+
+
+class RequestTooLarge(StarletteHTTPException):
     """A body over the limit for its route: answered 413."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
+        super().__init__(413, message)
         self.message = message
 
 
-class RequestTimedOut(Exception):
+class RequestTimedOut(StarletteHTTPException):
     """The request body stalled or took too long: answered 408."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
+        super().__init__(408, message)
         self.message = message
 
 

@@ -119,6 +119,13 @@ def accept(
     created_blob = not store.blobs.path(got.sha256).exists()
     try:
         store.blobs.commit(got.path, got.sha256)  # durable before the row commits
+    except FileNotFoundError:  # its .part was taken for abandoned (held up over 2 minutes)
+        raise Problem(
+            503,
+            "upload_expired",
+            "The upload waited too long; send it again.",
+            {"Retry-After": "5"},
+        ) from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise Problem(507, "insufficient_storage", "The service ran out of disk.") from None

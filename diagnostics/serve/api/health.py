@@ -76,7 +76,10 @@ def prometheus(p: PrincipalDep, metrics: MetricsDep) -> Response:
 def disk_check(folder: Path, reserve: int) -> dict[str, Any]:
     """Free space above the reserve, and a small file can actually be written (a full disk with
     `disk_reserve_mb: 0` still has 0 bytes free)."""
-    free = shutil.disk_usage(folder).free
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:  # the folder is gone or unreadable
+        return {"ok": False, "error": errno.errorcode.get(exc.errno or 0, type(exc).__name__)}
     out: dict[str, Any] = {"ok": free > reserve, "free_mb": round(free / 2**20)}
     probe = folder / f".ready-{uuid.uuid4().hex}"
     try:

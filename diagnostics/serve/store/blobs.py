@@ -49,9 +49,12 @@ class BlobStore:
         n = 0
         cutoff = time.time() - older_than_s
         for f in self.tmp.glob("*.part"):
-            if f.stat().st_mtime < cutoff:
-                f.unlink(missing_ok=True)
-                n += 1
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink(missing_ok=True)
+                    n += 1
+            except FileNotFoundError:  # its request finished (and removed it) meanwhile
+                continue
         return n
 
 
