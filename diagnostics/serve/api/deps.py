@@ -10,6 +10,7 @@ request: a malformed request answers 422 before any role or study check, as it a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,51 +47,25 @@ class Principal:
 
 
 # --------------------------------------------------------------------------- the service's parts
-# async: reading an attribute needs no thread from the pool
 
 
-async def get_cfg(request: Request) -> ServeConfig:
-    cfg: ServeConfig = request.app.state.cfg
-    return cfg
+def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency returning `app.state.<name>` (async: it needs no thread from the pool)."""
+
+    async def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
 
 
-async def get_store(request: Request) -> Store:
-    store: Store = request.app.state.store
-    return store
-
-
-async def get_holder(request: Request) -> ModelHolder:
-    holder: ModelHolder = request.app.state.holder
-    return holder
-
-
-async def get_worker(request: Request) -> Worker:
-    worker: Worker = request.app.state.worker
-    return worker
-
-
-async def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
-
-
-async def get_limiter(request: Request) -> RateLimiter:
-    limiter: RateLimiter = request.app.state.limiter
-    return limiter
-
-
-async def get_data_dir(request: Request) -> Path:
-    data_dir: Path = request.app.state.data_dir
-    return data_dir
-
-
-ConfigDep = Annotated[ServeConfig, Depends(get_cfg)]
-StoreDep = Annotated[Store, Depends(get_store)]
-HolderDep = Annotated[ModelHolder, Depends(get_holder)]
-WorkerDep = Annotated[Worker, Depends(get_worker)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
-DataDirDep = Annotated[Path, Depends(get_data_dir)]
+ConfigDep = Annotated[ServeConfig, Depends(_state("cfg"))]
+StoreDep = Annotated[Store, Depends(_state("store"))]
+HolderDep = Annotated[ModelHolder, Depends(_state("holder"))]
+WorkerDep = Annotated[Worker, Depends(_state("worker"))]
+MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
+LimiterDep = Annotated[RateLimiter, Depends(_state("limiter"))]
+DataDirDep = Annotated[Path, Depends(_state("data_dir"))]
 
 
 # --------------------------------------------------------------------------- auth
