@@ -9,7 +9,7 @@ CLINIC       := .venv-clinic
 CLINIC_STAMP := $(CLINIC)/.installed
 PACKAGE_FILES = $(shell find diagnostics -type f -not -path '*/__pycache__/*' -not -name '*.pyc')
 
-.PHONY: demo test test-all lint format venv clinic-venv clean chromium
+.PHONY: demo test test-all lint format venv clinic-venv clean chromium pacs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,17 @@ chromium:
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
 	  echo "note: chromium could not be installed; browser tests will skip"
 
+# The DICOM tests use Debian's Orthanc as the PACS and dcmtk's dsrdump to read our SRs: installed
+# the same way, when possible; otherwise those tests skip and say why.
+pacs:
+	@(command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]) && command -v dsrdump >/dev/null 2>&1 || \
+	  [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  (apt-get install -y -q orthanc dcmtk >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q orthanc dcmtk >/dev/null 2>&1)) || \
+	  echo "note: orthanc/dcmtk could not be installed; the PACS tests will skip"
+
 # Default run: everything except `gpu` tests (see pytest addopts in pyproject.toml).
-test: $(STAMP) $(CLINIC_STAMP) chromium
+test: $(STAMP) $(CLINIC_STAMP) chromium pacs
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -177,6 +177,10 @@ class HeaderInfo:
     sop_instance_uid: str | None = None  # DICOM only; an instance identifier, never logged
     age_years: float | None = None  # DICOM only: see `patient_age`
     age_source: str | None = None
+    # DICOM only, never logged: what groups images into a study, and what the image is
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_class_uid: str | None = None
 
 
 def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> HeaderInfo:
@@ -187,7 +191,18 @@ def inspect_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Head
         uid = instance_uid(ds)
         age, source = patient_age(ds)
         rows, cols = _int_tag(ds, "Rows"), _int_tag(ds, "Columns")
-        return HeaderInfo("dicom", rows, cols, _safe_tags(ds), uid, age, source)
+        return HeaderInfo(
+            "dicom",
+            rows,
+            cols,
+            _safe_tags(ds),
+            uid,
+            age,
+            source,
+            study_instance_uid=instance_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=instance_uid(ds, "SeriesInstanceUID"),
+            sop_class_uid=instance_uid(ds, "SOPClassUID"),
+        )
     if kind in ("png", "jpeg"):
         img = _open_bitmap(data, max_pixels)
         if _has_alpha(img):  # only these are decoded at intake, to read their alpha; one at a
@@ -461,26 +476,33 @@ def _int_tag(ds: Any, name: str, default: int | None = None) -> int:
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def instance_uid(ds: Any) -> str | None:
-    """The SOP Instance UID as text; None when absent. Several values, binary data or
-    characters other than digits and dots are refused (InvalidUIDError): the UID is the key for
-    de-duplication and goes into reports. Leading zeros in a component, which the standard
-    forbids but real devices write, are accepted as they are."""
+def instance_uid(ds: Any, keyword: str = "SOPInstanceUID") -> str | None:
+    """The SOP Instance UID (or another UID element, by keyword) as text; None when absent.
+    Several values, binary data or characters other than digits and dots are refused
+    (InvalidUIDError): UIDs are the keys for de-duplication and grouping, and go into reports.
+    Leading zeros in a component, which the standard forbids but real devices write, are
+    accepted as they are."""
+    name = {
+        "SOPInstanceUID": "SOP Instance UID",
+        "StudyInstanceUID": "Study Instance UID",
+        "SeriesInstanceUID": "Series Instance UID",
+        "SOPClassUID": "SOP Class UID",
+    }.get(keyword, keyword)
     try:
-        value = ds.get("SOPInstanceUID")
+        value = ds.get(keyword)
     except Exception:
-        raise InvalidUIDError("The SOP Instance UID is damaged.") from None
+        raise InvalidUIDError(f"The {name} is damaged.") from None
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise InvalidUIDError("The SOP Instance UID must be one UID, not several or binary data.")
+        raise InvalidUIDError(f"The {name} must be one UID, not several or binary data.")
     text = value.strip().rstrip("\x00").strip()
     if not text:
         return None
     if len(text) > 64:
-        raise InvalidUIDError("The SOP Instance UID is longer than the 64 characters DICOM allows.")
+        raise InvalidUIDError(f"The {name} is longer than the 64 characters DICOM allows.")
     if not _UID.match(text):
-        raise InvalidUIDError("The SOP Instance UID holds characters other than digits and dots.")
+        raise InvalidUIDError(f"The {name} holds characters other than digits and dots.")
     return text
 
 

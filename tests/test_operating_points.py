@@ -296,17 +296,18 @@ def test_migration_0005_keeps_older_findings_and_says_they_were_not_recorded(sto
     from sqlalchemy import text
 
     _alembic(store, "upgrade", "0004")
-    study, _ = store.create_study(
-        clinic="c1",
-        actor="t",
-        sha256="0" * 64,
-        size=1,
-        fmt="png",
-        filename="a.png",
-        sop_uid=None,
-        idempotency_key=None,
-        max_attempts=2,
-    )
+    store.ensure_clinic("c1")
+    sid = "s" * 32
+    with store.engine.begin() as conn:  # a study as revision 0004 stored it (one file)
+        conn.execute(
+            text(
+                "INSERT INTO studies (id, clinic_id, status, content_sha256, size_bytes, format, "
+                "original_filename, result, created_at, updated_at) VALUES (:s, 'c1', 'scored', "
+                ":h, 1, 'png', 'a.png', '{}', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            ),
+            {"s": sid, "h": "0" * 64},
+        )
+    study = type("Old", (), {"id": sid})
     profile = store.save_profile(
         model_sha256="m" * 64,
         site="c1",
@@ -329,7 +330,9 @@ def test_migration_0005_keeps_older_findings_and_says_they_were_not_recorded(sto
                 ),
                 {"s": study.id, "l": label, "m": "m" * 64, "p": pid},
             )
-    store.migrate()  # to head: 0005
+    store.migrate()  # to head: 0005, then 0006 (the study's file becomes its one image)
+    (image,) = store.study_instances(study.id)
+    assert (image.position, image.status, image.content_sha256) == (1, "scored", "0" * 64)
     found = {f["label"]: f["operating_point"] for f in store.study_view(study.id)["findings"]}
     assert found["Pneumonia"] == {
         "recorded": False,

@@ -319,6 +319,7 @@ def test_lease_expiry_bounded_attempts_then_failed_and_visible(store):
     actions = [a.action for a in store.audit_rows(study.id)]
     assert actions == [
         "study.upload",
+        "instance.received",
         "study.queued",
         "study.running",
         "study.reclaimed",

@@ -81,6 +81,75 @@ class MonitorSection(_Strict):
     days: int = Field(14, ge=1, le=366, description="days shown on the agreement page")
 
 
+class TriageSection(_Strict):
+    """The worklist puts AI-positive studies first. A study the AI called negative still rises
+    to the top once it has waited `max_wait_minutes` unreviewed, so that a false negative is
+    never read last. Per site: `clinics: {hd-01: 60}`."""
+
+    max_wait_minutes: float = Field(240.0, gt=0)
+    clinics: dict[str, float] = Field(default_factory=dict)
+
+    def wait_for(self, clinic: str) -> float:
+        return float(self.clinics.get(clinic, self.max_wait_minutes))
+
+
+class StudiesSection(_Strict):
+    # A study is scored once no new image has come for this long (Orthanc's "stable study"),
+    # or at once when the HTTP API marks it complete.
+    quiet_period_s: float = Field(30.0, ge=0)
+    max_instances: int = Field(32, ge=1, description="images in one study; more are refused")
+
+
+class DicomCaller(_Strict):
+    """A calling AE title the receiver accepts: the DICOM equivalent of a clinic's API key."""
+
+    clinic: str
+
+
+class DicomDestination(_Strict):
+    """Where a clinic's results go: its PACS by C-STORE, and optionally by STOW-RS."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(0, ge=0, le=65535)
+    stow_url: str = ""  # e.g. http://pacs:8042/dicom-web (STOW-RS: POST {stow_url}/studies)
+    # Optional HTTP basic credentials for the STOW-RS endpoint, read from these environment
+    # variables (never put the secret itself in a committed config).
+    stow_user_env: str = ""
+    stow_password_env: str = ""
+
+
+class DicomExportSection(_Strict):
+    """Bounded retries: attempt k waits backoff_s * 2**(k-1), at most max_backoff_s, then the
+    object stops as failed (`diagnostics dicom resend` sends it again)."""
+
+    enabled: bool = True
+    max_attempts: int = Field(5, ge=1)
+    backoff_s: float = Field(10.0, ge=0)
+    max_backoff_s: float = Field(600.0, ge=0)
+    timeout_s: float = Field(30.0, gt=0, description="connect and network timeout per send")
+    poll_s: float = Field(1.0, gt=0)
+    heatmaps: bool = True  # a secondary capture per positive finding
+
+
+class DicomSection(_Strict):
+    """The DICOM network edge: a C-ECHO/C-STORE receiver (started by `serve` when enabled, or
+    alone by `diagnostics dicom receive`), and results sent back to each clinic's PACS."""
+
+    enabled: bool = False
+    ae_title: str = Field("DIAGNOSTICS", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(10, ge=1)
+    max_pdu_bytes: int = Field(65536, ge=4096, le=1048576)
+    network_timeout_s: float = Field(60.0, gt=0)
+    # calling AE title -> clinic. An unknown caller's association is rejected.
+    callers: dict[str, DicomCaller] = Field(default_factory=dict)
+    # clinic -> its PACS. A clinic without one gets no results back over DICOM.
+    destinations: dict[str, DicomDestination] = Field(default_factory=dict)
+    export: DicomExportSection = Field(default_factory=DicomExportSection)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -96,6 +165,9 @@ class ServeConfig(_Strict):
     monitor: MonitorSection = Field(default_factory=MonitorSection)
     timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    studies: StudiesSection = Field(default_factory=StudiesSection)
+    triage: TriageSection = Field(default_factory=TriageSection)
+    dicom: DicomSection = Field(default_factory=DicomSection)
     # The interactive API docs (/docs, /openapi.json) describe every route to anyone: off unless
     # a site wants them (e.g. on a test machine).
     api_docs: bool = False

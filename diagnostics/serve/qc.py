@@ -141,8 +141,12 @@ def check_tags(tags: dict[str, object], cfg: QCConfig) -> list[QCResult]:
     return out
 
 
-def check_intake(data: bytes, cfg: QCConfig) -> tuple[HeaderInfo, list[QCResult]]:
-    """Header checks on uploaded bytes. Raises `QCRefusal` on the first failure."""
+def check_intake(
+    data: bytes, cfg: QCConfig, *, views: bool = True
+) -> tuple[HeaderInfo, list[QCResult]]:
+    """Header checks on uploaded bytes. Raises `QCRefusal` on the first failure. `views=False`
+    lets a view the model does not read pass (an image of a study, refused per image when the
+    study is scored), recorded as a failed result."""
     try:
         info = inspect_header(data, max_pixels=cfg.max_pixels)
     except ImageError as exc:
@@ -150,7 +154,7 @@ def check_intake(data: bytes, cfg: QCConfig) -> tuple[HeaderInfo, list[QCResult]
     results = [_ok("format", "intake", info.format)]
     results += check_tags(info.dicom, cfg)
     for r in results:
-        if not r.passed:
+        if not r.passed and (views or r.code != VIEW):
             raise QCRefusal(r)
     return info, results
 

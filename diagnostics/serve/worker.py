@@ -1,4 +1,5 @@
-"""Leased job processing: claim queued studies, run QC and the model, store the outcome.
+"""Leased job processing: claim queued studies, run QC and the model on their images, store
+each study's outcome (aggregated from its images, `aggregate.py`).
 
 Runs in the API process (a thread) by default, or alone as `diagnostics worker`. Any number of
 workers may share one database:
@@ -21,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from diagnostics.serve.aggregate import aggregate
 from diagnostics.serve.runner import Scorer, ScoreResult
 from diagnostics.serve.store import LeaseLost, Store, StoreBusy
 
@@ -72,39 +74,58 @@ class Worker:
         return s.scorer if hasattr(s, "scorer") else s
 
     def run_once(self) -> int:
-        """Claim up to `batch_size` jobs and finish them. Returns how many were claimed."""
+        """Claim up to `batch_size` studies and finish them. Returns how many were claimed.
+        All their images are scored in one call (batched by the Scorer), then each study's
+        outcome is aggregated from its images (`aggregate.py`) and stored."""
         claimed = self.store.claim(self.owner, self.lease_s, self.batch_size)
         if not claimed:
             return 0
-        data: list[bytes] = []
-        ready: list[tuple[Any, Any]] = []
+        ready: list[tuple[Any, Any, list[Any], list[bytes]]] = []
         for job, study in claimed:
+            images = [i for i in self.store.study_instances(study.id) if i.status == "received"]
             try:
-                data.append(self.store.blobs.read(study.content_sha256))
-                ready.append((job, study))
+                data = [self.store.blobs.read(i.content_sha256) for i in images]
             except OSError:
                 log.error("blob missing for study %s", study.id)
                 self._finish_failed(job, "blob_missing", "The stored upload could not be read.")
+                continue
+            if not images:
+                self._finish_failed(job, "no_images", "The study holds no image to score.")
+                continue
+            ready.append((job, study, images, data))
         if ready:
             scorer = self.scorer  # one model for the whole batch, even if it switches meanwhile
             try:
                 # each site's own calibration, operating points and population limit, if any:
                 # the Scorer makes the calls (and so the heatmaps) under them
-                profiles = [self._profile(scorer, study.clinic_id) for _, study in ready]
-                limits = [self._population_limit(scorer, profile) for profile in profiles]
+                profiles = {
+                    study.clinic_id: self._profile(scorer, study.clinic_id)
+                    for _, study, _, _ in ready
+                }
+                flat = [
+                    (inst, d, profiles[study.clinic_id])
+                    for _, study, images, data in ready
+                    for inst, d in zip(images, data, strict=True)
+                ]
                 results = scorer.score_many(
-                    data, [study.id for _, study in ready], limits, profiles
+                    [d for _, d, _ in flat],
+                    [inst.id for inst, _, _ in flat],
+                    [self._population_limit(scorer, prof) for _, _, prof in flat],
+                    [prof for _, _, prof in flat],
                 )
             except BaseException as exc:  # unexpected (a native decoder's panic is not an
                 if isinstance(exc, PROCESS_EXITS):  # Exception): retry later, never lose the job
                     raise
                 log.exception("scoring failed")
-                for job, _ in ready:
+                for job, _, _, _ in ready:
                     self._retry(job, "worker_error", f"Scoring raised {type(exc).__name__}.")
                 return len(claimed)
-            for (job, study), result in zip(ready, results, strict=True):
+            at = 0
+            for job, study, images, _ in ready:
+                mine = results[at : at + len(images)]
+                at += len(images)
                 try:
-                    self._store(job, study, result)
+                    self._store(job, study, list(zip(images, mine, strict=True)))
                 except Exception:  # StoreBusy and the like: this job's lease will expire and
                     # it will be claimed again; the other jobs of the batch are still stored
                     log.exception("storing the result of study %s failed", study.id)
@@ -131,34 +152,42 @@ class Worker:
             return None
         return profile.population_threshold
 
-    def _store(self, job: Any, study: Any, result: ScoreResult) -> None:
-        doc = result.as_dict()
-        rows = [finding_row(f, result) for f in doc.pop("findings")]
-        try:
+    def _store(self, job: Any, study: Any, images: list[tuple[Any, ScoreResult]]) -> None:
+        for _, result in images:  # a transient failure of any image: the study again, later
             if result.status == "failed" and result.code not in PERMANENT:
                 self._retry(job, result.code or "worker_error", result.message or "")
                 return
+        rows = [
+            [finding_row(f.model_dump(), result) for f in result.findings] for _, result in images
+        ]
+        outcome = aggregate(images, rows)
+        try:
             self.store.complete(
                 job.id,
                 self.owner,
                 job.attempts,
-                status=result.status,
-                result=doc,
-                findings=rows,
-                code=result.code,
-                message=result.message,
-                flag=result.flags[0] if result.status == "scored" and result.flags else None,
+                status=outcome.status,
+                result=outcome.result,
+                findings=outcome.findings,
+                code=outcome.code,
+                message=outcome.message,
+                flag=outcome.flag if outcome.status == "scored" else None,
+                images=outcome.images,
             )
             self.processed += 1
+            total = sum(r.timing_ms.get("total", 0.0) for _, r in images)
             log.info(
-                "study %s %s%s in %.0f ms",
+                "study %s %s%s (%d image%s) in %.0f ms",
                 study.id,
-                result.status,
-                f" ({result.code})" if result.code else "",
-                result.timing_ms.get("total", 0.0),
+                outcome.status,
+                f" ({outcome.code})" if outcome.code else "",
+                len(images),
+                "" if len(images) == 1 else "s",
+                total,
             )
             if self.on_result is not None:
-                self.on_result(result)
+                for _, result in images:
+                    self.on_result(result)
         except LeaseLost:
             log.warning("lease on study %s lost to another worker: result dropped", study.id)
 

@@ -48,12 +48,65 @@ async def upload(
     limiter: LimiterDep,
     metrics: MetricsDep,
     worker: WorkerDep,
+    complete: bool = Query(
+        True,
+        description="false: keep the study open for more images (POST .../instances), scored "
+        "when marked complete or after the quiet period",
+    ),
+) -> Response:
+    """One file: a study of one image, scored at once (or kept open with complete=false)."""
+    return await _upload(request, p, cfg, store, limiter, metrics, worker, None, complete)
+
+
+@router.post("/v1/studies/{study_id}/instances", status_code=202)
+async def add_image(
+    study_id: str,
+    request: Request,
+    p: PrincipalDep,
+    cfg: ConfigDep,
+    store: StoreDep,
+    limiter: LimiterDep,
+    metrics: MetricsDep,
+    worker: WorkerDep,
+    complete: bool = Query(False, description="true: this is the study's last image"),
+) -> Response:
+    """Another image of an open study of this clinic (409 study_closed once it is scored)."""
+    return await _upload(request, p, cfg, store, limiter, metrics, worker, study_id, complete)
+
+
+@router.post("/v1/studies/{study_id}/complete", status_code=202)
+def complete_study(
+    study_id: str, p: PrincipalDep, cfg: ConfigDep, store: StoreDep, worker: WorkerDep
+) -> Response:
+    """Score an open study now, without waiting for its quiet period."""
+    if p.role != "submitter" and not (p.role == "admin" and not cfg.auth):
+        need(p, "submitter")
+    visible_study(store, p, study_id)
+    study = store.complete_study(study_id, p.key_id)
+    worker.wake.set()
+    return JSONResponse(study_summary(study), status_code=202)
+
+
+async def _upload(
+    request: Request,
+    p: Principal,
+    cfg: ServeConfig,
+    store: Store,
+    limiter: RateLimiter,
+    metrics: Any,
+    worker: Any,
+    study_id: str | None,
+    complete: bool,
 ) -> Response:
     if p.role != "submitter" and not (p.role == "admin" and not cfg.auth):
         need(p, "submitter")
+    if study_id is not None:
+        visible_study(store, p, study_id)
     t0 = time.perf_counter()
     try:
-        study, created = await receive_study(request, p, cfg, store, limiter)
+        study, created = await receive_study(
+            request, p, cfg, store, limiter, study_id=study_id, complete=complete
+        )
     except Problem as exc:  # every refused upload is audited and counted, by code
         metrics.refusals.labels(exc.code).inc()
         await run_in_threadpool(store.log_access, p.key_id, "upload.refused", "upload", exc.code)
@@ -69,7 +122,14 @@ async def upload(
 
 
 async def receive_study(
-    request: Request, p: Principal, cfg: ServeConfig, store: Store, limiter: RateLimiter
+    request: Request,
+    p: Principal,
+    cfg: ServeConfig,
+    store: Store,
+    limiter: RateLimiter,
+    *,
+    study_id: str | None = None,
+    complete: bool | None = True,
 ) -> tuple[Any, bool]:
     """Admit, stream the body to a temp file, make it a study: (study, created)."""
     clinic = p.clinic or "dev"
@@ -98,7 +158,9 @@ async def receive_study(
             if exc.errno == errno.ENOSPC:
                 raise Problem(507, "insufficient_storage", "The service ran out of disk.") from None
             raise
-        return await run_in_threadpool(accept, cfg, store, clinic, p.key_id, idem, got)
+        return await run_in_threadpool(
+            accept, cfg, store, clinic, p.key_id, idem, got, study_id=study_id, complete=complete
+        )
     finally:
         temp.unlink(missing_ok=True)
 

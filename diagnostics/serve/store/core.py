@@ -3,14 +3,24 @@ per area (each in its own module)."""
 
 from __future__ import annotations
 
+from diagnostics.serve.store.instances import InstancesMixin
 from diagnostics.serve.store.jobs import JobsMixin
 from diagnostics.serve.store.keys import KeysMixin
+from diagnostics.serve.store.outbox import OutboxMixin
 from diagnostics.serve.store.profiles import ProfilesMixin
 from diagnostics.serve.store.reviewers import ReviewersMixin
 from diagnostics.serve.store.reviews import ReviewsMixin
 
 
-class Store(KeysMixin, ReviewsMixin, JobsMixin, ProfilesMixin, ReviewersMixin):
+class Store(
+    KeysMixin,
+    ReviewsMixin,
+    JobsMixin,
+    ProfilesMixin,
+    ReviewersMixin,
+    InstancesMixin,
+    OutboxMixin,
+):
     """The repository: every read and write the service makes.
 
     - base.StoreBase: engines, `session()` (reads), `write(fn)` (retried write transactions),
@@ -23,4 +33,7 @@ class Store(KeysMixin, ReviewsMixin, JobsMixin, ProfilesMixin, ReviewersMixin):
       `reviewed_studies`
     - profiles.ProfilesMixin: site profiles
     - reviewers.ReviewersMixin: reviewer accounts for the review page
+    - instances.InstancesMixin: the images of a study; adding one (grouped by Study Instance
+      UID, de-duplicated), marking a study complete
+    - outbox.OutboxMixin: DICOM result objects bound for a PACS, and their send state
     """

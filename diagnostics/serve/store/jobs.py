@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from diagnostics.serve.store.audit import AuditMixin
-from diagnostics.serve.store.tables import FINAL, FindingRow, Job, Study, now
+from diagnostics.serve.store.tables import FINAL, FindingRow, Instance, Job, Study, now
 
 
 class LeaseLost(Exception):
@@ -116,9 +116,12 @@ class JobsMixin(AuditMixin):
         code: str | None = None,
         message: str | None = None,
         flag: str | None = None,
+        images: list[dict[str, Any]] | None = None,
     ) -> None:
         """Store the outcome, findings and audit in one transaction, fenced by the lease.
-        `flag`: why a scored study carries no call (its findings have `positive` None)."""
+        `flag`: why a scored study carries no call (its findings have `positive` None).
+        `images`: each scored image's own outcome ({id, status, code, result}). Images of the
+        study that arrived while it was being scored are marked `late`."""
         if status not in FINAL:
             raise ValueError(status)
         for f in findings:  # SQLite would store NaN as NULL, PostgreSQL as NaN: neither, ever
@@ -136,6 +139,13 @@ class JobsMixin(AuditMixin):
             job.updated_at = study.updated_at = t
             study.result = result
             study.flag = flag
+            outcomes = {u["id"]: u for u in images or []}
+            for inst in s.scalars(select(Instance).where(Instance.study_id == study.id)):
+                if inst.id in outcomes:
+                    u = outcomes[inst.id]
+                    inst.status, inst.code, inst.result = u["status"], u["code"], u["result"]
+                elif inst.status == "received":
+                    inst.status = "late"
             action = {"scored": "study.scored", "failed_qc": "study.qc_refused"}.get(
                 status, "study.failed"
             )

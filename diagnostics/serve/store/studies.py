@@ -1,18 +1,15 @@
-"""Studies: upload (de-duplicated by content, SOP Instance UID and idempotency key), lookup,
-the study view with findings and reviews, listing, and the review page's browse list."""
+"""Studies: lookup, the study view with its images, findings and reviews, listing, and the
+review page's browse list. Adding images is `instances.InstancesMixin`."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Integer, case, cast, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from diagnostics.serve.store.keys import ClinicsMixin
-from diagnostics.serve.store.tables import FindingRow, Job, Review, SiteProfile, Study
+from diagnostics.serve.store.tables import FindingRow, Instance, Job, Review, SiteProfile, Study
 from diagnostics.serve.store.views import (
     BrowseItem,
     StudyView,
@@ -49,75 +46,11 @@ class StudiesMixin(ClinicsMixin):
                 is not None
             )
 
-    def find_existing(
-        self,
-        clinic: str,
-        sha256: str,
-        sop_uid: str | None,
-        idempotency_key: str | None,
-    ) -> tuple[Study | None, str | None]:
-        """(existing study, conflict code). Same bytes -> that study; the same idempotency key
-        or SOP Instance UID with other bytes -> a conflict."""
+    def study_by_idempotency_key(self, clinic: str, key: str) -> Study | None:
         with self.session() as s:
-            # a retry names the same key or the same instance; other bytes under it conflict
-            for column, value, conflict in (
-                (Study.idempotency_key, idempotency_key, "idempotency_key_reused"),
-                (Study.sop_instance_uid, sop_uid, "sop_instance_conflict"),
-            ):
-                if not value:
-                    continue
-                hit = s.scalar(select(Study).where(Study.clinic_id == clinic, column == value))
-                if hit is not None:
-                    return hit, (conflict if hit.content_sha256 != sha256 else None)
-            hit = s.scalar(
-                select(Study).where(Study.clinic_id == clinic, Study.content_sha256 == sha256)
+            return s.scalar(
+                select(Study).where(Study.clinic_id == clinic, Study.idempotency_key == key)
             )
-            return hit, None
-
-    def create_study(
-        self,
-        *,
-        clinic: str,
-        actor: str,
-        sha256: str,
-        size: int,
-        fmt: str,
-        filename: str,
-        sop_uid: str | None,
-        idempotency_key: str | None,
-        max_attempts: int,
-    ) -> tuple[Study, bool]:
-        """Insert study + queued job + audit in one transaction. (study, created). A race with an
-        identical upload resolves to the first study; a conflicting one raises `Conflict`."""
-        study_id = uuid.uuid4().hex
-        self.ensure_clinic(clinic)
-
-        def tx(s: Session) -> Study:
-            study = Study(
-                id=study_id,
-                clinic_id=clinic,
-                status="queued",
-                content_sha256=sha256,
-                size_bytes=size,
-                format=fmt,
-                original_filename=filename,
-                sop_instance_uid=sop_uid,
-                idempotency_key=idempotency_key,
-            )
-            s.add(study)
-            s.flush()
-            s.add(Job(study_id=study_id, status="queued", max_attempts=max_attempts))
-            self.audit(s, actor, "study.upload", "study", study_id, size=size, format=fmt)
-            self.audit(s, actor, "study.queued", "study", study_id)
-            return study
-
-        try:
-            return self.write(tx), True
-        except IntegrityError:
-            existing, conflict = self.find_existing(clinic, sha256, sop_uid, idempotency_key)
-            if conflict or existing is None:
-                raise Conflict(conflict or "duplicate_upload") from None
-            return existing, False
 
     def get_study(self, study_id: str) -> Study | None:
         with self.session() as s:
@@ -125,9 +58,12 @@ class StudiesMixin(ClinicsMixin):
 
     def blob_in_use(self, sha256: str) -> bool:
         with self.session() as s:
-            return (
-                s.scalar(select(Study.id).where(Study.content_sha256 == sha256).limit(1))
-                is not None
+            return any(
+                s.scalar(select(column).where(sha == sha256).limit(1)) is not None
+                for column, sha in (
+                    (Instance.id, Instance.content_sha256),
+                    (Study.id, Study.content_sha256),
+                )
             )
 
     def study_view(self, study_id: str) -> StudyView | None:

@@ -24,7 +24,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# "received": a study still collecting its images (a DICOM study before its quiet period ends,
+# or an HTTP study sent with complete=false); its job waits, not yet available.
 STATUSES = ("received", "queued", "running", "scored", "failed_qc", "failed")
+# An image of a study: waiting to be scored, scored, refused by QC (a lateral, say), failed, or
+# arrived after its study was scored ("late": kept and shown, not scored).
+INSTANCE_STATES = ("received", "scored", "failed_qc", "failed", "late")
+SOURCES = ("http", "dicom", "stow")
+# A result object bound for a PACS: pending (not yet sent, or waiting for its next attempt),
+# sent, or failed (attempts spent, or a refusal no retry can fix). Never retried forever.
+OUTBOX_STATES = ("pending", "sent", "failed")
 FINAL = ("scored", "failed_qc", "failed")
 ROLES = ("submitter", "reviewer", "admin")
 CLINIC_CODE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -79,6 +88,10 @@ class Study(Base):
         UniqueConstraint("clinic_id", "content_sha256", name="uq_study_content"),
         UniqueConstraint("clinic_id", "sop_instance_uid", name="uq_study_sop_uid"),
         UniqueConstraint("clinic_id", "idempotency_key", name="uq_study_idempotency"),
+        # one study per Study Instance UID and clinic (NULL: none, or an HTTP upload that made
+        # a new study while an earlier one with that UID was already closed), kept by
+        # `InstancesMixin.add_instance` under a lock
+        Index("ix_studies_study_uid", "clinic_id", "study_instance_uid"),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id"), index=True)
@@ -95,6 +108,75 @@ class Study(Base):
     flag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # Revision 0006: a study is a set of images (`instances`). The columns above that describe
+    # one file (content_sha256, size_bytes, format, original_filename, sop_instance_uid) are
+    # its first image's. The DICOM Study Instance UID groups images; never logged or audited.
+    # `last_instance_at`: when its newest image arrived; its job becomes available a quiet
+    # period after that (or at once when it is marked complete).
+    study_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    source: Mapped[str] = mapped_column(String(8), default="http")  # SOURCES
+    calling_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    last_instance_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    instance_count: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Instance(Base):
+    """One image of a study, stored as received (content-addressed blob). De-duplicated per
+    clinic by content and by SOP Instance UID: a re-sent instance is the same instance."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("clinic_id", "content_sha256", name="uq_instance_content"),
+        UniqueConstraint("clinic_id", "sop_instance_uid", name="uq_instance_sop_uid"),
+        Index("ix_instances_study", "study_id", "position"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"))
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id"))
+    position: Mapped[int] = mapped_column(Integer)  # 1, 2, ... in order of arrival
+    status: Mapped[str] = mapped_column(String(16))  # INSTANCE_STATES
+    code: Mapped[str | None] = mapped_column(String(64), nullable=True)  # refusal/failure code
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    original_filename: Mapped[str] = mapped_column(String(255), default="")
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    view: Mapped[str | None] = mapped_column(String(16), nullable=True)  # ViewPosition tag
+    source: Mapped[str] = mapped_column(String(8), default="http")
+    # This image's own outcome (runner.ScoreResult.as_dict(), findings included)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class OutboxItem(Base):
+    """One DICOM result object (an SR or a heatmap secondary capture) bound for a clinic's
+    PACS. The file is written once, under `outbox/` in the data folder, before its row commits;
+    sending it is retried with backoff up to `max_attempts`, then it stops as `failed`."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("study_id", "kind", "key", "route", name="uq_outbox_object"),
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # "ai_sr" | "heatmap_sc" | "review_sr"
+    key: Mapped[str] = mapped_column(String(64), default="")  # finding label, review ID...
+    route: Mapped[str] = mapped_column(String(8))  # "cstore" | "stow"
+    sop_instance_uid: Mapped[str] = mapped_column(String(128))  # the object's own UID
+    file: Mapped[str] = mapped_column(String(255))  # name under <data>/outbox/
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # OUTBOX_STATES
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Job(Base):
@@ -140,6 +222,9 @@ class FindingRow(Base):
     threshold_sensitivity: Mapped[float | None] = mapped_column(Float, nullable=True)
     threshold_specificity: Mapped[float | None] = mapped_column(Float, nullable=True)
     operating_point_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Revision 0006: each scored image's part in this study-level finding (contract:
+    # store.aggregate_findings): [{instance_id, position, probability, positive, heatmap}]
+    images: Mapped[list[Any] | None] = mapped_column(nullable=True)
 
 
 class SiteProfile(Base):

@@ -1,0 +1,1 @@
+"""The DICOM network edge: receiver, results (SR, secondary captures), export."""
