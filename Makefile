@@ -44,10 +44,10 @@ chromium:
 # The DICOM tests use Debian's Orthanc as the PACS and dcmtk's dsrdump to read our SRs: installed
 # the same way, when possible; otherwise those tests skip and say why.
 pacs:
-	@(command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]) && command -v dsrdump >/dev/null 2>&1 || \
+	@(command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]) && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dsrdump >/dev/null 2>&1 || \
 	  [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
-	  (apt-get install -y -q orthanc dcmtk >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q orthanc dcmtk >/dev/null 2>&1)) || \
+	  (apt-get install -y -q orthanc orthanc-dicomweb dcmtk >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q orthanc orthanc-dicomweb dcmtk >/dev/null 2>&1)) || \
 	  echo "note: orthanc/dcmtk could not be installed; the PACS tests will skip"
 
 # Default run: everything except `gpu` tests (see pytest addopts in pyproject.toml).

@@ -331,7 +331,7 @@ def test_audit_trail_and_logs_have_no_patient_data(service, caplog):
     service.wait(sid)
     rows = service.store.audit_rows(sid)
     actions = [a.action for a in rows]
-    assert actions[:3] == ["study.upload", "study.queued", "study.running"]
+    assert actions[:4] == ["study.upload", "instance.received", "study.queued", "study.running"]
     assert "study.scored" in actions and "study.read" in actions
     text = repr([(a.actor, a.action, a.object_id, a.detail) for a in service.store.audit_rows()])
     assert "NGUYEN" not in text and "HIS-778899" not in text

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from diagnostics.cli import data, demo, keys, models, reviews, score, serve, train
+from diagnostics.cli import data, demo, dicom, keys, models, reviews, score, serve, train
 from diagnostics.cli.common import (
     TRAINING_MODULES,
     SetOption,
@@ -72,6 +72,7 @@ models_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
+app.add_typer(dicom.app, name="dicom")
 
 
 @app.callback()

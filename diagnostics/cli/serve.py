@@ -112,6 +112,8 @@ def serve(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     _check_port_free(cfg.host, cfg.port)
+    if cfg.dicom.enabled:
+        _check_port_free(cfg.dicom.host, cfg.dicom.port)
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)

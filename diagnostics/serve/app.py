@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from diagnostics.serve import web
-from diagnostics.serve.api import admin, health, reviews, studies
+from diagnostics.serve.api import admin, dicomweb, health, reviews, studies
 from diagnostics.serve.api.admission import RateLimiter
 from diagnostics.serve.api.deps import Principal
 from diagnostics.serve.api.errors import (
@@ -104,7 +104,7 @@ def create_app(
     install_error_handlers(app)
     app.middleware("http")(_count_and_secure)
 
-    for router in (studies.router, reviews.router, health.router, admin.router):
+    for router in (studies.router, reviews.router, health.router, admin.router, dicomweb.router):
         app.include_router(router)
     return app
 
@@ -142,6 +142,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     threading.Thread(
         target=_janitor, args=(store, cfg, refresher_stop), name="part-janitor", daemon=True
     ).start()
+    # The DICOM edge, when enabled: the C-STORE receiver feeds the same store and jobs
+    receiver = None
+    if cfg.dicom.enabled:
+        from diagnostics.serve.dicom.receiver import DicomReceiver
+
+        receiver = DicomReceiver(cfg, store, on_stored=worker.wake.set)
+        receiver.start()
+        app.state.dicom_receiver = receiver
     if app.state.model_source is not None and cfg.model.refresh_s > 0:
         threading.Thread(
             target=holder.run,
@@ -159,6 +167,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     yield
     refresher_stop.set()
+    if receiver is not None:  # no new instance while the worker stops
+        receiver.stop()
     if stop is not None:
         stop.set()
         worker.wake.set()

@@ -130,7 +130,18 @@ class BodyTimeout:
         await self.app(scope, timed_receive, send)
 
 
-UPLOAD_ROUTE = ("POST", "/v1/studies")  # streams to disk under its own cap (limits.max_upload_mb)
+def streams_upload(method: str, path: str) -> bool:
+    """The routes that stream an image body to disk under their own cap (limits.max_upload_mb):
+    an upload, another image of a study, STOW-RS."""
+    if method != "POST":
+        return False
+    parts = path.split("/")
+    return (
+        path == "/v1/studies"
+        or (len(parts) == 5 and parts[:3] == ["", "v1", "studies"] and parts[4] == "instances")
+        or path == "/dicomweb/studies"
+        or (len(parts) == 4 and parts[:3] == ["", "dicomweb", "studies"])
+    )
 
 
 class RequestGuard:
@@ -152,7 +163,7 @@ class RequestGuard:
         if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
             await _send_problem(send, 400, "bad_request", "The request holds a NUL character.")
             return
-        if (scope["method"], scope["path"]) == UPLOAD_ROUTE:
+        if streams_upload(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         limit = self.max_body

@@ -146,7 +146,7 @@ async def receive_parts(
             raise UploadError(
                 413,
                 "upload_too_large",
-                f"An instance is larger than the limit of {max_part_bytes // (1024 * 1024)} MB.",
+                f"An instance is larger than the limit of {_mb(max_part_bytes)}.",
             )
         if len(cur.head) < HEAD_BYTES:
             cur.head += chunk[: HEAD_BYTES - len(cur.head)]
@@ -187,8 +187,8 @@ async def receive_parts(
                 raise UploadError(
                     413,
                     "upload_too_large",
-                    f"The request is larger than the limit of {max_total_bytes // (1024 * 1024)} "
-                    "MB; send the instances in several requests.",
+                    f"The request is larger than the limit of {_mb(max_total_bytes)}; send the "
+                    "instances in several requests.",
                 )
             try:
                 parser.write(chunk)
@@ -218,3 +218,7 @@ async def receive_parts(
 def _printable(value: bytes) -> str:
     """A client's media type, safe to echo: printable ASCII, at most 60 characters."""
     return re.sub(r"[^\x20-\x7e]", "?", value.decode("latin-1"))[:60]
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.3g} MB"

@@ -13,14 +13,18 @@ from diagnostics.serve.api.deps import ConfigDep, PrincipalDep, StoreDep, need, 
 from diagnostics.serve.api.errors import Problem, json_response
 from diagnostics.serve.monitor import daily
 from diagnostics.serve.review import ReviewBody, ReviewError, record_reviews
+from diagnostics.serve.store import MaxWait
 
 router = APIRouter(tags=["reviews"])
 
 
 @router.get("/v1/worklist")
-def worklist(p: PrincipalDep, store: StoreDep, limit: int = Query(100, ge=1, le=1000)) -> Response:
+def worklist(
+    p: PrincipalDep, store: StoreDep, cfg: ConfigDep, limit: int = Query(100, ge=1, le=1000)
+) -> Response:
     need(p, "reviewer", "admin")
-    items = store.worklist(p.visible(), limit=limit)
+    wait = MaxWait(cfg.triage.max_wait_minutes, dict(cfg.triage.clinics))
+    items = store.worklist(p.visible(), limit=limit, max_wait=wait)
     store.log_access(p.key_id, "worklist.read", "worklist", p.key_id)
     return json_response({"studies": items})
 

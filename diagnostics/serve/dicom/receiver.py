@@ -25,7 +25,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from diagnostics.serve.api.admission import disk_reserve_bytes
+from diagnostics.serve.api.admission import disk_reserve_bytes, max_upload_bytes
 from diagnostics.serve.api.errors import Problem
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.intake import ingest
@@ -146,7 +146,7 @@ class DicomReceiver:
         syntaxes = accepted_transfer_syntaxes()
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop_class, syntaxes, scu_role=False, scp_role=True)
+            ae.add_supported_context(sop_class, syntaxes)
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -252,6 +252,8 @@ class DicomReceiver:
         try:
             with event.request.DataSet.getbuffer() as view:
                 size = view.nbytes
+            if size > max_upload_bytes(self.cfg):  # the HTTP cap holds here too
+                return self._refuse(event, calling, OUT_OF_RESOURCES, "instance_too_large")
             free = shutil.disk_usage(self.store.blobs.root).free
             if free - size < disk_reserve_bytes(self.cfg):
                 return self._refuse(event, calling, OUT_OF_RESOURCES, "insufficient_storage")
@@ -268,8 +270,10 @@ class DicomReceiver:
             )
         except Problem as exc:
             return self._refuse(event, calling, store_status(exc), exc.code)
-        except (StoreFull, StoreBusy):
-            return self._refuse(event, calling, OUT_OF_RESOURCES, "database_unavailable")
+        except StoreFull:
+            return self._refuse(event, calling, OUT_OF_RESOURCES, "insufficient_storage")
+        except StoreBusy:  # the database stayed locked through the store's retries
+            return self._refuse(event, calling, OUT_OF_RESOURCES, "database_busy")
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 return self._refuse(event, calling, OUT_OF_RESOURCES, "insufficient_storage")

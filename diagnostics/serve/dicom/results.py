@@ -13,7 +13,7 @@ Patient and study attributes come only from the source images (highdicom's
 IODs require as Type 2 stay empty when the source lacks them. highdicom is never handed the
 patient's values to check (its checks would put them into warnings), only empty placeholders.
 
-Coding: finding labels with a code in DICOM's own chest-CAD tables use SNOMED CT (or DCM);
+Coding: finding labels with an established SNOMED CT (or DCM chest-CAD) concept use it;
 the rest, and the service's own concepts (calibrated probability, threshold, review decision),
 use the local scheme `99DIAGCXR`, declared in CodingSchemeIdentificationSequence.
 """
@@ -188,7 +188,9 @@ def ai_report(
         is_verified=False,  # VerificationFlag UNVERIFIED
         is_final=False,
         series_description="AI result (unreviewed)",
-        **_equipment(algorithm),
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=algorithm.version[:64],
+        device_serial_number=_serial_number(algorithm),
         coding_schemes=[_coding_scheme()],
         specific_character_set=UTF8,
     )
@@ -390,11 +392,13 @@ def heatmap_capture(
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description="AI heatmap (unreviewed)",
-        **_equipment(algorithm),
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=algorithm.version[:64],
+        device_serial_number=_serial_number(algorithm),
         specific_character_set=UTF8,
     )
     if orientation is None:  # Type 2: unknown stays empty rather than guessed
-        sc.PatientOrientation = None
+        sc.PatientOrientation = []
     sc.copy_patient_and_study_information(image)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = (
@@ -555,15 +559,9 @@ def _placeholder(image: Dataset) -> Dataset:
     return out
 
 
-def _equipment(algorithm: AlgorithmInfo) -> dict[str, str]:
-    """General Equipment: the model is the software that made the object."""
-    out = {
-        "manufacturer_model_name": algorithm.name[:64],
-        "software_versions": algorithm.version[:64],
-    }
-    if 0 < len(algorithm.model_sha256) <= 64:
-        out["device_serial_number"] = algorithm.model_sha256
-    return out
+def _serial_number(algorithm: AlgorithmInfo) -> str | None:
+    """General Equipment's Device Serial Number (LO, 64 chars): the model file's sha256."""
+    return algorithm.model_sha256 if 0 < len(algorithm.model_sha256) <= 64 else None
 
 
 def _device_uid(algorithm: AlgorithmInfo) -> str:

@@ -31,7 +31,7 @@ from diagnostics.serve.store.engine import (
 )
 from diagnostics.serve.store.jobs import LeaseLost
 from diagnostics.serve.store.keys import hash_key, new_key
-from diagnostics.serve.store.studies import Conflict, triage_order
+from diagnostics.serve.store.studies import Conflict, MaxWait, triage_order
 from diagnostics.serve.store.tables import (
     CLINIC_CODE,
     FINAL,
@@ -86,6 +86,7 @@ __all__ = [
     "FindingView",
     "Job",
     "LeaseLost",
+    "MaxWait",
     "OperatingPointView",
     "Review",
     "ReviewView",

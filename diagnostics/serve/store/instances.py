@@ -97,6 +97,14 @@ class InstancesMixin(ClinicsMixin):
                 return Added(s.get_one(Study, existing.study_id), existing, False)
             study = _target_study(s, clinic, image, source, study_id)
             late = False
+            if study is None and idempotency_key:  # the key names another upload's study
+                taken = s.scalar(
+                    select(Study.id).where(
+                        Study.clinic_id == clinic, Study.idempotency_key == idempotency_key
+                    )
+                )
+                if taken is not None:
+                    raise Conflict("idempotency_key_reused")
             if study is None:
                 study = Study(
                     id=uuid.uuid4().hex,

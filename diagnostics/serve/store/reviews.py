@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.orm import Session
 
-from diagnostics.serve.store.studies import StudiesMixin, triage_order
-from diagnostics.serve.store.tables import FINAL, FindingRow, Job, Review, Study, as_utc
+from diagnostics.serve.store.studies import MaxWait, StudiesMixin, triage_order
+from diagnostics.serve.store.tables import FINAL, FindingRow, Job, Review, Study, as_utc, now
 from diagnostics.serve.store.views import (
     AgreementRow,
     DailyOutcome,
@@ -21,9 +21,13 @@ from diagnostics.serve.store.views import (
 
 
 class ReviewsMixin(StudiesMixin):
-    def worklist(self, clinics: list[str] | None, limit: int = 100) -> list[WorklistItem]:
-        """Scored studies with a finding not yet reviewed, and failed ones: positives first,
-        then by highest probability, then oldest first."""
+    def worklist(
+        self, clinics: list[str] | None, limit: int = 100, max_wait: MaxWait | None = None
+    ) -> list[WorklistItem]:
+        """Scored studies with a finding not yet reviewed, and failed ones: those past their
+        maximum wait first (longest waiting first), then positives, then by highest
+        probability, then oldest first."""
+        overdue = max_wait.overdue(now()) if max_wait is not None else None
         with self.session() as s:
             # NOT IN over a NULL would match nothing: unlisted-finding reviews have no finding_id
             reviewed = select(Review.finding_id).where(Review.finding_id.is_not(None))
@@ -41,7 +45,9 @@ class ReviewsMixin(StudiesMixin):
                 select(Study, pending.c.any_pos, pending.c.top)
                 .join(pending, pending.c.study_id == Study.id)
                 .where(Study.status == "scored")
-                .order_by(*triage_order(pending.c.any_pos, pending.c.top), Study.created_at)
+                .order_by(
+                    *triage_order(pending.c.any_pos, pending.c.top, overdue), Study.created_at
+                )
                 .limit(limit)
             )
             if clinics is not None:

@@ -3,13 +3,23 @@ review page's browse list. Adding images is `instances.InstancesMixin`."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy import Integer, and_, case, cast, func, literal, select
 
 from diagnostics.serve.store.keys import ClinicsMixin
-from diagnostics.serve.store.tables import FindingRow, Instance, Job, Review, SiteProfile, Study
+from diagnostics.serve.store.tables import (
+    FindingRow,
+    Instance,
+    Job,
+    Review,
+    SiteProfile,
+    Study,
+    as_utc,
+    now,
+)
 from diagnostics.serve.store.views import (
     BrowseItem,
     StudyView,
@@ -25,12 +35,44 @@ class Conflict(Exception):
         self.code = code
 
 
-def triage_order(any_positive: Any, top: Any) -> list[Any]:
-    """AI-positive studies first, then by the highest probability. A study with no call (its
-    findings' `positive` NULL: outside the population) is not triaged: it ranks with the
-    negatives, and its model output does not move it. Explicit, as NULLs sort first under
-    DESC on PostgreSQL and last on SQLite."""
+# a date after every real one: sorts last ascending, on SQLite and PostgreSQL alike
+_NEVER = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class MaxWait:
+    """How long an unreviewed study may wait before it goes to the top of the worklist,
+    whatever the AI said (config `triage`): minutes, by default and per clinic."""
+
+    minutes: float
+    clinics: dict[str, float] = field(default_factory=dict)
+
+    def overdue(self, at: datetime) -> Any:
+        """SQL: this study has waited past its clinic's limit (since it arrived)."""
+        cases = [
+            (Study.clinic_id == c, Study.created_at < at - timedelta(minutes=m))
+            for c, m in self.clinics.items()
+        ]
+        default = Study.created_at < at - timedelta(minutes=self.minutes)
+        return case(*cases, else_=default) if cases else default
+
+
+def triage_order(any_positive: Any, top: Any, overdue: Any = None) -> list[Any]:
+    """Studies past their maximum wait first, longest waiting first, so that a study the AI
+    called negative is never read last. Then AI-positive studies, then by the highest
+    probability. A study with no call (its findings' `positive` NULL: outside the
+    population) is not triaged: it ranks with the negatives, and its model output does not
+    move it. Explicit, as NULLs sort first under DESC on PostgreSQL and last on SQLite."""
+    first = (
+        [
+            case((overdue, 1), else_=0).desc(),
+            case((overdue, Study.created_at), else_=_NEVER),
+        ]
+        if overdue is not None
+        else []
+    )
     return [
+        *first,
         func.coalesce(any_positive, 0).desc(),
         case((Study.flag.is_not(None), 0.0), else_=func.coalesce(top, 0.0)).desc(),
     ]
@@ -85,6 +127,13 @@ class StudiesMixin(ClinicsMixin):
                     select(Review).where(Review.study_id == study_id).order_by(Review.id.desc())
                 )
             )
+            images = list(
+                s.scalars(
+                    select(Instance)
+                    .where(Instance.study_id == study_id)
+                    .order_by(Instance.position)
+                )
+            )
             # rows stored before operating points were: their site profile still explains them
             legacy = {f.profile_id for f in findings if f.operating_point_source is None}
             legacy.discard(None)
@@ -104,6 +153,20 @@ class StudiesMixin(ClinicsMixin):
             "attempts": job.attempts if job else 0,
             "error_code": job.last_error_code if job else None,
             "result": study.result,
+            "images": [
+                {
+                    "id": i.id,
+                    "position": i.position,
+                    "status": i.status,
+                    "code": i.code,
+                    "message": (i.result or {}).get("message"),
+                    "view": i.view,
+                    "format": i.format,
+                    "source": i.source,
+                    "created_at": as_utc(i.created_at).isoformat(),
+                }
+                for i in images
+            ],
             "findings": [
                 {
                     "id": f.id,
@@ -117,6 +180,8 @@ class StudiesMixin(ClinicsMixin):
                     "preprocess_version": f.preprocess_version,
                     "provider": f.provider,
                     "site_profile": f.profile_id,
+                    # each scored image's part (absent for rows stored before revision 0006)
+                    "images": f.images or [],
                     "operating_point": operating_point(f, profiles.get(f.profile_id)),
                     "review": review_dict(by_finding[f.id][0]) if f.id in by_finding else None,
                     "review_history": [review_dict(r) for r in by_finding.get(f.id, [])],
@@ -159,9 +224,25 @@ class StudiesMixin(ClinicsMixin):
         sort: str = "triage",
         page: int = 1,
         per_page: int = 20,
+        max_wait: MaxWait | None = None,
     ) -> tuple[list[BrowseItem], int]:
-        """The review page's worklist: filtered, sorted ("triage" = AI-positive first, then by
-        probability, then oldest; "newest"; "oldest"), one page. Returns (items, total)."""
+        """The review page's worklist: filtered, sorted ("triage" = studies past `max_wait`
+        unreviewed first, then AI-positive, then by probability, then oldest; "newest";
+        "oldest"), one page. Returns (items, total)."""
+        t = now()
+        # unreviewed: a listed finding with no review (NOT IN over NULL would match nothing)
+        unreviewed = (
+            select(FindingRow.study_id)
+            .where(
+                FindingRow.id.not_in(
+                    select(Review.finding_id).where(Review.finding_id.is_not(None))
+                )
+            )
+            .scalar_subquery()
+        )
+        overdue = (
+            and_(max_wait.overdue(t), Study.id.in_(unreviewed)) if max_wait is not None else None
+        )
         agg = (
             select(
                 FindingRow.study_id.label("sid"),
@@ -171,7 +252,10 @@ class StudiesMixin(ClinicsMixin):
             .group_by(FindingRow.study_id)
             .subquery()
         )
-        q = select(Study, agg.c.any_pos, agg.c.top).outerjoin(agg, agg.c.sid == Study.id)
+        flag_overdue = overdue if overdue is not None else literal(False)
+        q = select(Study, agg.c.any_pos, agg.c.top, flag_overdue.label("overdue")).outerjoin(
+            agg, agg.c.sid == Study.id
+        )
         if clinics is not None:
             q = q.where(Study.clinic_id.in_(clinics))
         if clinic:
@@ -193,7 +277,7 @@ class StudiesMixin(ClinicsMixin):
         order = by_time.get(
             sort,
             [
-                *triage_order(agg.c.any_pos, agg.c.top),
+                *triage_order(agg.c.any_pos, agg.c.top, overdue),
                 Study.created_at,
                 Study.id,  # a total order: pages never repeat or skip a study
             ],
@@ -201,7 +285,7 @@ class StudiesMixin(ClinicsMixin):
         with self.session() as s:
             total = int(s.scalar(select(func.count()).select_from(q.subquery())) or 0)
             rows = s.execute(q.order_by(*order).offset((page - 1) * per_page).limit(per_page)).all()
-            ids = [st.id for st, _, _ in rows]
+            ids = [st.id for st, _, _, _ in rows]
             positives: dict[str, list[str]] = {}
             # reviewed = every listed finding has a review
             pending_ids = set(
@@ -228,7 +312,8 @@ class StudiesMixin(ClinicsMixin):
                 "positives": sorted(positives.get(st.id, [])),
                 "top_probability": float(top) if top is not None else None,
                 "reviewed": st.id in reviewed,
+                "overdue": bool(late),
             }
-            for st, _, top in rows
+            for st, _, top, late in rows
         ]
         return items, total

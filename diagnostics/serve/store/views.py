@@ -26,6 +26,8 @@ class StudySummary(TypedDict):
     created_at: str
     updated_at: str
     flag: str | None  # why a scored study carries no call
+    source: str  # how its images came: http | dicom | stow
+    instance_count: int  # its images (format, size and sha256 above are its first image's)
 
 
 class ReviewView(TypedDict):
@@ -67,9 +69,24 @@ class FindingView(TypedDict):
     preprocess_version: str | None
     provider: str
     site_profile: int | None
+    images: list[dict[str, Any]]  # each scored image's part: instance_id, probability, ...
     operating_point: OperatingPointView
     review: ReviewView | None  # the latest
     review_history: list[ReviewView]  # latest first
+
+
+class ImageView(TypedDict):
+    """One image of a study. `status`: received | scored | failed_qc | failed | late."""
+
+    id: str
+    position: int
+    status: str
+    code: str | None  # why it was refused or failed (e.g. view_not_frontal)
+    message: str | None
+    view: str | None  # DICOM ViewPosition
+    format: str
+    source: str  # http | dicom | stow
+    created_at: str
 
 
 class StudyView(StudySummary):
@@ -77,7 +94,8 @@ class StudyView(StudySummary):
 
     attempts: int
     error_code: str | None
-    result: dict[str, Any]  # QC, timing, model, code
+    result: dict[str, Any]  # QC, timing, model, code; `images`: each image's outcome
+    images: list[ImageView]  # the study's images, in order of arrival
     findings: list[FindingView]
     unlisted: list[ReviewView]  # reviews naming a finding the model does not list
 
@@ -96,6 +114,7 @@ class BrowseItem(StudySummary):
     positives: list[str]  # AI-positive findings, sorted
     top_probability: float | None
     reviewed: bool  # every listed finding has a review
+    overdue: bool  # unreviewed past its clinic's maximum wait: at the top, whatever the AI said
 
 
 class AgreementRow(TypedDict):
@@ -178,6 +197,8 @@ def study_summary(study: Study) -> StudySummary:
         "created_at": as_utc(study.created_at).isoformat(),
         "updated_at": as_utc(study.updated_at).isoformat(),
         "flag": study.flag,
+        "source": study.source,
+        "instance_count": study.instance_count,
     }
 
 

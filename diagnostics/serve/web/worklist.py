@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from diagnostics.serve.api.deps import ConfigDep, HolderDep, StoreDep
-from diagnostics.serve.store import STATUSES
+from diagnostics.serve.store import STATUSES, MaxWait
 from diagnostics.serve.web.common import PER_PAGE, render, user, visible
 
 router = APIRouter(prefix="/review")
@@ -36,6 +36,7 @@ def worklist(
         sort=sort,
         page=page,
         per_page=PER_PAGE,
+        max_wait=MaxWait(cfg.triage.max_wait_minutes, dict(cfg.triage.clinics)),
     )
     pages = max(1, -(-total // PER_PAGE))
     clinics = visible(row) if row.role != "admin" else store.clinics()
