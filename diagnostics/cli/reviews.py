@@ -39,7 +39,7 @@ def report(
     store.log_access("cli", "report.read", "study", study_id, format=format, **shown_model(view))
     if format == "fhir":
         text = json.dumps(
-            fhir_report(view, lang, study.sop_instance_uid), indent=2, ensure_ascii=False
+            fhir_report(view, lang, store.dicom_uids(study_id)), indent=2, ensure_ascii=False
         )
     else:
         text = text_report(view, lang)

@@ -150,6 +150,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         receiver = DicomReceiver(cfg, store, on_stored=worker.wake.set)
         receiver.start()
         app.state.dicom_receiver = receiver
+    # ... and results go back to each clinic's PACS (SR, heatmap captures), from the outbox
+    exporter = exporter_thread = exporter_stop = None
+    if cfg.dicom.export.enabled and cfg.dicom.destinations:
+        from diagnostics.serve.dicom.export import Exporter
+        from diagnostics.serve.dicom.export import start_thread as start_exporter
+
+        exporter = Exporter(cfg, store, app.state.data_dir)
+        exporter_thread, exporter_stop = start_exporter(exporter)
+        app.state.exporter = exporter
     if app.state.model_source is not None and cfg.model.refresh_s > 0:
         threading.Thread(
             target=holder.run,
@@ -169,6 +178,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     refresher_stop.set()
     if receiver is not None:  # no new instance while the worker stops
         receiver.stop()
+    if exporter is not None and exporter_stop is not None and exporter_thread is not None:
+        exporter_stop.set()
+        exporter.wake.set()
+        exporter_thread.join(timeout=cfg.dicom.export.timeout_s + 5)
     if stop is not None:
         stop.set()
         worker.wake.set()

@@ -86,32 +86,44 @@ def reviewed_labels(view: Mapping[str, Any]) -> dict[str, float | None]:
 def export_manifest(
     store: Store, out: Path, data_dir: Path, *, since: Any = None, clinic: str | None = None
 ) -> int:
-    """Write the manifest; returns the number of studies written."""
+    """Write the manifest; returns the number of studies written.
+
+    One row per image the model scored (a study's frontal images), each with its study's
+    reviewed labels: a finding the clinician confirmed on the study is in each of its views.
+    Images refused per image (laterals) or late are left out: the model never read them."""
     views = store.reviewed_studies(since=since, clinic=clinic)
     secret = pseudonym_secret(data_dir)
     rows = []
     columns: list[str] = []
     for view in views:
-        blob_path = store.blobs.path(view["sha256"])
         labels = reviewed_labels(view)
         for label in labels:
             if label not in columns:
                 columns.append(label)
-        rows.append(
-            {
-                "path": str(blob_path.resolve()),
-                "patient_key": patient_key(secret, view, blob_path.read_bytes()),
-                "site": view["clinic"],
-                "study_id": view["id"],
-                **{k: ("" if v is None else int(v)) for k, v in labels.items()},
-            }
-        )
+        scored = [i["id"] for i in view.get("images", []) if i["status"] == "scored"]
+        shas = [
+            inst.content_sha256
+            for inst in (store.get_instance(i) for i in scored)
+            if inst is not None
+        ] or [view["sha256"]]  # a study stored before its images were recorded
+        key = patient_key(secret, view, store.blobs.path(shas[0]).read_bytes())
+        for sha, instance in zip(shas, scored or [""], strict=False):
+            rows.append(
+                {
+                    "path": str(store.blobs.path(sha).resolve()),
+                    "patient_key": key,
+                    "site": view["clinic"],
+                    "study_id": view["id"],
+                    "instance_id": instance,
+                    **{k: ("" if v is None else int(v)) for k, v in labels.items()},
+                }
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(
-            fh, fieldnames=["path", "patient_key", "site", "study_id", *columns]
+            fh, fieldnames=["path", "patient_key", "site", "study_id", "instance_id", *columns]
         )
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in writer.fieldnames})
-    return len(rows)
+    return len(views)

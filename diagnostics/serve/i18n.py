@@ -218,6 +218,36 @@ MESSAGES: dict[str, dict[str, str]] = {
         "outside_share": "Share outside",
         "positive_share": "Share AI positive",
         "alert": "Alert",
+        "images": "Images",
+        "image_scored": "scored",
+        "image_received": "waiting to be scored",
+        "image_late": "arrived after scoring: not scored",
+        "image_failed": "could not be read: not scored",
+        "image_refused": "refused by quality checks: not scored",
+        "image_lateral": "Lateral view: not scored",
+        "image_code_view_not_frontal": "Not a frontal view: not scored",
+        "image_code_body_part_not_chest": "Not a chest image: not scored",
+        "image_code_modality_not_supported": "Modality not supported: not scored",
+        "image_code_colour_image": "Colour photograph: not scored",
+        "image_code_constant_image": "Blank image: not scored",
+        "image_code_image_too_small": "Image too small: not scored",
+        "image_code_out_of_distribution": "Unlike the model's training images: not scored",
+        "image_code_outside_intended_population": "Outside the model's population: not scored",
+        "image_unavailable": "This image cannot be shown.",
+        "per_image": "Per image",
+        "zoom_in": "Zoom in",
+        "zoom_out": "Zoom out",
+        "reset_view": "Reset",
+        "window_width": "Window width (W)",
+        "window_level": "Window level (L)",
+        "preset_default": "Default",
+        "preset_lung": "Lung",
+        "preset_soft": "Soft tissue",
+        "model_view": "Model's view",
+        "viewer_help": (
+            "Wheel: zoom · drag: pan · right-drag or Shift+drag: window (left-right) and level "
+            "(up-down) · keys + − 0. Model's view: the image as the AI saw it, with its heatmaps."
+        ),
     },
     "vi": {
         "app_title": "Đọc phim X-quang ngực",
@@ -364,6 +394,39 @@ MESSAGES: dict[str, dict[str, str]] = {
         "outside_share": "Tỷ lệ ngoài nhóm",
         "positive_share": "Tỷ lệ AI dương tính",
         "alert": "Cảnh báo",
+        "images": "Các ảnh chụp",
+        "image_scored": "AI đã chấm",
+        "image_received": "đang chờ AI chấm",
+        "image_late": "đến sau khi ca đã chấm: AI không chấm",
+        "image_failed": "không đọc được ảnh: AI không chấm",
+        "image_refused": "bị từ chối khi kiểm tra chất lượng: AI không chấm",
+        "image_lateral": "Phim nghiêng: AI không chấm",
+        "image_code_view_not_frontal": "Không phải phim thẳng: AI không chấm",
+        "image_code_body_part_not_chest": "Không phải phim ngực: AI không chấm",
+        "image_code_modality_not_supported": "Loại máy chụp không được hỗ trợ: AI không chấm",
+        "image_code_colour_image": "Ảnh màu, không phải phim X-quang: AI không chấm",
+        "image_code_constant_image": "Ảnh trống: AI không chấm",
+        "image_code_image_too_small": "Ảnh quá nhỏ: AI không chấm",
+        "image_code_out_of_distribution": "Không giống ảnh huấn luyện của mô hình: AI không chấm",
+        "image_code_outside_intended_population": (
+            "Ngoài nhóm bệnh nhân của mô hình: AI không chấm"
+        ),
+        "image_unavailable": "Không hiển thị được ảnh này.",
+        "per_image": "Theo từng ảnh",
+        "zoom_in": "Phóng to",
+        "zoom_out": "Thu nhỏ",
+        "reset_view": "Đặt lại",
+        "window_width": "Độ rộng cửa sổ (W)",
+        "window_level": "Mức cửa sổ (L)",
+        "preset_default": "Mặc định",
+        "preset_lung": "Cửa sổ phổi",
+        "preset_soft": "Mô mềm",
+        "model_view": "Ảnh như AI thấy",
+        "viewer_help": (
+            "Cuộn chuột: phóng to/thu nhỏ · kéo: di chuyển ảnh · kéo chuột phải hoặc Shift+kéo: "
+            "độ rộng cửa sổ (trái-phải) và mức cửa sổ (lên-xuống) · phím + − 0. Ảnh như AI thấy: "
+            "ảnh mà AI đã chấm, cùng bản đồ nhiệt."
+        ),
     },
 }
 
@@ -409,3 +472,16 @@ def outside_reason(lang: str, population: dict) -> str:
     if population.get("evidence") == "age" and population.get("age_years") is not None:
         return t(lang, "outside_by_age", age=age_text(lang, population["age_years"]), ages=ages)
     return t(lang, "outside_by_check", ages=ages)
+
+
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})  # DICOM ViewPosition
+
+
+def image_status(lang: str, status: str, code: str | None, view: str | None) -> str:
+    """One image's status in words: scored, waiting, or why the AI did not score it."""
+    if status != "failed_qc":
+        return t(lang, f"image_{status}") if f"image_{status}" in MESSAGES["en"] else status
+    if code == "view_not_frontal" and (view or "").upper() in LATERAL_VIEWS:
+        return t(lang, "image_lateral")
+    key = f"image_code_{code}"
+    return t(lang, key) if key in MESSAGES["en"] else t(lang, "image_refused")

@@ -105,9 +105,11 @@ def report_status(view: dict[str, Any]) -> str:
 
 
 def fhir_report(
-    view: dict[str, Any], lang: str = "en", sop_instance_uid: str | None = None
+    view: dict[str, Any], lang: str = "en", dicom_uids: str | list[str] | None = None
 ) -> dict:
-    """A FHIR R4 DiagnosticReport for a scored study view (`Store.study_view`)."""
+    """A FHIR R4 DiagnosticReport for a scored study view (`Store.study_view`).
+    `dicom_uids`: the study's DICOM identifiers (its Study Instance UID, then its images' SOP
+    Instance UIDs; `Store.dicom_uids`), which the HIS knows the study by."""
     status = report_status(view)
     findings = view["findings"]
     first = findings[0] if findings else {}
@@ -237,8 +239,8 @@ def fhir_report(
             obs["note"] = [{"text": r["note"]}]
         observations.append(obs)
     identifiers = [{"system": "urn:diagnostics:study", "value": view["id"]}]
-    if sop_instance_uid:
-        identifiers.append({"system": "urn:dicom:uid", "value": f"urn:oid:{sop_instance_uid}"})
+    uids = [dicom_uids] if isinstance(dicom_uids, str) else dicom_uids or []
+    identifiers += [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"} for uid in uids]
     return {
         "resourceType": "DiagnosticReport",
         "id": view["id"],

@@ -60,7 +60,7 @@ def report(
     store.log_access(p.key_id, "report.read", "study", study_id, format=format, **shown_model(view))
     if format == "text":
         return Response(text_report(view, lang), media_type="text/plain; charset=utf-8")
-    doc = fhir_report(view, lang, study.sop_instance_uid)
+    doc = fhir_report(view, lang, store.dicom_uids(study_id))
     return Response(json.dumps(doc, allow_nan=False), media_type="application/fhir+json")
 
 

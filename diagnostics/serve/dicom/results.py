@@ -71,6 +71,7 @@ CORRECTED_TO = _local("CORRECTED-TO", "Corrected finding")
 VERDICTS = {
     "agree": _local("AGREE", "Agrees with AI result"),
     "disagree": _local("DISAGREE", "Disagrees with AI result"),
+    "uncertain": _local("UNCERTAIN", "Clinician uncertain"),
     "corrected": _local("CORRECTED", "AI finding corrected"),
     "unlisted": _local("UNLISTED", "Finding added by clinician"),
 }

@@ -257,6 +257,21 @@ class InstancesMixin(ClinicsMixin):
                 )
             )
 
+    def dicom_uids(self, study_id: str) -> list[str]:
+        """The study's Study Instance UID, then the SOP Instance UIDs of its images (those it
+        has), for reports that go back to the HIS. Never logged."""
+        with self.session() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return []
+            sops = s.scalars(
+                select(Instance.sop_instance_uid)
+                .where(Instance.study_id == study_id, Instance.sop_instance_uid.is_not(None))
+                .order_by(Instance.position)
+            )
+            head = [study.study_instance_uid] if study.study_instance_uid else []
+            return head + [u for u in sops if u]
+
     def get_instance(self, instance_id: str) -> Instance | None:
         with self.session() as s:
             return s.get(Instance, instance_id)
