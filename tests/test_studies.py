@@ -66,6 +66,17 @@ def test_an_open_study_collects_images_and_is_scored_when_marked_complete(servic
     assert doc["instance_count"] == 2
     for f in doc["findings"]:  # each finding keeps its one scored image's part
         assert [i["instance_id"] for i in f["images"]] == [images["PA"]["id"]]
+    # the reports for the HIS say what each image was, and name the study's DICOM UIDs
+    text = service.get(f"/v1/studies/{sid}/report?format=text", key=service.reviewer).text
+    assert "Image 2 (LL): Lateral view: not scored" in text, text
+    vi = service.get(f"/v1/studies/{sid}/report?format=text&lang=vi", key=service.reviewer).text
+    assert "Ảnh 2 (LL): Phim nghiêng" in vi
+    fhir = service.get(f"/v1/studies/{sid}/report", key=service.reviewer).json()
+    uids = [i["value"] for i in fhir["identifier"] if i["system"] == "urn:dicom:uid"]
+    assert uids[0] == f"urn:oid:{uid}" and len(uids) == 3  # the study, then its two images
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    DiagnosticReport.model_validate(fhir)
     # a closed study takes no more images over HTTP
     late = _post(service, f"/v1/studies/{sid}/instances", _image(702, uid))
     assert late.status_code == 409 and late.json()["code"] == "study_closed"

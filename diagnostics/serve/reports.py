@@ -16,7 +16,7 @@ from typing import Any
 
 from diagnostics.contract import PreprocessSpec
 from diagnostics.serve.i18n import finding as finding_name
-from diagnostics.serve.i18n import outside_reason, t
+from diagnostics.serve.i18n import image_status, outside_reason, t
 
 FINDING_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/cxr-finding"
 REPORT_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/report"
@@ -315,4 +315,16 @@ def text_report(view: dict[str, Any], lang: str = "en", *, header: bool = True) 
         lines.append(line)
     for r in view.get("unlisted", []):
         lines.append(t(lang, "report_added", finding=finding_name(lang, r["corrected_label"])))
+    images = view.get("images") or []
+    for image in images if len(images) > 1 else []:  # a study of several: what each image was
+        status = image_status(lang, image["status"], image["code"], image["view"])
+        lines.append(
+            t(
+                lang,
+                "report_image",
+                position=image["position"],
+                view=image["view"] or "—",
+                status=status,
+            )
+        )
     return "\n".join(lines)

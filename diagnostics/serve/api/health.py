@@ -58,6 +58,18 @@ def ready(request: Request, cfg: ConfigDep, store: StoreDep, holder: HolderDep) 
     checks["worker"] = {"in_process": cfg.worker.in_process, "ok": alive}
     if not alive:  # uploads would queue for ever
         status = "unavailable"
+    if cfg.dicom.enabled or cfg.dicom.destinations:
+        receiver = getattr(request.app.state, "dicom_receiver", None)
+        exporter = getattr(request.app.state, "exporter", None)
+        outbox = store.outbox_counts()
+        checks["dicom"] = {
+            "receiver": "listening" if receiver is not None else "off",
+            "exporter": "on" if exporter is not None else "off",
+            # results that stopped after their bounded retries wait for `dicom resend`
+            "outbox": outbox,
+        }
+        if outbox.get("failed") and status == "ok":
+            status = "degraded"
     return json_response(
         {"status": status, "checks": checks}, status=503 if status == "unavailable" else 200
     )
