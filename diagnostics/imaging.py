@@ -234,7 +234,7 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
         # Never force=True: it turns any file into a "dataset" (PITFALLS.md). pydicom reads a file
         # cut short without an error (a partial dataset) and only warns when an encapsulated
         # pixel data sequence ends early, so record its warnings and check the last element.
-        with _quiet_pydicom() as caught:
+        with quiet_pydicom() as caught:
             ds = pydicom.dcmread(io.BytesIO(data))
             short = _ends_early(ds, caught)  # on the raw elements, before any conversion
             _convert_all(ds)  # every value parsed now, while pydicom is kept quiet
@@ -297,7 +297,7 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
         raise CorruptImageError("The DICOM file has no transfer syntax in its file meta.")
     if not isinstance(tsyntax, str) or not _UID.match(tsyntax):
         raise UnsupportedTransferSyntaxError("The transfer syntax in the file meta is not a UID.")
-    with _quiet_pydicom():
+    with quiet_pydicom():
         _check_decoder(tsyntax)
     pixel_data = ds.PixelData
     if not isinstance(pixel_data, bytes | bytearray):
@@ -409,7 +409,7 @@ def _text_tag(ds: Any, name: str) -> str:
 
 
 @contextmanager
-def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+def quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """pydicom with its value checks off and its warnings recorded, not printed or logged.
 
     Its messages quote the offending value ("Invalid value for VR UI: '1.2.840.0113...'"), and
@@ -423,12 +423,15 @@ def _quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mode = config.settings.reading_validation_mode
+        writing = config.settings.writing_validation_mode
         config.settings.reading_validation_mode = config.IGNORE
+        config.settings.writing_validation_mode = config.IGNORE  # file meta made from a value
         disabled, logger.disabled = logger.disabled, True
         try:
             yield caught
         finally:
             config.settings.reading_validation_mode = mode
+            config.settings.writing_validation_mode = writing
             logger.disabled = disabled
 
 

@@ -158,8 +158,9 @@ def test_failure_reasons():
     assert failure_reason(422, "modality_not_supported") == 0xC000
     assert failure_reason(415, "part_not_dicom") == 0xC000
     assert failure_reason(409, "study_uid_mismatch") == 0xA900
-    assert failure_reason(409, "sop_instance_conflict") == 0x0110
-    assert failure_reason(503, "upload_expired") == 0x0110
+    assert failure_reason(409, "too_many_instances") == 0xC000
+    assert failure_reason(503, "upload_expired") == 0xA700  # busy: the sender may retry
+    assert failure_reason(500, "processing_error") == 0x0110
 
 
 # --------------------------------------------------------------------------- the service

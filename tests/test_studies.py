@@ -72,8 +72,13 @@ def test_an_open_study_collects_images_and_is_scored_when_marked_complete(servic
     vi = service.get(f"/v1/studies/{sid}/report?format=text&lang=vi", key=service.reviewer).text
     assert "Ảnh 2 (LL): Phim nghiêng" in vi
     fhir = service.get(f"/v1/studies/{sid}/report", key=service.reviewer).json()
-    uids = [i["value"] for i in fhir["identifier"] if i["system"] == "urn:dicom:uid"]
-    assert uids[0] == f"urn:oid:{uid}" and len(uids) == 3  # the study, then its two images
+    uids = [
+        (i["type"]["text"], i["value"])
+        for i in fhir["identifier"]
+        if i["system"] == "urn:dicom:uid"
+    ]
+    assert uids[0] == ("Study Instance UID", f"urn:oid:{uid}")
+    assert [k for k, _ in uids[1:]] == ["SOP Instance UID"] * 2  # then its two images
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
     DiagnosticReport.model_validate(fhir)
@@ -223,3 +228,104 @@ def test_a_negative_study_rises_to_the_top_once_it_waited_past_its_sites_limit(s
     assert r.status_code == 201, r.text
     after, _ = store.browse(None, clinic="clinic-a", per_page=100, max_wait=wait)
     assert not next(i for i in after if i["id"] == last)["overdue"]
+
+
+def _ingest(service, data: bytes, source: str = "dicom"):
+    import hashlib
+
+    from diagnostics.serve.intake import ingest
+    from diagnostics.serve.upload import ReceivedFile
+
+    temp = service.store.blobs.temp_file()
+    temp.write_bytes(data)
+    got = ReceivedFile(temp, len(data), hashlib.sha256(data).hexdigest(), data[:132], "")
+    return ingest(
+        service.app.state.cfg, service.store, got, clinic="clinic-a", actor="t", source=source
+    )
+
+
+def test_a_frontal_image_after_a_study_of_laterals_failed_opens_it_again(service):
+    """A PACS may forward the lateral first and the PA minutes later: the study that failed
+    QC with only its lateral is scored again with the PA, never left unread."""
+    uid = _study_uid("reopen")
+    first = _ingest(service, _image(760, uid, view="LL"))
+    service.app.state.worker.wake.set()
+    doc = service.wait(first.study.id, timeout=30)
+    assert doc["status"] == "failed_qc" and doc["error_code"] == "view_not_frontal"
+    again = _ingest(service, _image(761, uid))
+    assert again.study.id == first.study.id and not again.late
+    service.app.state.worker.wake.set()
+    doc = service.wait(first.study.id, timeout=30)
+    assert doc["status"] == "scored", doc
+    assert {i["view"]: i["status"] for i in doc["images"]} == {"LL": "failed_qc", "PA": "scored"}
+    actions = [a.action for a in service.store.audit_rows(first.study.id)]
+    assert "study.reopened" in actions
+
+
+def test_an_image_of_one_study_sent_into_another_is_a_conflict(service):
+    uid = _study_uid("other-study")
+    data = _image(770, uid)
+    a = _post(service, "/v1/studies?complete=false", data).json()["id"]
+    b = _post(service, "/v1/studies?complete=false", _image(771, _study_uid("other-2"))).json()
+    r = _post(service, f"/v1/studies/{b['id']}/instances", data)
+    assert r.status_code == 409 and r.json()["code"] == "instance_in_other_study"
+    assert a != b["id"]
+
+
+def test_aggregation_rule_for_flagged_and_refused_images():
+    """The rule in aggregate.py, on results as the Scorer makes them."""
+    from types import SimpleNamespace
+
+    from diagnostics.serve.aggregate import aggregate
+    from diagnostics.serve.runner import ScoreResult
+
+    def image(i, view="PA"):
+        return SimpleNamespace(id=f"i{i}", position=i, view=view)
+
+    def row(label, p, positive, heat=None):
+        return {
+            "label": label,
+            "probability": p,
+            "threshold": 0.5,
+            "positive": positive,
+            "heatmap": heat,
+            "logit": 0.0,
+        }
+
+    inside = ScoreResult("scored", population={"inside": True})
+    flagged = ScoreResult(
+        "scored",
+        flags=["outside_intended_population"],
+        message="adult",
+        population={"inside": False},
+    )
+    # two frontal images: max probability, positive if any, heatmap of the top image
+    out = aggregate(
+        [(image(1), inside), (image(2), inside)],
+        [[row("A", 0.7, True, "1_A.png")], [row("A", 0.9, True, "2_A.png")]],
+    )
+    (f,) = out.findings
+    assert (f["probability"], f["positive"], f["heatmap"]) == (0.9, True, "2_A.png")
+    assert [p["probability"] for p in f["images"]] == [0.7, 0.9]
+    out = aggregate(
+        [(image(1), inside), (image(2), inside)],
+        [[row("A", 0.2, False)], [row("A", 0.9, True, "2_A.png")]],
+    )
+    assert out.findings[0]["positive"] is True
+    # one image flagged outside the population: no call for the study, and its document says
+    # why (the flagged image's), even though the other image scores higher
+    out = aggregate(
+        [(image(1), flagged), (image(2), inside)],
+        [[row("A", 0.3, None)], [row("A", 0.9, True, "2_A.png")]],
+    )
+    assert out.flag == "outside_intended_population"
+    assert out.findings[0]["positive"] is None and out.findings[0]["heatmap"] is None
+    assert out.result["population"] == {"inside": False} and out.result["message"] == "adult"
+    # a site that refuses: one image refused for the population refuses the study
+    refused = ScoreResult("failed_qc", code="outside_intended_population", message="adult")
+    out = aggregate([(image(1), refused), (image(2), inside)], [[], [row("A", 0.9, True)]])
+    assert (out.status, out.code, out.findings) == ("failed_qc", "outside_intended_population", [])
+    # only a lateral: failed_qc with its code
+    lateral = ScoreResult("failed_qc", code="view_not_frontal", message="lateral")
+    out = aggregate([(image(1, "LL"), lateral)], [[]])
+    assert (out.status, out.code) == ("failed_qc", "view_not_frontal")

@@ -7,6 +7,8 @@ The rule (also in the README):
 - A study is `scored` when at least one image was scored. Otherwise it takes the outcome of
   its first image: `failed_qc` with that image's code (e.g. `view_not_frontal` when it held
   only laterals), or `failed`.
+- It is the same patient: when one image is refused as outside the intended population (a
+  site that refuses), the whole study is refused with that code, whatever its other images.
 - Per finding, the study's probability is the **highest** over its scored images, and the
   call is **positive when any image is positive** at its operating point: a finding seen on
   one view is in the study. The threshold, logit, operating point and heatmap are those of
@@ -24,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from diagnostics.serve.qc import OUTSIDE_POPULATION
 from diagnostics.serve.runner import ScoreResult
 
 RULE = "max probability over scored frontal images; positive if any image is positive"
@@ -65,8 +68,10 @@ def aggregate(
         }
         for inst, res in images
     ]
-    if not scored:
-        first = images[0][1]
+    # the same patient: one image refused as outside the intended population refuses the study
+    outside = [res for _, res in images if res.code == OUTSIDE_POPULATION]
+    if not scored or outside:
+        first = outside[0] if outside else images[0][1]
         doc = {**first.as_dict(), "images": summary, "aggregation": RULE}
         doc.pop("findings", None)
         return StudyOutcome(first.status, first.code, first.message, doc, [], None, updates)
@@ -107,10 +112,15 @@ def aggregate(
                 ],
             }
         )
-    # the study's document is its most telling image's (the highest probability of any
-    # finding), with every image's summary beside it
+    # the study's document is its most telling image's (a flagged one when the study is
+    # flagged, so that its population and message explain the missing call; else the one with
+    # the highest probability of any finding), with every image's summary beside it
     _, primary, _ = max(
-        scored, key=lambda p: max((row["probability"] for row in p[2]), default=0.0)
+        scored,
+        key=lambda p: (
+            bool(p[1].flags),
+            max((row["probability"] for row in p[2]), default=0.0),
+        ),
     )
     doc = primary.as_dict()
     doc.pop("findings", None)

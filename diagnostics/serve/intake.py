@@ -16,6 +16,7 @@ study's job, and the audit. Only then is the sender told yes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass
 from typing import Literal
@@ -94,7 +95,7 @@ def ingest(
         view=str(info.dicom.get("ViewPosition") or "").strip().upper() or None,
     )
     if source == "http":
-        existing = _http_existing(store, clinic, image, idempotency_key)
+        existing = _http_existing(store, clinic, image, idempotency_key, study_id)
         if existing is not None:
             return existing
     else:
@@ -132,10 +133,16 @@ def ingest(
             complete=True if single else complete,
         )
     except (Conflict, StoreFull) as exc:
-        # the file this request stored goes too, unless an image holds the same bytes
-        if created_blob and not store.blob_in_use(got.sha256):
-            store.blobs.remove(got.sha256)
+        # the file this request stored goes too, unless an image holds the same bytes (decided
+        # under the store's lock: a concurrent upload of them keeps it)
+        if created_blob and not (isinstance(exc, Conflict) and exc.code == "upload_expired"):
+            with contextlib.suppress(StoreFull):  # kept: a later upload of them reuses it
+                store.remove_blob_if_unused(got.sha256)
         if isinstance(exc, Conflict):
+            if exc.code == "upload_expired":
+                raise Problem(
+                    503, "upload_expired", conflict_text(exc.code), {"Retry-After": "5"}
+                ) from None
             status = 404 if exc.code == "study_not_found" else 409
             raise Problem(status, exc.code, conflict_text(exc.code)) from None
         raise
@@ -143,7 +150,11 @@ def ingest(
 
 
 def _http_existing(
-    store: Store, clinic: str, image: NewImage, idempotency_key: str | None
+    store: Store,
+    clinic: str,
+    image: NewImage,
+    idempotency_key: str | None,
+    study_id: str | None = None,
 ) -> Intake | None:
     """Over HTTP a retry names the same Idempotency-Key or instance: the same bytes answer
     with the first study; other bytes under either conflict (409)."""
@@ -161,6 +172,9 @@ def _http_existing(
         return None
     if hit.content_sha256 != image.sha256:
         raise Problem(409, "sop_instance_conflict", conflict_text("sop_instance_conflict"))
+    if study_id is not None and hit.study_id != study_id:
+        code = "instance_in_other_study"
+        raise Problem(409, code, conflict_text(code))
     study = store.get_study(hit.study_id)
     assert study is not None  # the foreign key
     return Intake(study, hit, created=False)
@@ -175,5 +189,7 @@ def conflict_text(code: str) -> str:
         "study_not_found": "No open study with that ID for this clinic.",
         "study_closed": "That study is complete (scored or being scored): start a new study.",
         "too_many_instances": "The study has reached its limit of images.",
+        "instance_in_other_study": "This image was already received in another study.",
+        "upload_expired": "The upload could not be kept; send it again.",
         "duplicate_upload": "The upload conflicts with an earlier one.",
     }.get(code, "The upload conflicts with an earlier one.")

@@ -105,11 +105,12 @@ def report_status(view: dict[str, Any]) -> str:
 
 
 def fhir_report(
-    view: dict[str, Any], lang: str = "en", dicom_uids: str | list[str] | None = None
+    view: dict[str, Any], lang: str = "en", dicom_uids: list[tuple[str, str]] | None = None
 ) -> dict:
     """A FHIR R4 DiagnosticReport for a scored study view (`Store.study_view`).
-    `dicom_uids`: the study's DICOM identifiers (its Study Instance UID, then its images' SOP
-    Instance UIDs; `Store.dicom_uids`), which the HIS knows the study by."""
+    `dicom_uids`: the study's DICOM identifiers as (kind, UID), kind "study" (its Study
+    Instance UID) or "instance" (an image's SOP Instance UID) (`Store.dicom_uids`), which the
+    HIS knows the study by."""
     status = report_status(view)
     findings = view["findings"]
     first = findings[0] if findings else {}
@@ -239,8 +240,11 @@ def fhir_report(
             obs["note"] = [{"text": r["note"]}]
         observations.append(obs)
     identifiers = [{"system": "urn:diagnostics:study", "value": view["id"]}]
-    uids = [dicom_uids] if isinstance(dicom_uids, str) else dicom_uids or []
-    identifiers += [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"} for uid in uids]
+    kinds = {"study": "Study Instance UID", "instance": "SOP Instance UID"}
+    identifiers += [
+        {"type": {"text": kinds[kind]}, "system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}
+        for kind, uid in dicom_uids or []
+    ]
     return {
         "resourceType": "DiagnosticReport",
         "id": view["id"],

@@ -87,7 +87,9 @@ class Worker:
                 data = [self.store.blobs.read(i.content_sha256) for i in images]
             except OSError:
                 log.error("blob missing for study %s", study.id)
-                self._finish_failed(job, "blob_missing", "The stored upload could not be read.")
+                self._finish_failed(
+                    job, "blob_missing", "The stored upload could not be read.", images
+                )
                 continue
             if not images:
                 self._finish_failed(job, "no_images", "The study holds no image to score.")
@@ -200,7 +202,7 @@ class Worker:
         except LeaseLost:
             pass
 
-    def _finish_failed(self, job: Any, code: str, message: str) -> None:
+    def _finish_failed(self, job: Any, code: str, message: str, images: Any = ()) -> None:
         with contextlib.suppress(LeaseLost):
             self.store.complete(
                 job.id,
@@ -211,6 +213,9 @@ class Worker:
                 findings=[],
                 code=code,
                 message=message,
+                images=[
+                    {"id": i.id, "status": "failed", "code": code, "result": {}} for i in images
+                ],
             )
 
     def run(self, stop: threading.Event) -> None:

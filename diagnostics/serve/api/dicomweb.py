@@ -191,6 +191,13 @@ async def _stow(
         raise Problem(
             507, "insufficient_storage", "The service ran out of disk; nothing was stored."
         )
+    if not stored and failed and all(o.status == 503 for o in failed):  # busy: send it again
+        raise Problem(
+            503,
+            failed[0].code,
+            "The service is busy; nothing was stored. Send the study again.",
+            {"Retry-After": "5"},
+        )
     status = 200 if not failed else 202 if stored else 409
     return Response(json.dumps(response_dataset(outcomes)), status, media_type=DICOM_JSON)
 
@@ -273,9 +280,9 @@ def failure_reason(status: int, code: str) -> int:
     """FailureReason (0008,1197) for a refusal's HTTP status and code."""
     if code in ("study_uid_mismatch", "sop_class_mismatch"):
         return DATA_SET_MISMATCH
-    if status == 507:
+    if status in (503, 507):  # busy or full: a later retry may succeed
         return OUT_OF_RESOURCES
-    if status in (400, 415, 422):
+    if status in (400, 409, 415, 422):  # bad input, QC, a full study: resending will not help
         return CANNOT_UNDERSTAND
     return PROCESSING_FAILURE
 
@@ -295,11 +302,11 @@ def part_uids(path: Path) -> PartUIDs | None:
     Read with pydicom kept quiet: its warnings quote UIDs, which must not reach the logs."""
     import pydicom
 
-    from diagnostics.imaging import _quiet_pydicom
+    from diagnostics.imaging import quiet_pydicom
 
     keywords = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"]
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=keywords)
             meta = getattr(ds, "file_meta", None)
             return PartUIDs(

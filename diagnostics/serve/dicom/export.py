@@ -59,7 +59,7 @@ STORED = {
 }
 PROCESSING_FAILURE = 0x0110
 MIN_HEATMAP_PX = 512  # the overlay (model resolution) is upscaled to at least this
-PLAN_BATCH = 20  # studies per planning query
+PLAN_BATCH = 4  # studies per planning pass: their objects are sent before the next pass
 SEND_BATCH = 20  # outbox rows claimed per send
 ACTOR = "exporter"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -179,8 +179,11 @@ class Exporter:
     def _guarded(self, study_id: str, what: str, plan: Any) -> int:
         """Run one plan; a failure is logged once (no values: exception texts may quote
         them) and not tried again by this process."""
+        from diagnostics.imaging import quiet_pydicom
+
         try:
-            return int(plan())
+            with quiet_pydicom():  # pydicom's and highdicom's warnings quote UIDs
+                return int(plan())
         except StoreBusy:
             raise
         except BuildError as exc:
@@ -529,8 +532,10 @@ class Exporter:
         while not stop.is_set():
             busy = False
             try:
-                self.plan_once()
-                busy = self.send_once() >= SEND_BATCH
+                busy = self.plan_once() > 0
+                while self.send_once() >= SEND_BATCH and not stop.is_set():
+                    pass  # drain what is due first: a study's results go out soon after it
+                    # is scored, rather than after every other study has been planned
             except StoreBusy:
                 pass
             except Exception:

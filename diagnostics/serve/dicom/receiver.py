@@ -58,12 +58,12 @@ def accepted_transfer_syntaxes() -> list[str]:
     """The transfer syntaxes `imaging` can decode here (its own check, over pydicom's list)."""
     from pydicom.uid import AllTransferSyntaxes
 
-    from diagnostics.imaging import ImageError, _check_decoder, _quiet_pydicom
+    from diagnostics.imaging import ImageError, _check_decoder, quiet_pydicom
 
     out = []
     for uid in AllTransferSyntaxes:
         try:
-            with _quiet_pydicom():
+            with quiet_pydicom():
                 _check_decoder(uid)
         except ImageError:
             continue
@@ -75,9 +75,7 @@ def store_status(exc: Problem) -> int:
     """The C-STORE failure status for an intake refusal."""
     if exc.status in (413, 429, 503, 507):  # resources: the sender may retry later
         return OUT_OF_RESOURCES
-    if exc.status == 409:
-        return DOES_NOT_MATCH_SOP_CLASS
-    if 400 <= exc.status < 500:  # format or QC refusal: resending the same will not help
+    if 400 <= exc.status < 500:  # format, QC, a full study (409): resending will not help
         return CANNOT_UNDERSTAND
     return PROCESSING_FAILURE
 
@@ -317,11 +315,14 @@ def _write_part10(event: Any, path: Path) -> ReceivedFile:
     negotiated, then the data set bytes exactly as sent), hashed as it is written."""
     from pynetdicom.dsutils import encode_file_meta
 
+    from diagnostics.imaging import quiet_pydicom
+
     head = b"\x00" * 128 + b"DICM"
     sha = hashlib.sha256()
     size = 0
-    with open(path, "wb") as fh:
+    with quiet_pydicom():  # its warnings quote UIDs (leading zeros): never to the logs
         meta = head + encode_file_meta(event.file_meta)
+    with open(path, "wb") as fh:
         fh.write(meta)
         sha.update(meta)
         size += len(meta)

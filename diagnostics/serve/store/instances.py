@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
@@ -89,11 +90,19 @@ class InstancesMixin(ClinicsMixin):
 
         def tx(s: Session) -> Added:
             t = now()
-            if self.dialect == "postgresql":  # one study per UID: concurrent senders queue up
-                key = f"{clinic}|{image.study_instance_uid or image.sha256}"
-                s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+            if self.dialect == "postgresql":  # SQLite: the write lock does all this
+                # one study per UID (concurrent senders queue up), and a blob is never removed
+                # by a refused upload while this one commits rows that need it
+                lock_blob(s, image.sha256)
+                if image.study_instance_uid:
+                    key = f"{clinic}|{image.study_instance_uid}"
+                    s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+            if not self.blobs.path(image.sha256).exists():  # removed by a refused twin upload
+                raise Conflict("upload_expired")
             existing = _existing(s, clinic, image)
             if existing is not None:
+                if study_id is not None and existing.study_id != study_id:
+                    raise Conflict("instance_in_other_study")
                 return Added(s.get_one(Study, existing.study_id), existing, False)
             study = _target_study(s, clinic, image, source, study_id)
             late = False
@@ -135,10 +144,14 @@ class InstancesMixin(ClinicsMixin):
                     )
                 )
                 self.audit(s, actor, "study.upload", "study", study.id, source=source)
-            elif study.status != "received":
-                late = True
             elif study.instance_count >= max_instances:
                 raise Conflict("too_many_instances")
+            elif study.status in ("failed_qc", "failed"):
+                # nothing of it was scored, so nothing was reviewed: a frontal image that comes
+                # after a lateral alone (or after a failure) opens the study again
+                self._reopen(s, study, actor, t, quiet_s)
+            elif study.status not in ("received", "queued"):  # scored (or being scored)
+                late = True
             position = int(
                 s.scalar(
                     select(func.coalesce(func.max(Instance.position), 0)).where(
@@ -174,10 +187,11 @@ class InstancesMixin(ClinicsMixin):
             study.last_instance_at = t
             job = s.scalar(select(Job).where(Job.study_id == study.id))
             if job is not None and job.status == "queued":
-                wait = 0.0 if complete else quiet_s
-                job.available_at = t + timedelta(seconds=wait)
                 if complete:
+                    job.available_at = t
                     study.status = "queued"
+                elif study.status == "received":  # open: the quiet period starts again
+                    job.available_at = t + timedelta(seconds=quiet_s)
             self.audit(
                 s,
                 actor,
@@ -199,6 +213,39 @@ class InstancesMixin(ClinicsMixin):
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    def _reopen(self, s: Session, study: Study, actor: str, t: Any, quiet_s: float) -> None:
+        """A study that failed (no image scored) takes a new image: back to collecting, its
+        job fresh, its images scored again with the new one after the quiet period."""
+        job = s.scalar(select(Job).where(Job.study_id == study.id).with_for_update())
+        study.status, study.result, study.flag = "received", {}, None
+        if job is not None:
+            job.status, job.attempts = "queued", 0
+            job.last_error_code = job.last_error = None
+            job.available_at = t + timedelta(seconds=quiet_s)
+            job.updated_at = t
+        for inst in s.scalars(select(Instance).where(Instance.study_id == study.id)):
+            if inst.status != "scored":
+                inst.status, inst.code, inst.result = "received", None, {}
+        self.audit(s, actor, "study.reopened", "study", study.id)
+
+    def remove_blob_if_unused(self, sha256: str) -> bool:
+        """Remove a blob no image or study holds (a refused upload's), decided under the same
+        lock as `add_instance`, so a concurrent upload of the same bytes never loses it."""
+
+        def tx(s: Session) -> bool:
+            if self.dialect == "postgresql":
+                lock_blob(s, sha256)
+            for column, sha in (
+                (Instance.id, Instance.content_sha256),
+                (Study.id, Study.content_sha256),
+            ):
+                if s.scalar(select(column).where(sha == sha256).limit(1)) is not None:
+                    return False
+            self.blobs.remove(sha256)
+            return True
+
+        return self.write(tx)
 
     def create_study(
         self,
@@ -257,9 +304,9 @@ class InstancesMixin(ClinicsMixin):
                 )
             )
 
-    def dicom_uids(self, study_id: str) -> list[str]:
-        """The study's Study Instance UID, then the SOP Instance UIDs of its images (those it
-        has), for reports that go back to the HIS. Never logged."""
+    def dicom_uids(self, study_id: str) -> list[tuple[str, str]]:
+        """("study", its Study Instance UID), then ("instance", SOP Instance UID) of each of its
+        images that has one, for reports that go back to the HIS. Never logged."""
         with self.session() as s:
             study = s.get(Study, study_id)
             if study is None:
@@ -269,12 +316,17 @@ class InstancesMixin(ClinicsMixin):
                 .where(Instance.study_id == study_id, Instance.sop_instance_uid.is_not(None))
                 .order_by(Instance.position)
             )
-            head = [study.study_instance_uid] if study.study_instance_uid else []
-            return head + [u for u in sops if u]
+            head = [("study", study.study_instance_uid)] if study.study_instance_uid else []
+            return head + [("instance", u) for u in sops if u]
 
     def get_instance(self, instance_id: str) -> Instance | None:
         with self.session() as s:
             return s.get(Instance, instance_id)
+
+
+def lock_blob(s: Session, sha256: str) -> None:
+    """PostgreSQL: a transaction lock on one blob's content hash."""
+    s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"blob|{sha256}"})
 
 
 def _existing(s: Session, clinic: str, image: NewImage) -> Instance | None:
@@ -300,7 +352,7 @@ def _target_study(
     clinic's and still open. By Study Instance UID: DICOM and STOW-RS always join (late if it
     closed); an HTTP upload joins only an open study, else it starts its own."""
     if study_id is not None:
-        study = s.get(Study, study_id)
+        study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.clinic_id != clinic:
             raise Conflict("study_not_found")
         if study.status != "received":
@@ -309,9 +361,9 @@ def _target_study(
     if not image.study_instance_uid:
         return None
     study = s.scalar(
-        select(Study).where(
-            Study.clinic_id == clinic, Study.study_instance_uid == image.study_instance_uid
-        )
+        select(Study)
+        .where(Study.clinic_id == clinic, Study.study_instance_uid == image.study_instance_uid)
+        .with_for_update()  # PostgreSQL: one writer per study (positions, counts, status)
     )
     if study is None:
         return None

@@ -22,11 +22,12 @@ class LeaseLost(Exception):
 class JobsMixin(AuditMixin):
     def queue_depth(self) -> int:
         with self.session() as s:
-            return int(
+            return int(  # a study still collecting images is not waiting for a worker yet
                 s.scalar(
                     select(func.count())
                     .select_from(Job)
-                    .where(Job.status.in_(("queued", "running")))
+                    .join(Study, Study.id == Job.study_id)
+                    .where(Job.status.in_(("queued", "running")), Study.status != "received")
                 )
                 or 0
             )
