@@ -79,6 +79,7 @@ class InstancesMixin(ClinicsMixin):
         idempotency_key: str | None = None,
         study_id: str | None = None,
         complete: bool | None = None,
+        require_blob: bool = True,
     ) -> Added:
         """Store one image's rows in one transaction: the instance, its study (the one named,
         the one with its Study Instance UID, or a new one), the study's job, the audit.
@@ -97,7 +98,8 @@ class InstancesMixin(ClinicsMixin):
                 if image.study_instance_uid:
                     key = f"{clinic}|{image.study_instance_uid}"
                     s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
-            if not self.blobs.path(image.sha256).exists():  # removed by a refused twin upload
+            if require_blob and not self.blobs.path(image.sha256).exists():
+                # removed by a refused upload of the same bytes: this sender must send again
                 raise Conflict("upload_expired")
             existing = _existing(s, clinic, image)
             if existing is not None:
@@ -260,8 +262,8 @@ class InstancesMixin(ClinicsMixin):
         idempotency_key: str | None = None,
         max_attempts: int = 3,
     ) -> tuple[Study, bool]:
-        """A study of one image, scored at once (the blob must be stored already).
-        (study, created)."""
+        """A study of one image, scored at once (for tools and tests: its blob is not
+        checked). (study, created)."""
         added = self.add_instance(
             NewImage(sha256, size, fmt, filename, sop_instance_uid=sop_uid),
             clinic=clinic,
@@ -272,6 +274,7 @@ class InstancesMixin(ClinicsMixin):
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
             complete=True,
+            require_blob=False,
         )
         return added.study, added.created
 
