@@ -93,22 +93,10 @@ def test_an_open_study_collects_images_and_is_scored_when_marked_complete(servic
 
 
 def test_dicom_images_of_one_study_are_grouped_and_scored_after_the_quiet_period(service):
-    from diagnostics.serve.intake import ingest
-    from diagnostics.serve.upload import ReceivedFile
-
     uid = _study_uid("quiet")
-    cfg = service.app.state.cfg
-    results = []
     sent = [_image(seed, uid) for seed in (710, 711)]
-    for data in sent:  # two frontal images, as a receiver would hand them over
-        temp = service.store.blobs.temp_file()
-        temp.write_bytes(data)
-        import hashlib
-
-        got = ReceivedFile(temp, len(data), hashlib.sha256(data).hexdigest(), data[:132], "")
-        results.append(
-            ingest(cfg, service.store, got, clinic="clinic-a", actor="t", source="dicom")
-        )
+    # two frontal images, as the receiver hands them over
+    results = [_ingest(service, data) for data in sent]
     assert results[0].study.id == results[1].study.id
     sid = results[0].study.id
     assert service.store.get_study(sid).status == "received"
@@ -123,32 +111,10 @@ def test_dicom_images_of_one_study_are_grouped_and_scored_after_the_quiet_period
         assert f["probability"] == max(p["probability"] for p in parts)
         assert f["positive"] == any(p["positive"] for p in parts)
     # the same instance again: the same study, nothing new
-    data = sent[0]
-    temp = service.store.blobs.temp_file()
-    temp.write_bytes(data)
-    import hashlib
-
-    again = ingest(
-        cfg,
-        service.store,
-        ReceivedFile(temp, len(data), hashlib.sha256(data).hexdigest(), data[:132], ""),
-        clinic="clinic-a",
-        actor="t",
-        source="dicom",
-    )
+    again = _ingest(service, sent[0])
     assert not again.created and again.study.id == sid
     # a new image of the scored study: kept as late, never scored
-    data = _image(712, uid)
-    temp = service.store.blobs.temp_file()
-    temp.write_bytes(data)
-    late = ingest(
-        cfg,
-        service.store,
-        ReceivedFile(temp, len(data), hashlib.sha256(data).hexdigest(), data[:132], ""),
-        clinic="clinic-a",
-        actor="t",
-        source="dicom",
-    )
+    late = _ingest(service, _image(712, uid))
     assert late.late and late.study.id == sid
     statuses = [i.status for i in service.store.study_instances(sid)]
     assert statuses == ["scored", "scored", "late"]
