@@ -157,11 +157,12 @@ def test_refuses_transfer_syntax_without_any_decoder():
 
 
 def test_refuses_jpeg_ls_when_its_decoder_is_not_installed():
-    # A clinic machine without pylibjpeg: hide it in a fresh interpreter. (JPEG 2000 would still
-    # decode through Pillow's openjpeg; JPEG-LS has no such fallback.)
+    # A clinic machine without pylibjpeg (nor pyjpegls, which highdicom brings): hide them in a
+    # fresh interpreter. (JPEG 2000 would still decode through Pillow's openjpeg.)
     path = shared("dicom", JLSN)
     code = (
         "import sys; sys.modules['pylibjpeg'] = None; sys.modules['libjpeg'] = None\n"
+        "sys.modules['jpeg_ls'] = None\n"
         "from diagnostics import imaging as I\n"
         f"try:\n    I.decode({str(path)!r})\n"
         "except I.UnsupportedTransferSyntaxError as e:\n    print('REFUSED', e.code, e)\n"
