@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dicom_study import real_chest, two_image_study
+from dicom_study import real_chest, synthetic_study, two_image_study
 from orthanc import free_port, orthanc_missing_reason, run_orthanc
 from service_support import running_service, serve_config
 
@@ -63,9 +63,7 @@ def _dsrdump(data: bytes, tmp: Path) -> str | None:
 def test_a_study_sent_from_orthanc_comes_back_as_a_tid1500_sr_and_heatmaps(cxr_model, tmp_path):
     import highdicom as hd
 
-    chest = real_chest()
-    if chest is None:
-        pytest.skip("../shared/data/dicom/pydicom-data_RG1_UNCR.dcm is not there")
+    chest = real_chest()  # the real chest DICOM; synthetic images where ../shared is absent
     ours = free_port()
     with run_orthanc(
         tmp_path / "pacs",
@@ -105,12 +103,17 @@ def test_a_study_sent_from_orthanc_comes_back_as_a_tid1500_sr_and_heatmaps(cxr_m
                 evidence={},
                 created_by="test",
             )
-            pa, lateral = two_image_study(chest, seed="pacs-roundtrip")
-            sent = [pacs.upload(chest.read_bytes()), pacs.upload(pa), pacs.upload(lateral)]
+            if chest is not None:
+                single = chest.read_bytes()
+                pa, lateral = two_image_study(chest, seed="pacs-roundtrip")
+            else:
+                (single,) = synthetic_study(1, 0, seed="pacs-single")
+                pa, lateral = synthetic_study(1, 1, seed="pacs-roundtrip")
+            sent = [pacs.upload(single), pacs.upload(pa), pacs.upload(lateral)]
             assert pacs.echo("diagnostics")
             pacs.send_to_modality("diagnostics", sent)
 
-            # two studies: the real chest alone, and PA + lateral; scored after the quiet period
+            # two studies: one image alone, and PA + lateral; scored after the quiet period
             def final():
                 rows = svc.store.list_studies(["clinic-a"])
                 done = [r for r in rows if r.status in ("scored", "failed_qc", "failed")]
