@@ -453,10 +453,11 @@ class Exporter:
         except Exception as exc:  # a bad host name, say
             return [Outcome(False, f"cannot connect ({type(exc).__name__})")] * len(items)
         if not assoc.is_established:
+            where = f"{dest.ae_title.strip()}@{dest.host}:{dest.port}"
             if assoc.is_rejected:
-                why = "association rejected by the PACS"
+                why = f"association rejected by the PACS {where}"
             else:  # pynetdicom reports a refused connection as an abort
-                why = "no association: the PACS refused the connection, aborted or timed out"
+                why = f"no association with {where}: refused, aborted or timed out"
             return [Outcome(False, why)] * len(items)
         out: list[Outcome] = []
         try:

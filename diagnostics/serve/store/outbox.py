@@ -127,6 +127,7 @@ class OutboxMixin(AuditMixin):
                 return False
             item.attempts += 1
             item.state, item.sent_at = "sent", now()
+            item.last_error = None  # the errors of earlier attempts are in the audit and log
             self.audit(
                 s,
                 actor,
