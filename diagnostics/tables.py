@@ -7,7 +7,15 @@ The schema gives, per feature, its type, unit, plausible range (outside it: an e
 missing), the values that mean "missing" (Pima's zeros) and the allowed categories; then the
 outcome and the rule that makes it binary (`num > 0`), subgroup columns and an optional site
 column. Loading never crashes on bad rows and never drops a row silently: every problem is
-counted by column and reason, and rejected rows are counted and listed by row number.
+counted by column and reason, and rejected rows are counted and listed by row number, each with
+a stable refusal code (`REFUSAL_CODES`).
+
+Tables that code yes/no as 1/2 say so: a binary feature's `codes: {yes: 1, no: 2}` (and the
+outcome's) are mapped to 1/0 here, so the pipeline and its ONNX graph only ever see 0/1.
+The intended population (`population: {Age: [1, 15]}`) is checked before anything else: a row
+outside it is refused (`outside_intended_population`), never scored, and a row without the value
+is refused too (`population_unknown`). The outcome's `definition` lists the columns the
+reference standard was built from; none of them may be a feature.
 """
 
 from __future__ import annotations
@@ -30,7 +38,43 @@ _OPS = {
     "==": operator.eq,
     "!=": operator.ne,
 }
+# Why a row was refused, in codes that stay stable (clinic IT and reports key on them); the
+# first that applies wins.
+OUTSIDE_POPULATION = "outside_intended_population"  # a population value outside its range
+POPULATION_UNKNOWN = "population_unknown"  # a population value missing, or the column absent
+INVALID_VALUE = "invalid_value"  # a feature not a number, implausible, or not an allowed code
+OUTCOME_MISSING = "outcome_missing"  # training/evaluation only: no usable outcome
+REFUSAL_CODES = (OUTSIDE_POPULATION, POPULATION_UNKNOWN, INVALID_VALUE, OUTCOME_MISSING)
+
 _RULE = re.compile(r"^\s*([A-Za-z_][\w]*)?\s*(>=|<=|==|!=|>|<)\s*(-?\d+(\.\d+)?)\s*$")
+
+
+class YesNoCodes(BaseModel):
+    """The raw codes of a yes/no column (e.g. 1 yes / 2 no); mapped to 1 / 0 on validation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    yes: float | str
+    no: float | str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans(cls, data: Any) -> Any:
+        # YAML 1.1 reads the keys `yes` and `no` as true and false
+        if isinstance(data, dict):
+            names = {True: "yes", False: "no"}
+            return {names.get(k, k) if isinstance(k, bool) else k: v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _distinct(self) -> YesNoCodes:
+        if str(_norm(self.yes)) == str(_norm(self.no)):
+            raise ValueError("codes: yes and no must differ")
+        return self
+
+    def mapping(self) -> dict[str, float]:
+        """Normalised raw code (as text) -> 1.0 / 0.0."""
+        return {str(_norm(self.yes)): 1.0, str(_norm(self.no)): 0.0}
 
 
 class Feature(BaseModel):
@@ -44,9 +88,14 @@ class Feature(BaseModel):
     out_of_range: Literal["error", "missing"] = "error"
     missing_values: list[float | str] = Field(default_factory=list)
     categories: list[float | str] | None = None
+    codes: YesNoCodes | None = Field(
+        None, description="binary only: raw codes, e.g. {yes: 1, no: 2}; the model sees 1/0"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Feature:
+        if self.codes is not None and self.type != "binary":
+            raise ValueError(f"{self.name}: codes are for binary features")
         if self.type == "categorical" and not self.categories:
             raise ValueError(f"{self.name}: a categorical feature needs categories")
         if self.type == "binary":
@@ -68,6 +117,13 @@ class Outcome(BaseModel):
     rule: str = Field("== 1", description="makes the outcome binary, e.g. 'num > 0'")
     label: str = Field("risk", description="name of the predicted finding")
     description: str = ""
+    codes: YesNoCodes | None = Field(
+        None, description="raw yes/no codes (e.g. {yes: 1, no: 2}): mapped to 1/0 before the rule"
+    )
+    definition: list[str] = Field(
+        default_factory=list,
+        description="columns the reference standard is built from: never features",
+    )
 
     @field_validator("rule")
     @classmethod
@@ -77,12 +133,19 @@ class Outcome(BaseModel):
         return v
 
     def apply(self, values: pd.Series) -> pd.Series:
-        """1.0 / 0.0 by the rule; NaN where the outcome is missing."""
+        """1.0 / 0.0 by the rule; NaN where the outcome is missing (or not one of its codes)."""
         m = _RULE.match(self.rule)
         assert m is not None
         op, threshold = _OPS[m.group(2)], float(m.group(3))
-        numeric = pd.to_numeric(values, errors="coerce")
+        numeric = self.numeric(values)
         return op(numeric, threshold).astype(float).where(numeric.notna())
+
+    def numeric(self, values: pd.Series) -> pd.Series:
+        """The raw outcome as numbers; with codes, yes -> 1, no -> 0 and anything else NaN."""
+        if self.codes is None:
+            return pd.to_numeric(values, errors="coerce")
+        mapping = self.codes.mapping()
+        return values.map(lambda v: mapping.get(str(_norm(v)), np.nan)).astype(float)
 
 
 class Subgroup(BaseModel):
@@ -103,6 +166,11 @@ class TableSchema(BaseModel):
     subgroups: dict[str, Subgroup] = Field(default_factory=dict)
     site_column: str | None = None
     patient_column: str | None = None
+    population: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="intended population, column -> [low, high] inclusive; rows outside are "
+        "refused (outside_intended_population), rows without the value too (population_unknown)",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> TableSchema:
@@ -111,6 +179,15 @@ class TableSchema(BaseModel):
             raise ValueError("feature names must be unique")
         if self.outcome.column in names:
             raise ValueError("the outcome column cannot also be a feature")
+        for col in self.outcome.definition:
+            if col in names:
+                raise ValueError(
+                    f"{col} defines the outcome {self.outcome.label!r} (reference standard): "
+                    "reference-standard columns must never be features"
+                )
+        for col, (low, high) in self.population.items():
+            if low > high:
+                raise ValueError(f"population {col}: low > high")
         for key in (self.patient_column, self.site_column):
             if key is not None and key in names:
                 raise ValueError(f"{key} identifies patients or sites: it cannot be a feature")
@@ -134,6 +211,14 @@ class ValidatedTable:
     rejected: dict[int, list[str]] = field(default_factory=dict)  # row number -> reasons
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # input row of each kept row
     problems: dict[tuple[str, str], int] = field(default_factory=dict)  # (column, reason) -> n
+    codes: dict[int, str] = field(default_factory=dict)  # rejected row -> refusal code
+
+    def refusals(self) -> dict[str, int]:
+        """Rows refused per refusal code (codes with no rows left out)."""
+        out: dict[str, int] = {}
+        for code in self.codes.values():
+            out[code] = out.get(code, 0) + 1
+        return {c: out[c] for c in REFUSAL_CODES if c in out}
 
     def summary(self) -> str:
         lines = [
@@ -141,6 +226,8 @@ class ValidatedTable:
         ]
         for (col, reason), n in sorted(self.problems.items()):
             lines.append(f"  {col}: {reason}: {n:,}")
+        for code, n in self.refusals().items():
+            lines.append(f"  refused {code}: {n:,}")
         return "\n".join(lines)
 
 
@@ -159,11 +246,17 @@ def validate_records(
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise SchemaError(f"missing column(s) {missing}; the table has {list(df.columns)}")
+    absent = [c for c in schema.population if c not in df.columns]
+    if absent and require_outcome:  # training: a config error, not a property of the rows
+        raise SchemaError(f"intended-population column(s) {absent} not in the table")
     df = df.reset_index(drop=True)
     rejected: dict[int, list[str]] = {}
     problems: dict[tuple[str, str], int] = {}
+    codes: dict[int, str] = {}
 
-    def note(col: str, reason: str, rows: np.ndarray, reject: bool) -> None:
+    def note(
+        col: str, reason: str, rows: np.ndarray, reject: bool, code: str = INVALID_VALUE
+    ) -> None:
         if len(rows) == 0:
             return
         if reject:
@@ -174,6 +267,22 @@ def validate_records(
                 rejected.setdefault(int(r), []).append(
                     f"{col}: {reason.removesuffix(' (row rejected)')}"
                 )
+                codes.setdefault(int(r), code)  # the first reason's code wins
+
+    # The intended population first: its code wins over anything else wrong with the row.
+    for col, (low, high) in schema.population.items():
+        span = f"{low:g}..{high:g}"
+        if col not in df.columns:  # scoring: no row can be placed in the population
+            note(col, f"missing: needed for the intended population {span}",
+                 np.arange(len(df)), True, POPULATION_UNKNOWN)  # fmt: skip
+            continue
+        value = pd.to_numeric(df[col], errors="coerce")
+        value = value.where(np.isfinite(value.astype(float)))
+        unknown = np.flatnonzero(value.isna())
+        outside = np.flatnonzero(value.notna() & ((value < low) | (value > high)))
+        note(col, f"missing: needed for the intended population {span}", unknown, True,
+             POPULATION_UNKNOWN)  # fmt: skip
+        note(col, f"outside the intended population {span}", outside, True, OUTSIDE_POPULATION)
 
     X = pd.DataFrame(index=df.index)
     for f in schema.features:
@@ -199,23 +308,36 @@ def validate_records(
                     note(f.name, reason, np.flatnonzero(out), True)
             X[f.name] = values.astype(float)
         else:
-            allowed = {str(_norm(c)) for c in f.categories or []}
+            yes_no = f.codes.mapping() if f.codes is not None else None
+            allowed = set(yes_no) if yes_no else {str(_norm(c)) for c in f.categories or []}
             text = raw.map(lambda v: str(_norm(v)))  # str per value: dtype inference would undo it
             bad = ~(blank | marker) & ~text.isin(allowed)
             note(f.name, f"not one of {sorted(allowed)}", np.flatnonzero(bad), True)
-            if f.type == "binary":
+            if yes_no is not None:  # raw yes/no codes (1/2) -> 1/0: the model sees only 0/1
+                X[f.name] = text.where(~(blank | marker | bad)).map(yes_no).astype(float)
+            elif f.type == "binary":
                 X[f.name] = pd.to_numeric(text.where(~(blank | marker | bad)), errors="coerce")
             else:  # categories as strings; "" is missing (what the ONNX string input carries)
                 X[f.name] = text.where(~(blank | marker | bad), "").astype(object)
     y = pd.Series(np.nan, index=df.index)
     if require_outcome:
-        raw_y = pd.to_numeric(df[schema.outcome.column], errors="coerce")
-        y = schema.outcome.apply(df[schema.outcome.column])
-        note(schema.outcome.column, "outcome missing", np.flatnonzero(y.isna()), True)
-        # An outcome is a count or a class: 0/1 for == and != rules, else a non-negative integer.
-        binary_rule = any(op in schema.outcome.rule for op in ("==", "!="))
-        odd = raw_y.notna() & ((raw_y < 0) | (raw_y % 1 != 0) | (binary_rule & (raw_y > 1)))
-        note(schema.outcome.column, "outcome not an expected value", np.flatnonzero(odd), True)
+        out_col = df[schema.outcome.column]
+        raw_y = pd.to_numeric(out_col, errors="coerce")
+        y = schema.outcome.apply(out_col)
+        if schema.outcome.codes is not None:  # a value that is not a yes/no code is odd
+            blank_y = out_col.isna() | (out_col.astype(str).str.strip() == "")
+            odd = y.isna() & ~blank_y
+            y_missing = blank_y
+        else:
+            # An outcome is a count or a class: 0/1 for == and != rules, else a non-negative
+            # integer.
+            binary_rule = any(op in schema.outcome.rule for op in ("==", "!="))
+            odd = raw_y.notna() & ((raw_y < 0) | (raw_y % 1 != 0) | (binary_rule & (raw_y > 1)))
+            y_missing = y.isna()
+        note(schema.outcome.column, "outcome missing", np.flatnonzero(y_missing), True,
+             OUTCOME_MISSING)  # fmt: skip
+        note(schema.outcome.column, "outcome not an expected value", np.flatnonzero(odd), True,
+             OUTCOME_MISSING)  # fmt: skip
     keep = np.array([i not in rejected for i in range(len(df))], dtype=bool)
     groups = pd.DataFrame(index=df.index)
     for name, g in schema.subgroups.items():
@@ -259,6 +381,7 @@ def validate_records(
         rejected=rejected,
         problems=problems,
         rows=np.flatnonzero(keep),
+        codes=codes,
     )
 
 

@@ -1,8 +1,9 @@
 """Scoring clinical records with an exported risk model. Torch-free, and without sklearn.
 
 Each record is validated against the schema inside the model file before scoring. A record that
-fails is written with its reasons and no risk: there is never a silent default. Missing values
-that the schema allows are imputed by the model, and the output names them per row.
+fails is written with its reasons, a refusal code and no risk: there is never a silent default.
+A record outside the model's intended population is refused (`outside_intended_population`).
+Missing values that the schema allows are imputed by the model, and the output names them per row.
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ class RiskModel:
         for key in (self.schema.patient_column, self.schema.site_column):
             if key and key in records.columns:
                 out[key] = records[key].to_numpy()
-        out = out.assign(status="rejected", risk=np.nan, category="", imputed="", reasons="")
+        out = out.assign(
+            status="rejected", risk=np.nan, category="", imputed="", code="", reasons=""
+        )
         for i, reasons in vt.rejected.items():
             out.loc[i, "reasons"] = "; ".join(reasons)
+            # stable refusal code, e.g. outside_intended_population (tables.REFUSAL_CODES)
+            out.loc[i, "code"] = vt.codes.get(i, "")
         missing = vt.X.isna() | (vt.X == "")
         for k, i in enumerate(vt.rows):
             out.loc[i, ["status", "risk"]] = ["scored", float(risk[k])]

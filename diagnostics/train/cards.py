@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from diagnostics import __version__
 from diagnostics.contract import ModelMetadata
 from diagnostics.data.cxr import CXRTable
@@ -125,6 +127,7 @@ def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:
         "## Source of data",
         s.description or cfg.table,
         f"Rows read {vt.rows_read}, used {len(vt.y)}, rejected {len(vt.rejected)}.",
+        *_population_lines(s, doc.get("refusals") or {}),
         "",
         "## Outcome",
         f"{s.outcome.label}: `{s.outcome.column} {s.outcome.rule}`. "
@@ -156,20 +159,42 @@ def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:
         f"{cfg.model.calibration} calibration ({cfg.model.calibration_cv}-fold).",
         "",
         "## Performance (with 95% bootstrap CIs)",
-        f"- Cross-validated ({cfg.split.cv_folds}-fold): AUROC {ci(cv, 'auroc')}, "
-        f"AUPRC {ci(cv, 'auprc')}, Brier {cv['brier']:.3f}",
-        f"- Held-out test: AUROC {ci(te, 'auroc')}, AUPRC {ci(te, 'auprc')}, "
-        f"Brier {te['brier']:.3f}",
-        f"- Threshold {doc['threshold']:.3f} ({cfg.eval.threshold_policy}, chosen on CV): "
-        f"test sensitivity {te['sensitivity']:.3f}, specificity {te['specificity']:.3f}, "
-        f"PPV {te['ppv']:.3f}, NPV {te['npv']:.3f}",
-        "",
-        "## Calibration",
-        f"- CV: {_calibration(cv)}",
-        f"- Test: {_calibration(te)}",
-        "",
-        "## Subgroups (test split)",
     ]
+    loso = doc.get("loso")
+    if loso is None:
+        lines += [
+            f"- Cross-validated ({cfg.split.cv_folds}-fold): AUROC {ci(cv, 'auroc')}, "
+            f"AUPRC {ci(cv, 'auprc')}, Brier {cv['brier']:.3f}",
+            f"- Held-out test: AUROC {ci(te, 'auroc')}, AUPRC {ci(te, 'auprc')}, "
+            f"Brier {te['brier']:.3f}",
+            f"- Threshold {doc['threshold']:.3f} ({cfg.eval.threshold_policy}, chosen on CV): "
+            f"test sensitivity {te['sensitivity']:.3f}, specificity {te['specificity']:.3f}, "
+            f"PPV {te['ppv']:.3f}, NPV {te['npv']:.3f}",
+            "",
+            "## Calibration",
+            f"- CV: {_calibration(cv)}",
+            f"- Test: {_calibration(te)}",
+            "",
+            "## Subgroups (test split)",
+        ]
+    else:
+        lines += [
+            f"- Pooled out-of-{cfg.split.group} (leave-one-{cfg.split.group}-out; no random "
+            f"test split): AUROC {ci(cv, 'auroc')}, AUPRC {ci(cv, 'auprc')}, "
+            f"Brier {cv['brier']:.3f}",
+            f"- Threshold of the shipped model {doc['threshold']:.3f} "
+            f"({cfg.eval.threshold_policy}, chosen on the pooled out-of-{cfg.split.group} "
+            f"predictions): sensitivity {cv['sensitivity']:.3f}, specificity "
+            f"{cv['specificity']:.3f}, PPV {cv['ppv']:.3f}, NPV {cv['npv']:.3f}",
+            "- The shipped model is fitted on every group.",
+            "",
+            *loso_lines(str(cfg.split.group), loso, cfg.eval.threshold_policy),
+            "",
+            "## Calibration",
+            f"- Pooled out-of-{cfg.split.group}: {_calibration(cv)}",
+            "",
+            f"## Subgroups (pooled out-of-{cfg.split.group} predictions)",
+        ]
     for name, values in doc["subgroups"].items():
         for v, r in values.items():
             flag = " (too small to judge: < 30 rows, or < 10 events or non-events)" * bool(
@@ -188,6 +213,55 @@ def risk_model_card(cfg: Any, vt: ValidatedTable, doc: dict, sha: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _population_lines(s: Any, refusals: dict[str, int]) -> list[str]:
+    """The intended population and the rows refused for it (never scored)."""
+    if not s.population:
+        return []
+    span = ", ".join(f"{c} {lo:g}-{hi:g}" for c, (lo, hi) in s.population.items())
+    counts = ", ".join(f"{code} {n}" for code, n in refusals.items()) or "none"
+    return [f"Intended population: {span}. Refused rows by code: {counts}."]
+
+
+def loso_lines(group: str, loso: dict, policy: str) -> list[str]:
+    """The leave-one-group-out table and a paragraph on how much performance varies."""
+
+    def num(v: Any, digits: int = 3) -> str:
+        return f"{v:.{digits}f}" if isinstance(v, int | float) and np.isfinite(v) else "undefined"
+
+    lines = [
+        f"## Performance by {group} (leave-one-{group}-out)",
+        f"Each {group} is predicted by a model fitted on the other {group} values; its threshold "
+        f"({policy}) is chosen on those training {group} values and applied unchanged.",
+        "",
+        f"| {group} | n | prevalence | AUROC | calibration slope | calibration intercept "
+        "| threshold | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g, r in loso["groups"].items():
+        lines.append(
+            f"| {g} | {r['n']} | {num(r['prevalence'])} | {num(r['auroc'])} "
+            f"| {num(r['calibration_slope'], 2)} | {num(r['calibration_intercept'], 2)} "
+            f"| {num(r['threshold'])} | {num(r['sensitivity'])} | {num(r['specificity'])} |"
+        )
+    a_lo, a_hi = loso["auroc_range"]
+    s_lo, s_hi = loso["calibration_slope_range"]
+    i_lo, i_hi = loso["calibration_intercept_range"]
+    n = len(loso["groups"])
+    lines += [
+        "",
+        f"Across the {n} {group} values, out-of-{group} AUROC ranged from {num(a_lo)} to "
+        f"{num(a_hi)} (pooled {num(loso['pooled_auroc'])}); calibration slope from "
+        f"{num(s_lo, 2)} to {num(s_hi, 2)} and intercept from {num(i_lo, 2)} to {num(i_hi, 2)} "
+        "(a slope of 1 and intercept of 0 would be perfect). Sensitivity ranged from "
+        f"{num(loso['sensitivity_range'][0])} to {num(loso['sensitivity_range'][1])} and "
+        f"specificity from {num(loso['specificity_range'][0])} to "
+        f"{num(loso['specificity_range'][1])} at a threshold carried over from other sites. "
+        "Discrimination that transfers does not mean calibration does: check calibration, and "
+        "recalibrate, at each new site before use.",
+    ]
+    return lines
 
 
 def _calibration(r: dict) -> str:

@@ -4,6 +4,12 @@ Out-of-fold (cross-validated) predictions on the training split choose the opera
 and give the CV metrics; the held-out test split gives the test metrics, subgroups, decision
 curve, permutation importance and the ONNX parity check.
 
+With `split.strategy: leave_one_group_out` (e.g. `group: SiteNo`) there is no random test split:
+each site is predicted by a model fitted on the other sites (threshold chosen on those), the
+per-site table goes to metrics.json, MLflow (`loso.<site>.*`) and the model card, the pooled
+out-of-site predictions stand in for the CV and test predictions, and the shipped model is
+fitted on every site.
+
 The config is in `risk_config`, the metrics in `risk_metrics`, the ONNX export in `risk_export`;
 this file is `train_risk`, a list of steps, and re-exports the names other code imports from it.
 """
@@ -50,6 +56,8 @@ from diagnostics.train.risk_metrics import (
     MIN_SUBGROUP,
     decision_curve,
     full_report,
+    leave_one_group_out,
+    loso_metrics,
     odds_ratios,
     permutation_importance,
     subgroup_report,
@@ -109,6 +117,7 @@ class RiskSplit:
     test: np.ndarray  # row indices of the held-out test split
     folds: Any  # the cross-validation splitter over the training rows
     fold_groups: np.ndarray | None  # patient (or site) per training row: whole groups per fold
+    loso: bool = False  # leave-one-group-out: train and test are every row, folds are groups
 
 
 @dataclass
@@ -117,6 +126,7 @@ class FittedRisk:
     best_params: dict[str, Any]  # from the grid search, if any
     oof: np.ndarray  # out-of-fold probabilities on the training rows
     p_test: np.ndarray  # probabilities on the test rows
+    loso: dict[str, Any] | None = None  # the leave-one-group-out report, when that split is used
 
 
 @dataclass
@@ -131,6 +141,7 @@ class RiskEvaluation:
     plots: list[Path]
     flat: dict[str, float]  # finite "cv.*" and "test.*" metrics
     undefined: dict[str, str]  # tags saying why a metric (calibration slope) is missing
+    loso: dict[str, Any] | None = None  # per group (site) out-of-group metrics
 
 
 def train_risk(cfg: RiskTrainConfig, *, log_to_mlflow: bool = True) -> RiskResult:
@@ -191,6 +202,13 @@ def split_rows(cfg: RiskTrainConfig, vt: ValidatedTable) -> RiskSplit:
     groups_key = vt.patient if vt.patient is not None else vt.site
     idx = np.arange(len(vt.y))
     seed = cfg.split.seed
+    if cfg.split.strategy == "leave_one_group_out":
+        from sklearn.model_selection import LeaveOneGroupOut
+
+        by = split_groups(cfg, vt)
+        if len(np.unique(by)) < 2:
+            raise ValueError(f"leave-one-group-out by {cfg.split.group}: fewer than 2 groups")
+        return RiskSplit(idx, idx, LeaveOneGroupOut(), by, loso=True)
     if groups_key is not None:
         # Whole patients (or sites) go to the test split: one fold of a grouped, stratified split.
         n_splits = max(2, round(1 / cfg.split.test_fraction))
@@ -204,6 +222,18 @@ def split_rows(cfg: RiskTrainConfig, vt: ValidatedTable) -> RiskSplit:
     return RiskSplit(
         tr, te, StratifiedKFold(cfg.split.cv_folds, shuffle=True, random_state=seed), None
     )
+
+
+def split_groups(cfg: RiskTrainConfig, vt: ValidatedTable) -> np.ndarray:
+    """The value of `split.group` per kept row (site, patient, or a subgroup's label)."""
+    g, schema = cfg.split.group, cfg.table_schema
+    if g is not None and g == schema.site_column and vt.site is not None:
+        return vt.site.to_numpy().astype(str)
+    if g is not None and g == schema.patient_column and vt.patient is not None:
+        return vt.patient.to_numpy().astype(str)
+    if g is not None and g in vt.groups.columns:
+        return vt.groups[g].to_numpy().astype(str)
+    raise ValueError(f"split.group {g!r}: no such column in the validated table")
 
 
 def fit_pipeline(cfg: RiskTrainConfig, vt: ValidatedTable, split: RiskSplit) -> FittedRisk:
@@ -226,6 +256,7 @@ def fit_pipeline(cfg: RiskTrainConfig, vt: ValidatedTable, split: RiskSplit) -> 
         m.calibration,
         m.calibration_cv,
         cfg.split.seed,
+        numeric_transform=m.numeric_transform,
     )
     best_params: dict[str, Any] = {}
     if m.search:
@@ -234,12 +265,20 @@ def fit_pipeline(cfg: RiskTrainConfig, vt: ValidatedTable, split: RiskSplit) -> 
         search.fit(Xtr, ytr, groups=split.fold_groups)
         best_params = {k.split("__")[-1]: v for k, v in search.best_params_.items()}
         pipe = search.best_estimator_
-    oof = cross_val_predict(
-        pipe, Xtr, ytr, cv=split.folds, groups=split.fold_groups, method="predict_proba"
-    )[:, 1]
+    loso = None
+    if split.loso:  # each group predicted by a model fitted on the others
+        assert split.fold_groups is not None
+        oof, loso = leave_one_group_out(
+            pipe, Xtr, ytr, split.fold_groups, cfg.eval.threshold_policy
+        )
+    else:
+        oof = cross_val_predict(
+            pipe, Xtr, ytr, cv=split.folds, groups=split.fold_groups, method="predict_proba"
+        )[:, 1]
     pipe.fit(Xtr, ytr)
+    # loso: every row; these predictions of the shipped model are for the ONNX parity check only
     p_test = pipe.predict_proba(vt.X.iloc[split.test])[:, 1]
-    return FittedRisk(pipe, best_params, oof, p_test)
+    return FittedRisk(pipe, best_params, oof, p_test, loso)
 
 
 def evaluate_risk(
@@ -253,15 +292,24 @@ def evaluate_risk(
     importance, odds ratios, and the plots under run_dir/plots."""
     schema, seed = cfg.table_schema, cfg.split.seed
     ytr, yte, p_test = vt.y[split.train], vt.y[split.test], fitted.p_test
+    if split.loso:  # no test split: judge the pooled out-of-group predictions
+        p_test = fitted.oof
     Xte = vt.X.iloc[split.test]
     threshold = choose_threshold(ytr, fitted.oof, cfg.eval.threshold_policy)
     cv_report = full_report(ytr, fitted.oof, threshold, cfg.eval, seed)
-    test_report = full_report(yte, p_test, threshold, cfg.eval, seed)
+    test_report = cv_report if split.loso else full_report(yte, p_test, threshold, cfg.eval, seed)
     groups = vt.groups.iloc[split.test].reset_index(drop=True)
     subgroups = subgroup_report(yte, p_test, groups, threshold)
     curve = decision_curve(yte, p_test, np.round(np.arange(0.05, 0.96, 0.05), 2))
+    # loso: on the shipped model over all rows (its training data): apparent importance
     importance = permutation_importance(fitted.pipeline, Xte, yte, seed)
-    odds = odds_ratios(fitted.pipeline, schema) if cfg.model.estimator == "logistic" else None
+    # odds ratios mean something for a logistic model on linear features only
+    linear = cfg.model.numeric_transform in ("linear", {"kind": "linear"})
+    odds = (
+        odds_ratios(fitted.pipeline, schema)
+        if cfg.model.estimator == "logistic" and linear
+        else None
+    )
     safe_label = re.sub(r"[^A-Za-z0-9_.-]+", "_", schema.outcome.label)
     plots = save_plots(yte, p_test, f"test_{safe_label}", run_dir / "plots")
     plots.append(save_decision_curve(curve, run_dir / "plots", safe_label))
@@ -273,6 +321,13 @@ def evaluate_risk(
         for name, r in (("cv", cv_report), ("test", test_report))
         if r.get("calibration_note")
     }
+    if fitted.loso is not None:
+        flat |= loso_metrics(fitted.loso)
+        undefined |= {
+            f"loso.{g}.calibration_slope": f"undefined: {r['calibration_note']}"
+            for g, r in fitted.loso["groups"].items()
+            if r.get("calibration_note")
+        }
     return RiskEvaluation(
         threshold,
         cv_report,
@@ -284,6 +339,7 @@ def evaluate_risk(
         plots,
         flat,
         undefined,
+        fitted.loso,
     )
 
 
@@ -344,7 +400,9 @@ def write_reports(
     """run_dir/metrics.json, schema.yaml and model_card.md."""
     doc = {
         "rows": {"read": vt.rows_read, "kept": len(vt.y), "rejected": len(vt.rejected)},
+        "refusals": vt.refusals(),  # refusal code -> rows refused, never scored
         "problems": {f"{c}: {r}": n for (c, r), n in vt.problems.items()},
+        "split": cfg.split.model_dump(),
         "cv": ev.cv,
         "test": ev.test,
         "threshold": ev.threshold,
@@ -356,6 +414,8 @@ def write_reports(
         "onnx_parity_max_abs_diff": exported.parity,
         "sha256": exported.sha256,
     }
+    if ev.loso is not None:
+        doc["loso"] = ev.loso
     (run_dir / "metrics.json").write_text(json.dumps(doc, indent=2, default=_json_default))
     (run_dir / "schema.yaml").write_text(
         yaml.safe_dump(cfg.table_schema.model_dump(mode="json"), sort_keys=False)
@@ -389,10 +449,11 @@ def log_results(
     )
     tracker.set_tags(
         tracking.standard_tags("cpu")
-        | {"onnx_sha256": exported.sha256, "task": "risk"}
+        | {"onnx_sha256": exported.sha256, "task": "risk", "split": cfg.split.strategy}
         | ev.undefined
     )
-    tracker.log_metrics(ev.flat | {"onnx_parity_max_abs_diff": exported.parity})
+    refused = {f"refused.{code}": float(n) for code, n in vt.refusals().items()}
+    tracker.log_metrics(ev.flat | refused | {"onnx_parity_max_abs_diff": exported.parity})
     frame = vt.X.assign(**{label: vt.y})
     tracker.log_dataset(frame, cfg.table_schema.name, digest, targets=label)
     for name in ("metrics.json", "schema.yaml", "model_card.md"):

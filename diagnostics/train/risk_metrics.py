@@ -100,8 +100,12 @@ def odds_ratios(pipe: Any, schema: TableSchema) -> dict[str, dict[str, Any]]:
     )
     units = {f.name: f.unit for f in schema.features}
     scale = {}
-    if "num" in prep.named_transformers_:
-        num = prep.named_transformers_["num"].named_steps["scale"]
+    num = (
+        prep.named_transformers_["num"].named_steps.get("scale")
+        if "num" in prep.named_transformers_
+        else None
+    )
+    if num is not None:  # binned or spline features have no per-unit odds ratio
         columns = next(cols for name, _, cols in prep.transformers_ if name == "num")
         scale = dict(zip(columns, num.scale_, strict=True))
     out = {}
@@ -117,3 +121,85 @@ def odds_ratios(pipe: Any, schema: TableSchema) -> dict[str, dict[str, Any]]:
             entry["odds_ratio_vs_average"] = float(np.exp(c))
         out[base] = entry
     return out
+
+
+def leave_one_group_out(
+    pipe: Any, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, policy: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Leave-one-group-out (e.g. leave-one-site-out) evaluation.
+
+    For each group: fit a clone of `pipe` on the other groups, choose the threshold on those
+    training groups by `policy` (on the fitted model's own training-group predictions: no row of
+    the held-out group is seen), and judge the held-out group at it. Returns the pooled
+    out-of-group predictions (one per row) and the report: per group n, events, prevalence,
+    AUROC, calibration slope / intercept (with a note when undefined), threshold, sensitivity and
+    specificity; pooled out-of-group AUROC; and the spread across groups.
+    """
+    from sklearn.base import clone
+
+    from diagnostics.train.calibrate import choose_threshold
+    from diagnostics.train.metrics import at_threshold, auroc
+
+    groups = np.asarray(groups).astype(str)
+    oof = np.full(len(y), np.nan)
+    per: dict[str, dict[str, Any]] = {}
+    for g in sorted(np.unique(groups), key=_natural):
+        te = groups == g
+        model = clone(pipe).fit(X[~te], y[~te])
+        p_tr = model.predict_proba(X[~te])[:, 1]
+        p_te = model.predict_proba(X[te])[:, 1]
+        oof[te] = p_te
+        threshold = choose_threshold(y[~te], p_tr, policy)
+        at = at_threshold(y[te], p_te, threshold)
+        cal = calibration_fields(y[te], p_te)
+        per[g] = {
+            "n": int(te.sum()),
+            "events": int(y[te].sum()),
+            "prevalence": float(np.mean(y[te])),
+            "auroc": auroc(y[te], p_te),
+            "calibration_slope": cal["calibration_slope"],
+            "calibration_intercept": cal["calibration_intercept"],
+            "calibration_note": cal["calibration_note"],
+            "threshold": float(threshold),
+            "sensitivity": float(at["sensitivity"]),
+            "specificity": float(at["specificity"]),
+        }
+
+    def spread(key: str) -> list[float]:
+        vals = [float(r[key]) for r in per.values() if np.isfinite(r[key])]
+        return [min(vals), max(vals)] if vals else [float("nan"), float("nan")]
+
+    report = {
+        "groups": per,
+        "pooled_auroc": auroc(y, oof),
+        "auroc_range": spread("auroc"),
+        "calibration_slope_range": spread("calibration_slope"),
+        "calibration_intercept_range": spread("calibration_intercept"),
+        "sensitivity_range": spread("sensitivity"),
+        "specificity_range": spread("specificity"),
+    }
+    return oof, report
+
+
+def loso_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The report as finite MLflow metrics: loso.<group>.<metric>, loso.pooled_auroc, ranges."""
+    out: dict[str, float] = {}
+    for g, r in report["groups"].items():
+        for k, v in r.items():
+            if isinstance(v, int | float) and np.isfinite(v):
+                out[f"loso.{g}.{k}"] = float(v)
+    if np.isfinite(report["pooled_auroc"]):
+        out["loso.pooled_auroc"] = float(report["pooled_auroc"])
+    for k in ("auroc", "calibration_slope"):
+        lo, hi = report[f"{k}_range"]
+        if np.isfinite(lo):
+            out[f"loso.{k}_min"], out[f"loso.{k}_max"] = lo, hi
+    return out
+
+
+def _natural(value: str) -> tuple[int, float | str]:
+    """Numeric group labels in numeric order ('2' before '10'), then the others."""
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
