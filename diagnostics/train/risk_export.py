@@ -77,6 +77,28 @@ def _inverse(span: np.ndarray) -> np.ndarray:
     return out
 
 
+def _graph(scope: Any, container: Any) -> tuple[Any, Any]:
+    """`const(base, value, dtype=DOUBLE)` (an initializer) and `node(op_type, inputs, **attrs)`
+    (one output), each returning its output's unique name: what the converters below build
+    their ONNX subgraphs with."""
+    from onnx import TensorProto
+
+    def const(base: str, value: np.ndarray, dtype: int = TensorProto.DOUBLE) -> str:
+        arr = np.asarray(value)
+        out = scope.get_unique_variable_name(base)
+        container.add_initializer(out, dtype, list(arr.shape), arr.ravel().tolist())
+        return out
+
+    def node(op_type: str, inputs: list[str], **attrs: Any) -> str:
+        out = scope.get_unique_variable_name(op_type.lower())
+        container.add_node(
+            op_type, inputs, [out], name=scope.get_unique_operator_name(op_type), **attrs
+        )
+        return out
+
+    return const, node
+
+
 def _convert_spline(scope: Any, operator: Any, container: Any) -> None:
     """B-spline basis of every column at once: x (N, F, 1) against knots (F, m)."""
     from onnx import TensorProto
@@ -92,21 +114,7 @@ def _convert_spline(scope: Any, operator: Any, container: Any) -> None:
     n_feat, m = knots.shape
     n_splines = m - k - 1
 
-    def name(base: str) -> str:
-        return scope.get_unique_variable_name(base)
-
-    def const(base: str, value: np.ndarray, dtype: int = TensorProto.DOUBLE) -> str:
-        arr = np.asarray(value)
-        out = name(base)
-        container.add_initializer(out, dtype, list(arr.shape), arr.ravel().tolist())
-        return out
-
-    def node(op_type: str, inputs: list[str], **attrs: Any) -> str:
-        out = name(op_type.lower())
-        container.add_node(
-            op_type, inputs, [out], name=scope.get_unique_operator_name(op_type), **attrs
-        )
-        return out
+    const, node = _graph(scope, container)
 
     x = node("Cast", [operator.inputs[0].full_name], to=TensorProto.DOUBLE)
     x = node("Unsqueeze", [x, const("axis2", np.array([2]), TensorProto.INT64)])  # (N, F, 1)
@@ -195,21 +203,7 @@ def _isotonic_interp(
     ys = np.asarray(iso.y_thresholds_, dtype=np.float64)
     out_type = proto_type if proto_type in (TensorProto.FLOAT, TensorProto.DOUBLE) else 1
 
-    def name(base: str) -> str:
-        return scope.get_unique_variable_name(base)
-
-    def const(base: str, value: np.ndarray, dtype_: int = TensorProto.DOUBLE) -> str:
-        arr = np.asarray(value)
-        out = name(base)
-        container.add_initializer(out, dtype_, list(arr.shape), arr.ravel().tolist())
-        return out
-
-    def node(op_type: str, inputs: list[str], **attrs: Any) -> str:
-        out = name(op_type.lower())
-        container.add_node(
-            op_type, inputs, [out], name=scope.get_unique_operator_name(op_type), **attrs
-        )
-        return out
+    const, node = _graph(scope, container)
 
     def i64(base: str, value: list[int]) -> str:
         return const(base, np.array(value), TensorProto.INT64)
