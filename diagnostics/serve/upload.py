@@ -46,6 +46,27 @@ def clean_filename(raw: str) -> str:
     return name[:255]
 
 
+async def feed_parser(
+    parser: MultipartParser, body: AsyncIterator[bytes], max_total: int, too_large: str
+) -> None:
+    """Stream `body` into a multipart parser: 413 `upload_too_large` (with `too_large` as the
+    message) once it passes `max_total` bytes, 400 `bad_multipart` when the parser chokes.
+    UploadErrors raised by the parser's callbacks, and disk errors, pass through."""
+    total = 0
+    async for chunk in body:
+        total += len(chunk)
+        if total > max_total:
+            raise UploadError(413, "upload_too_large", too_large)
+        try:
+            parser.write(chunk)
+        except (UploadError, OSError):  # OSError: the disk (ENOSPC answers 507), not the body
+            raise
+        except Exception as exc:
+            msg = f"The multipart body is malformed: {exc}"
+            raise UploadError(400, "bad_multipart", msg) from exc
+    parser.finalize()
+
+
 async def receive_file(
     content_type: str,
     body: AsyncIterator[bytes],
@@ -153,24 +174,9 @@ async def receive_file(
             "on_end": on_end,
         },
     )
-    total = 0
-    try:
-        async for chunk in body:
-            total += len(chunk)
-            if total > max_bytes + BODY_OVERHEAD:  # the whole body, not just the file part
-                raise UploadError(
-                    413,
-                    "upload_too_large",
-                    f"The upload is larger than the limit of {max_bytes // (1024 * 1024)} MB.",
-                )
-            try:
-                parser.write(chunk)
-            except (UploadError, OSError):  # OSError: the disk (ENOSPC answers 507), not the body
-                raise
-            except Exception as exc:
-                msg = f"The multipart body is malformed: {exc}"
-                raise UploadError(400, "bad_multipart", msg) from exc
-        parser.finalize()
+    try:  # the whole body, not just the file part, is capped
+        too_large = f"The upload is larger than the limit of {max_bytes // (1024 * 1024)} MB."
+        await feed_parser(parser, body, max_bytes + BODY_OVERHEAD, too_large)
     finally:
         fh.close()
     if not state["ended"]:  # no closing boundary: the body was cut short

@@ -19,7 +19,7 @@ from typing import IO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from diagnostics.serve.upload import ReceivedFile, UploadError
+from diagnostics.serve.upload import ReceivedFile, UploadError, feed_parser
 
 DICOM = b"application/dicom"
 HEAD_BYTES = 132  # the Part 10 preamble and "DICM", for sniffing the format
@@ -179,25 +179,12 @@ async def receive_parts(
             "on_end": on_end,
         },
     )
-    total = 0
+    too_large = (
+        f"The request is larger than the limit of {_mb(max_total_bytes)}; send the "
+        "instances in several requests."
+    )
     try:
-        async for chunk in body:
-            total += len(chunk)
-            if total > max_total_bytes:
-                raise UploadError(
-                    413,
-                    "upload_too_large",
-                    f"The request is larger than the limit of {_mb(max_total_bytes)}; send the "
-                    "instances in several requests.",
-                )
-            try:
-                parser.write(chunk)
-            except (UploadError, OSError):  # OSError: the disk (ENOSPC answers 507), not the body
-                raise
-            except Exception as exc:
-                msg = f"The multipart body is malformed: {exc}"
-                raise UploadError(400, "bad_multipart", msg) from exc
-        parser.finalize()
+        await feed_parser(parser, body, max_total_bytes, too_large)
         if not ended:  # no closing boundary: the body was cut short
             raise UploadError(
                 400,
