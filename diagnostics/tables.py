@@ -77,6 +77,48 @@ class YesNoCodes(BaseModel):
         return {str(_norm(self.yes)): 1.0, str(_norm(self.no)): 0.0}
 
 
+# An Observation coded in this system with code == a feature's (or population column's) name is
+# always read as that column, whatever the feature's own `fhir` mapping says.
+FHIR_FEATURE_SYSTEM = "https://diagnostics.example/fhir/CodeSystem/risk-feature"
+
+
+class FhirMapping(BaseModel):
+    """Where a feature's value comes from in a FHIR R4 Bundle (`diagnostics.serve.risk_fhir`).
+
+    `codes`: "system|code" of Observations that carry it (e.g. "http://loinc.org|6690-2"); a
+    valueQuantity must be in the schema's unit (10^9/L, g/L, ...): nothing is converted.
+    `patient`: read from the Patient instead: "gender", or "age" (whole years from birthDate at
+    the Observations' date). `values`: coded FHIR answer ("code" or "system|code", "true"/"false"
+    for valueBoolean, a Patient.gender) -> the raw table code. Whatever the mapping, an
+    Observation coded `FHIR_FEATURE_SYSTEM|<feature name>` is read as the feature too.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    codes: list[str] = Field(default_factory=list, description='"system|code" of Observations')
+    patient: Literal["gender", "age"] | None = None
+    values: dict[str, float | str] = Field(
+        default_factory=dict, description="coded FHIR answer -> raw table code"
+    )
+
+    @field_validator("codes")
+    @classmethod
+    def _system_code(cls, v: list[str]) -> list[str]:
+        for c in v:
+            system, _, code = c.partition("|")
+            if not system.strip() or not code.strip():
+                raise ValueError(f"{c!r}: a code is 'system|code'")
+        return v
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _yaml_keys(cls, v: Any) -> Any:
+        # YAML reads the keys true / false (and yes / no) as booleans: FHIR says "true"/"false"
+        if isinstance(v, dict):
+            return {(str(k).lower() if isinstance(k, bool) else str(k)): x for k, x in v.items()}
+        return v
+
+
 class Feature(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,6 +133,7 @@ class Feature(BaseModel):
     codes: YesNoCodes | None = Field(
         None, description="binary only: raw codes, e.g. {yes: 1, no: 2}; the model sees 1/0"
     )
+    fhir: FhirMapping | None = Field(None, description="how to read it from FHIR R4 (optional)")
 
     @model_validator(mode="after")
     def _check(self) -> Feature:

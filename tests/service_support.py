@@ -155,7 +155,9 @@ def serve_config(model_path: Path, data_dir: Path, database_url: str = "", **sec
 
 
 @contextmanager
-def running_service(cfg: Any, model_source: Any = None) -> Iterator[Service]:
+def running_service(
+    cfg: Any, model_source: Any = None, risk_models: dict[str, Any] | None = None
+) -> Iterator[Service]:
     """The real app under a real uvicorn server on a free loopback port, in a thread."""
     import uvicorn
 
@@ -174,7 +176,7 @@ def running_service(cfg: Any, model_source: Any = None) -> Iterator[Service]:
         model = OnnxModel(path, device=cfg.model.device, version=version)
     else:
         model = OnnxModel(cfg.model.path, device=cfg.model.device)
-    app = create_app(cfg, model, store, data_dir, model_source)
+    app = create_app(cfg, model, store, data_dir, model_source, risk_models)
     server = uvicorn.Server(uvicorn_config(app, cfg, host="127.0.0.1", port=0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

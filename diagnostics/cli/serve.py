@@ -46,6 +46,26 @@ def _load_service_model(cfg: Any) -> Any:
         raise _fail(f"model {cfg.model.path}: {exc}") from None
 
 
+def _load_risk_models(cfg: Any) -> dict[str, Any]:
+    """The risk models named in the config's `risk.models`, each resolved once, at start."""
+    from diagnostics.serve.risk import RiskModel
+    from diagnostics.serve.runner import ModelIntegrityError
+
+    models: dict[str, Any] = {}
+    for name, entry in cfg.risk.models.items():
+        try:
+            path, version = registry.resolve(entry.path, _service_model_cache(cfg))
+            model = RiskModel(path, threads=cfg.model.threads or None, version=version)
+            if entry.sha256 and model.sha256 != entry.sha256:
+                raise ModelIntegrityError(
+                    f"sha256 {model.sha256[:12]} is not the configured {entry.sha256[:12]}"
+                )
+        except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
+            raise _fail(f"risk model {name} ({entry.path}): {exc}") from None
+        models[name] = model
+    return models
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail before loading anything (or starting a worker) when the address is taken."""
     import socket
@@ -117,7 +137,8 @@ def serve(
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
-    api = create_app(cfg, model, store, data_dir, _model_source(cfg))
+    risk_models = _load_risk_models(cfg)
+    api = create_app(cfg, model, store, data_dir, _model_source(cfg), risk_models)
     uvicorn.Server(uvicorn_config(api, cfg, host=cfg.host, port=cfg.port)).run()
 
 

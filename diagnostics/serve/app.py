@@ -2,10 +2,10 @@
 health and metrics, and the review page. Torch-free; started by `diagnostics serve`.
 
 `create_app` builds the service's parts and puts them on `app.state` (`cfg`, `store`, `holder`,
-`worker`, `metrics`, `limiter`, `data_dir`, `model_source`); the routes, one router per area in
-`diagnostics.serve.api` and `diagnostics.serve.web`, take them from there. Here: the lifespan
-(worker thread, model refresh, the `.part` janitor), middleware (request log line and counter,
-security headers, body time limits) and error handlers.
+`worker`, `metrics`, `limiter`, `data_dir`, `model_source`, `risk_models`); the routes, one
+router per area in `diagnostics.serve.api` and `diagnostics.serve.web`, take them from there.
+Here: the lifespan (worker thread, model refresh, the `.part` janitor), middleware (request log
+line and counter, security headers, body time limits) and error handlers.
 
 Every error is RFC 7807 `application/problem+json` with a stable `code`. A study is answered
 202 only after its blob is fsynced and renamed and its row committed. A clinic's identity comes
@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from diagnostics.serve import web
-from diagnostics.serve.api import admin, dicomweb, health, reviews, studies
+from diagnostics.serve.api import admin, dicomweb, health, reviews, risk, studies
 from diagnostics.serve.api.admission import RateLimiter
 from diagnostics.serve.api.deps import Principal
 from diagnostics.serve.api.errors import (
@@ -78,6 +78,7 @@ def create_app(
     store: Store,
     data_dir: Path,
     model_source: ModelSource | None = None,
+    risk_models: dict[str, Any] | None = None,
 ) -> FastAPI:
     holder = ModelHolder(model, cfg, data_dir / "heatmaps", model_source)
     metrics = Metrics(store, cfg.monitor)
@@ -93,6 +94,7 @@ def create_app(
     app.state.cfg, app.state.data_dir, app.state.model_source = cfg, data_dir, model_source
     app.state.store, app.state.holder, app.state.worker = store, holder, worker
     app.state.metrics, app.state.limiter = metrics, RateLimiter(cfg.limits.rate_per_minute)
+    app.state.risk_models = risk_models or {}  # name -> serve.risk.RiskModel
 
     # Middleware, innermost first: body time limits, the review page's session, then the
     # request log line, counter and security headers around everything.
@@ -104,7 +106,8 @@ def create_app(
     install_error_handlers(app)
     app.middleware("http")(_count_and_secure)
 
-    for router in (studies.router, reviews.router, health.router, admin.router, dicomweb.router):
+    routers = (studies.router, reviews.router, risk.router, health.router, admin.router)
+    for router in (*routers, dicomweb.router):
         app.include_router(router)
     return app
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diagnostics.serve.qc import QCConfig
+
+RISK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 class _Strict(BaseModel):
@@ -150,6 +153,34 @@ class DicomSection(_Strict):
     export: DicomExportSection = Field(default_factory=DicomExportSection)
 
 
+class RiskModelEntry(_Strict):
+    # An exported risk .onnx file, or models:/NAME@ALIAS (resolved once, at start).
+    path: str
+    sha256: str | None = Field(None, description="refuse to start unless the file has this hash")
+
+
+RESERVED_RISK_NAMES = ("records", "agreement", "models")
+
+
+class RiskSection(_Strict):
+    """Risk models the clinic scores records with (`POST /v1/risk/{name}`), by the name the
+    API uses: `models: {dengue_vn: {path: models:/risk-dengue-vn@champion}}`."""
+
+    models: dict[str, RiskModelEntry] = Field(default_factory=dict)
+    max_records: int = Field(100, ge=1, le=10000, description="records in one request")
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, RiskModelEntry]) -> dict[str, RiskModelEntry]:
+        for name in v:
+            if not RISK_NAME.fullmatch(name) or name in RESERVED_RISK_NAMES:
+                raise ValueError(
+                    f"risk model name {name!r}: lower-case letters, digits, '_' or '-', and "
+                    f"not one of {', '.join(RESERVED_RISK_NAMES)}"
+                )
+        return v
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -168,6 +199,7 @@ class ServeConfig(_Strict):
     studies: StudiesSection = Field(default_factory=StudiesSection)
     triage: TriageSection = Field(default_factory=TriageSection)
     dicom: DicomSection = Field(default_factory=DicomSection)
+    risk: RiskSection = Field(default_factory=RiskSection)
     # The interactive API docs (/docs, /openapi.json) describe every route to anyone: off unless
     # a site wants them (e.g. on a test machine).
     api_docs: bool = False

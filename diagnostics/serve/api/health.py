@@ -53,6 +53,12 @@ def ready(request: Request, cfg: ConfigDep, store: StoreDep, holder: HolderDep) 
     checks["model"] = {"ok": True, **current.describe(), "refresh_error": holder.last_error}
     if current.fallback and status == "ok":
         status = "degraded"  # CUDA wanted, CPU in use: scoring works, slower
+    risk = getattr(request.app.state, "risk_models", None) or {}
+    if risk:  # loaded once at start: each answers from memory
+        checks["risk_models"] = {
+            name: {"sha256": m.sha256, "label": m.label, "version": getattr(m, "version", None)}
+            for name, m in risk.items()
+        }
     thread = getattr(request.app.state, "worker_thread", None)
     alive = thread is None or thread.is_alive()  # None: an external worker (or not started)
     checks["worker"] = {"in_process": cfg.worker.in_process, "ok": alive}

@@ -13,7 +13,8 @@ logged or audited.
 
 One module per concept: `tables` (ORM models), `engine` (engines, migrations, retries), `blobs`,
 `views` (the TypedDicts reads return), and `Store` (`core`) put together from `base`, `audit`,
-`keys`, `studies`, `jobs`, `reviews`, `profiles` and `reviewers`. Import from here.
+`keys`, `studies`, `jobs`, `reviews`, `profiles`, `reviewers`, `instances`, `outbox` and
+`risk`. Import from here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from diagnostics.serve.store.engine import (
 )
 from diagnostics.serve.store.jobs import LeaseLost
 from diagnostics.serve.store.keys import hash_key, new_key
+from diagnostics.serve.store.risk import OutcomeView, RiskRecordView
 from diagnostics.serve.store.studies import Conflict, MaxWait, triage_order
 from diagnostics.serve.store.tables import (
     CLINIC_CODE,
@@ -46,6 +48,8 @@ from diagnostics.serve.store.tables import (
     Job,
     Review,
     Reviewer,
+    RiskOutcome,
+    RiskRecord,
     SiteProfile,
     Study,
     as_utc,
@@ -88,9 +92,13 @@ __all__ = [
     "LeaseLost",
     "MaxWait",
     "OperatingPointView",
+    "OutcomeView",
     "Review",
     "ReviewView",
     "Reviewer",
+    "RiskOutcome",
+    "RiskRecord",
+    "RiskRecordView",
     "SiteProfile",
     "Store",
     "StoreBase",

@@ -10,6 +10,7 @@ from diagnostics.serve.store.outbox import OutboxMixin
 from diagnostics.serve.store.profiles import ProfilesMixin
 from diagnostics.serve.store.reviewers import ReviewersMixin
 from diagnostics.serve.store.reviews import ReviewsMixin
+from diagnostics.serve.store.risk import RiskMixin
 
 
 class Store(
@@ -20,6 +21,7 @@ class Store(
     ReviewersMixin,
     InstancesMixin,
     OutboxMixin,
+    RiskMixin,
 ):
     """The repository: every read and write the service makes.
 
@@ -36,4 +38,5 @@ class Store(
     - instances.InstancesMixin: the images of a study; adding one (grouped by Study Instance
       UID, de-duplicated), marking a study complete
     - outbox.OutboxMixin: DICOM result objects bound for a PACS, and their send state
+    - risk.RiskMixin: clinical records scored by risk models, and their confirmed outcomes
     """

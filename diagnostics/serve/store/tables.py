@@ -242,7 +242,61 @@ class SiteProfile(Base):
     evidence: Mapped[dict[str, Any]] = mapped_column()  # n, positives, before/after
     # The site's own threshold for the model's population check (None: the model's)
     population_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Revision 0007, risk models: the site's logistic recalibration is
+    # logit' = logit / temperature + intercept (finding -> intercept; None for image models)
+    intercepts: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+# A clinical record scored by a risk model: scored, or refused with a code (tables.REFUSAL_CODES:
+# outside the intended population, an implausible value...) and never scored.
+RISK_STATES = ("scored", "refused")
+RISK_SOURCES = ("json", "fhir")
+
+
+class RiskRecord(Base):
+    """One clinical record scored (or refused) by a risk model at the clinic. The record as
+    sent (features, any patient reference) is a content-addressed blob, like an image; this row
+    holds only what the service made of it: no patient data."""
+
+    __tablename__ = "risk_records"
+    __table_args__ = (
+        UniqueConstraint("clinic_id", "idempotency_key", name="uq_risk_idempotency"),
+        Index("ix_risk_records_worklist", "clinic_id", "model", "created_at"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id"))
+    model: Mapped[str] = mapped_column(String(64))  # the service's name for it (`risk.models`)
+    label: Mapped[str] = mapped_column(String(64))  # the predicted outcome, e.g. "dengue"
+    source: Mapped[str] = mapped_column(String(8))  # RISK_SOURCES
+    status: Mapped[str] = mapped_column(String(16), index=True)  # RISK_STATES
+    content_sha256: Mapped[str] = mapped_column(String(64))  # the record as sent (blob)
+    idempotency_key: Mapped[str | None] = mapped_column(String(140), nullable=True)
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    raw_probability: Mapped[float | None] = mapped_column(Float, nullable=True)  # before profile
+    category: Mapped[str | None] = mapped_column(String(16), nullable=True)  # high | low
+    threshold: Mapped[float] = mapped_column(Float)
+    imputed: Mapped[list[Any]] = mapped_column(default=list)  # features the model imputed
+    code: Mapped[str | None] = mapped_column(String(64), nullable=True)  # refusal code
+    reasons: Mapped[list[Any]] = mapped_column(default=list)  # refusal reasons, plain words
+    model_name: Mapped[str] = mapped_column(String(128))  # the model file's own name
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    profile_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # site profile used
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class RiskOutcome(Base):
+    """The confirmed outcome of a risk record, recorded by a clinician later. Append-only: a
+    new entry supersedes, never overwrites. `outcome` None: recorded as not known."""
+
+    __tablename__ = "risk_outcomes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(ForeignKey("risk_records.id"), index=True)
+    outcome: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    reviewer: Mapped[str] = mapped_column(String(32))  # API key ID or "user:<name>"
+    note: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
