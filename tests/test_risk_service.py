@@ -58,7 +58,7 @@ def test_json_records_are_scored_refused_with_codes_and_stored(svc, caplog):
     assert scored["probability"] == scored["raw_probability"]  # no site profile yet
     assert refused["status"] == "refused" and refused["probability"] is None
     assert refused["code"] == "outside_intended_population"
-    assert refused["reasons"] == ["Age: outside the intended population 1..15"]
+    assert refused["reasons"][0] == "Age: outside the intended population 1..15"
     assert imputed["imputed"] == ["WBC"]
     # stored: listed, readable, the record as sent kept as a blob
     listed = svc.get("/v1/risk/records").json()["records"]
@@ -128,9 +128,10 @@ def test_outcomes_then_agreement_and_calibration_per_site(svc, risk_model):
 
     from tests.risk_support import synthetic_dengue
 
-    table = synthetic_dengue(60, seed=5)
+    table = synthetic_dengue(50, seed=5)
     records = table.drop(columns=["SiteNo", "Lab_Confirmed_Dengue"]).to_dict("records")
     r = _post(svc, {"records": records})
+    assert r.status_code == 201, r.text
     got = r.json()["records"]
     truth = table["Lab_Confirmed_Dengue"].to_numpy() == 1
     rev = svc.headers(svc.reviewer)

@@ -6,6 +6,8 @@ in Vietnamese falls back to English, and a test checks that none is missing.
 
 from __future__ import annotations
 
+import re
+
 LANGS = ("vi", "en")
 
 FINDING_NAMES: dict[str, dict[str, str]] = {  # names of contract.FINDINGS
@@ -250,6 +252,77 @@ MESSAGES: dict[str, dict[str, str]] = {
             "Wheel: zoom · drag: pan · right-drag or Shift+drag: window (left-right) and level "
             "(up-down) · keys + − 0. Model's view: the image as the AI saw it, with its heatmaps."
         ),
+        "risk_nav": "Risk",
+        "risk_title": "Risk worklist",
+        "risk_help": (
+            "Clinical records a risk model scored at the clinic. Records awaiting an outcome come "
+            "first, high risk before low. Record the confirmed outcome once it is known: it shows "
+            "how well the model works at this site."
+        ),
+        "risk_of": "risk of {label}",
+        "risk_label_dengue": "dengue",
+        "risk_time": "Time",
+        "risk_model": "Model",
+        "risk_probability": "Risk",
+        "risk_category": "Category",
+        "risk_high": "High risk",
+        "risk_low": "Low risk",
+        "risk_imputed": "Imputed values",
+        "risk_imputed_help": "Missing values the model estimated",
+        "risk_none": "none",
+        "risk_status_scored": "Scored",
+        "risk_status_refused": "Refused",
+        "risk_awaiting": "Awaiting outcome",
+        "risk_awaiting_only": "Awaiting an outcome only",
+        "risk_reasons": "Details",
+        "risk_code_outside_intended_population": "Outside the model's intended population",
+        "risk_code_population_unknown": (
+            "Intended population unknown: a value needed to check it (such as age) is missing"
+        ),
+        "risk_code_invalid_value": "A value is invalid, implausible or not an allowed code",
+        "risk_code_outcome_missing": "No usable outcome",
+        "risk_calibration": "Site calibration",
+        "risk_profile": "site calibration #{id}",
+        "risk_profile_raw": "model before calibration: {p}",
+        "risk_outcome": "Confirmed outcome",
+        "risk_outcome_confirmed": "Confirmed",
+        "risk_outcome_ruled_out": "Ruled out",
+        "risk_outcome_unknown": "Unknown",
+        "risk_outcome_help": (
+            "Confirmed: the diagnosis was confirmed (for example by a laboratory test). Ruled "
+            "out: it was excluded. Unknown: no result will come."
+        ),
+        "risk_outcome_save": "Save outcome",
+        "risk_outcome_change": "Change",
+        "risk_outcome_saved": "Outcome saved.",
+        "risk_refused_no_outcome": (
+            "This record was refused and never scored: it takes no outcome."
+        ),
+        "risk_no_records": "No records match.",
+        "risk_truncated": (
+            "Only the newest {n} records of each part are shown: use the filters to narrow the "
+            "list."
+        ),
+        "risk_agreement_title": "Agreement and calibration per site",
+        "risk_agreement_help": (
+            "From the outcomes recorded here (confirmed or ruled out). Agreement: the category "
+            "(high or low) matched the outcome. A calibration intercept near 0 and a slope near 1"
+            ": the risks shown match what happened at the site. Calibration needs at least {n} "
+            "outcomes, with both confirmed and ruled-out cases."
+        ),
+        "risk_no_agreement": "No outcomes recorded yet.",
+        "risk_n": "With outcome",
+        "risk_positives": "Confirmed",
+        "risk_agreement": "Agreement",
+        "risk_sensitivity": "Sensitivity",
+        "risk_specificity": "Specificity",
+        "risk_auroc": "AUROC",
+        "risk_cal_intercept": "Calibration intercept",
+        "risk_cal_slope": "Calibration slope",
+        "risk_mean_vs_rate": "Mean risk / observed rate",
+        "risk_note_one_class": "only one kind of outcome so far: no AUROC or calibration",
+        "risk_note_too_few": "fewer than {n} outcomes: no calibration yet",
+        "risk_note_separated": "calibration slope undefined (the outcomes are perfectly separated)",
     },
     "vi": {
         "app_title": "Đọc phim X-quang ngực",
@@ -431,6 +504,80 @@ MESSAGES: dict[str, dict[str, str]] = {
             "độ rộng cửa sổ (trái-phải) và mức cửa sổ (lên-xuống) · phím + − 0. Ảnh như AI thấy: "
             "ảnh mà AI đã chấm, cùng bản đồ nhiệt."
         ),
+        "risk_nav": "Nguy cơ",
+        "risk_title": "Danh sách đánh giá nguy cơ",
+        "risk_help": (
+            "Hồ sơ lâm sàng được mô hình đánh giá nguy cơ tại cơ sở. Hồ sơ đang chờ kết quả xác "
+            "nhận được xếp trước, nguy cơ cao trước nguy cơ thấp. Hãy ghi lại kết quả xác nhận "
+            "khi đã có: số liệu này cho biết mô hình hoạt động tốt đến đâu tại cơ sở."
+        ),
+        "risk_of": "nguy cơ {label}",
+        "risk_label_dengue": "sốt xuất huyết",
+        "risk_time": "Thời gian",
+        "risk_model": "Mô hình",
+        "risk_probability": "Nguy cơ",
+        "risk_category": "Phân loại",
+        "risk_high": "Nguy cơ cao",
+        "risk_low": "Nguy cơ thấp",
+        "risk_imputed": "Giá trị được ước tính",
+        "risk_imputed_help": "Các giá trị bị thiếu đã được mô hình ước tính",
+        "risk_none": "không có",
+        "risk_status_scored": "Đã đánh giá",
+        "risk_status_refused": "Bị từ chối",
+        "risk_awaiting": "Chờ kết quả xác nhận",
+        "risk_awaiting_only": "Chỉ hồ sơ chờ kết quả xác nhận",
+        "risk_reasons": "Chi tiết",
+        "risk_code_outside_intended_population": "Ngoài quần thể dự định của mô hình",
+        "risk_code_population_unknown": (
+            "Không xác định được quần thể dự định: thiếu thông tin cần để kiểm tra (ví dụ tuổi)"
+        ),
+        "risk_code_invalid_value": (
+            "Có giá trị không hợp lệ, không hợp lý hoặc không đúng mã quy định"
+        ),
+        "risk_code_outcome_missing": "Không có kết quả đầu ra dùng được",
+        "risk_calibration": "Hiệu chỉnh theo cơ sở",
+        "risk_profile": "hiệu chỉnh theo cơ sở #{id}",
+        "risk_profile_raw": "mô hình trước hiệu chỉnh: {p}",
+        "risk_outcome": "Kết quả xác nhận",
+        "risk_outcome_confirmed": "Đã xác nhận",
+        "risk_outcome_ruled_out": "Đã loại trừ",
+        "risk_outcome_unknown": "Chưa rõ",
+        "risk_outcome_help": (
+            "Đã xác nhận: chẩn đoán đã được khẳng định (ví dụ bằng xét nghiệm). Đã loại trừ: "
+            "chẩn đoán đã được loại trừ. Chưa rõ: sẽ không có kết quả."
+        ),
+        "risk_outcome_save": "Lưu kết quả",
+        "risk_outcome_change": "Sửa",
+        "risk_outcome_saved": "Đã lưu kết quả.",
+        "risk_refused_no_outcome": (
+            "Hồ sơ này bị từ chối và chưa được đánh giá nguy cơ: không ghi kết quả cho hồ sơ này."
+        ),
+        "risk_no_records": "Không có hồ sơ nào phù hợp.",
+        "risk_truncated": (
+            "Mỗi phần chỉ hiển thị {n} hồ sơ mới nhất: hãy dùng bộ lọc để thu hẹp danh sách."
+        ),
+        "risk_agreement_title": "Mức đồng thuận và hiệu chuẩn theo cơ sở",
+        "risk_agreement_help": (
+            "Tính từ các kết quả đã ghi tại đây (đã xác nhận hoặc đã loại trừ). Đồng thuận: phân "
+            "loại (cao hoặc thấp) khớp với kết quả. Hệ số chặn hiệu chuẩn gần 0 và độ dốc gần 1: "
+            "nguy cơ hiển thị khớp với thực tế tại cơ sở. Cần ít nhất {n} kết quả, có cả ca đã "
+            "xác nhận và ca đã loại trừ, mới tính được hiệu chuẩn."
+        ),
+        "risk_no_agreement": "Chưa có kết quả nào được ghi.",
+        "risk_n": "Có kết quả",
+        "risk_positives": "Đã xác nhận",
+        "risk_agreement": "Đồng thuận",
+        "risk_sensitivity": "Độ nhạy",
+        "risk_specificity": "Độ đặc hiệu",
+        "risk_auroc": "AUROC",
+        "risk_cal_intercept": "Hệ số chặn hiệu chuẩn",
+        "risk_cal_slope": "Độ dốc hiệu chuẩn",
+        "risk_mean_vs_rate": "Nguy cơ trung bình / tỷ lệ thực tế",
+        "risk_note_one_class": "mới có một loại kết quả: chưa tính được AUROC và hiệu chuẩn",
+        "risk_note_too_few": "ít hơn {n} kết quả: chưa tính hiệu chuẩn",
+        "risk_note_separated": (
+            "không xác định được độ dốc hiệu chuẩn (hai nhóm kết quả tách biệt hoàn toàn)"
+        ),
     },
 }
 
@@ -489,3 +636,36 @@ def image_status(lang: str, status: str, code: str | None, view: str | None) -> 
         return t(lang, "image_lateral")
     key = f"image_code_{code}"
     return t(lang, key) if key in MESSAGES["en"] else t(lang, "image_refused")
+
+
+def risk_code(lang: str, code: str | None) -> str:
+    """A risk record's refusal code (`tables.REFUSAL_CODES`) in words; an unknown code as is."""
+    key = f"risk_code_{code}"
+    return t(lang, key) if key in MESSAGES["en"] else (code or "")
+
+
+def risk_label(lang: str, label: str) -> str:
+    """The outcome a risk model predicts ("dengue"), in running text."""
+    key = f"risk_label_{label}"
+    return t(lang, key) if key in MESSAGES["en"] else label.replace("_", " ")
+
+
+_TOO_FEW = re.compile(r"fewer than (\d+) outcomes")
+
+
+def risk_note(lang: str, note: str | None) -> str:
+    """Why a figure of `risk_outcomes.site_agreement` is missing, in words: its notes are
+    English sentences joined by '; '; one not known here is shown as is."""
+    out = []
+    for part in (note or "").split("; "):
+        if not part:
+            continue
+        if part.startswith("one outcome class only"):
+            out.append(t(lang, "risk_note_one_class"))
+        elif m := _TOO_FEW.match(part):
+            out.append(t(lang, "risk_note_too_few", n=m.group(1)))
+        elif part.startswith("calibration slope undefined"):
+            out.append(t(lang, "risk_note_separated"))
+        else:
+            out.append(part)
+    return "; ".join(out)

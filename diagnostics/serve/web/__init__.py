@@ -6,7 +6,9 @@ SameSite=Lax); every form carries a per-session CSRF token. Reviews go through
 the model version shown, and whether an independent impression came first (a per-site option).
 
 One router per area: `session` (sign-in, language), `worklist`, `study` (page, impression,
-review, image, heatmaps), `agreement` (admins). Shared helpers are in `common`.
+review, image, heatmaps), `agreement` (admins), `risk` (the risk records a risk model scored
+at the clinic: worklist, confirmed outcomes, agreement and calibration per site). Shared
+helpers are in `common`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.i18n import t
-from diagnostics.serve.web import agreement, session, study, worklist
+from diagnostics.serve.web import agreement, risk, session, study, worklist
 from diagnostics.serve.web.common import PER_PAGE, WebDenied, session_secret, templates
 
 __all__ = ["PER_PAGE", "WebDenied", "create_web_router", "install", "session_secret"]
@@ -29,7 +31,7 @@ STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 def create_web_router() -> APIRouter:
     """Every review page route, under /review."""
     router = APIRouter()
-    for area in (session.router, worklist.router, study.router, agreement.router):
+    for area in (session.router, worklist.router, study.router, agreement.router, risk.router):
         router.include_router(area)
     return router
 
