@@ -174,9 +174,12 @@ def test_score_real_dicom_with_the_clinic_install(clinic, cxr_model, tmp_path):
 
 
 def test_serve_with_the_clinic_install(clinic, cxr_model, tmp_path):
-    """`keys create`, `serve` (with its worker), an upload scored, `report`: all torch-free."""
+    """`keys create`, `serve` (with its worker and a risk model), an upload scored, `report`, a
+    risk record scored from JSON and from FHIR: all without torch, mlflow or scikit-learn."""
+    from risk_support import train_synthetic_dengue
     from service_support import dicom_bytes, synth_pixels
 
+    risk_model = train_synthetic_dengue(tmp_path / "risk")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -189,6 +192,7 @@ def test_serve_with_the_clinic_install(clinic, cxr_model, tmp_path):
                 "model": {"path": str(cxr_model), "device": "cpu", "refresh_s": 0},
                 "limits": {"disk_reserve_mb": 0},
                 "worker": {"poll_s": 0.1},
+                "risk": {"models": {"dengue": {"path": str(risk_model)}}},
             }
         )
     )
@@ -251,6 +255,18 @@ def test_serve_with_the_clinic_install(clinic, cxr_model, tmp_path):
             clinic, "report", study, "--format", "text", "--lang", "en", "-c", str(config), env=env
         )
         assert out.returncode == 0 and out.stdout.strip(), out.stderr
+        assert body["checks"]["risk_models"]["dengue"]["label"] == "dengue"
+        child = {"Age": 7, "WBC": 3.1, "PLT": 95, "DayDisease": 2, "Vomiting": 1}
+        r = httpx.post(f"{url}/v1/risk/dengue", json=[child], headers=headers, timeout=30)
+        assert r.status_code == 201 and r.json()["records"][0]["status"] == "scored", r.text
+        r = httpx.post(
+            f"{url}/v1/risk/dengue",
+            json=[child],
+            headers={**headers, "Accept": "application/fhir+json"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["entry"][0]["resource"]["resourceType"] == "RiskAssessment"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

@@ -129,8 +129,25 @@ def models_promote(
 @_training
 def models_recalibrate(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or .onnx")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="the site's labelled data")],
     site: Annotated[str, typer.Option(help="the clinic code the profile applies to")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="image models: the site's labelled data (config)"),
+    ] = None,
+    table: Annotated[
+        Path | None,
+        typer.Option(
+            help="risk models: the site's labelled rows (CSV in the model's schema, with the "
+            "outcome column)"
+        ),
+    ] = None,
+    rows: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rows",
+            help="risk models: use only the rows where COL=VALUE (repeatable), e.g. SiteNo=7",
+        ),
+    ] = None,
     policy: Annotated[
         str | None, typer.Option(help="threshold policy; default: the model's own")
     ] = None,
@@ -156,12 +173,36 @@ def models_recalibrate(
     """Fit a site's temperature and thresholds (or, with --population, its population-check
     threshold); store them as a site profile for this model file. The service applies it to
     that site's studies; the ONNX file is not changed. A new profile keeps the site's other
-    settings from its previous one."""
+    settings from its previous one.
+
+    Risk models: from the site's labelled rows (--table, --rows COL=VALUE), a logistic
+    recalibration: temperature (1 / slope), intercept and threshold."""
     from diagnostics.data.cxr import DatasetError
     from diagnostics.train.recalibrate import SampleTooSmall, recalibrate, recalibrate_population
 
     try:
         path, _ = registry.resolve(model)
+        task = _model_task(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if task == "risk":
+        result = _recalibrate_risk(
+            path, config, table, rows, population, set_, policy=policy, min_cases=min_cases
+        )
+        store, _ = _open_store(_serve_config(serve_config, None))
+        row = _save_site_profile(store, result, site, population=False)
+        for line in _risk_lines(result):
+            typer.echo(line)
+        typer.echo(f"site profile {row.id} for {site}, model sha256 {result['model_sha256'][:12]}")
+        return
+    if table is not None or rows:
+        raise _fail(
+            f"{Path(path).name} is an image model ({task}): give the site's labelled images "
+            "with --config; --table and --rows are for risk models"
+        )
+    if config is None:
+        raise _fail(f"{Path(path).name} is an image model ({task}): --config is needed")
+    try:
         data = load_data_config(config, set_)
         result = (
             recalibrate_population(path, data, min_images=max(min_cases, 100))
@@ -179,9 +220,65 @@ def models_recalibrate(
     typer.echo(f"site profile {row.id} for {site}, model sha256 {result['model_sha256'][:12]}")
 
 
+def _model_task(path: Path) -> str:
+    """'cxr' or 'risk', from the model file's metadata."""
+    import onnxruntime as ort
+
+    from diagnostics.contract import ModelMetadata
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for a file it cannot read
+        raise ValueError(f"{Path(path).name} is not a readable ONNX model: {exc}") from None
+    return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map).task
+
+
+def _recalibrate_risk(
+    path: Path,
+    config: Path | None,
+    table: Path | None,
+    rows: list[str] | None,
+    population: bool,
+    set_: list[str] | None,
+    *,
+    policy: str | None,
+    min_cases: int,
+) -> dict[str, Any]:
+    """`recalibrate_risk` with the command's options checked for a risk model."""
+    from diagnostics.tables import SchemaError
+    from diagnostics.train.recalibrate import SampleTooSmall
+    from diagnostics.train.recalibrate_risk import recalibrate_risk
+
+    name = Path(path).name
+    if config is not None or set_:
+        raise _fail(
+            f"{name} is a risk model: give the site's labelled rows with --table CSV "
+            "(--config and --set are for image models)"
+        )
+    if population:
+        raise _fail(f"{name} is a risk model: it has no population check to recalibrate")
+    if table is None:
+        raise _fail(f"{name} is a risk model: --table CSV (the site's labelled rows) is needed")
+    selection: dict[str, str] = {}
+    for item in rows or []:
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise _fail(f"--rows {item}: use COL=VALUE, e.g. SiteNo=7")
+        selection[column.strip()] = value.strip()
+    try:
+        return recalibrate_risk(
+            path, table, rows=selection or None, policy=policy, min_cases=min_cases
+        )
+    except SampleTooSmall as exc:
+        raise _fail(f"sample too small: {exc}") from None
+    except (SchemaError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
 def _save_site_profile(store: Any, result: dict[str, Any], site: str, *, population: bool) -> Any:
     """A new site profile from a recalibration; what it did not fit, the site's previous
-    profile keeps (its thresholds for a population fit, its population threshold otherwise)."""
+    profile keeps (its thresholds for a population fit, its population threshold otherwise).
+    A risk model's fit also carries its intercepts (None for image models)."""
     from diagnostics.train.governance import actor
 
     previous = store.site_profile(result["model_sha256"], site)
@@ -191,6 +288,7 @@ def _save_site_profile(store: Any, result: dict[str, Any], site: str, *, populat
             site=site,
             temperatures=previous.temperatures if previous else {},
             thresholds=previous.thresholds if previous else {},
+            intercepts=previous.intercepts if previous else None,
             policy=previous.policy if previous else "model's own",
             evidence={**(previous.evidence if previous else {}), "population": result["evidence"]},
             population_threshold=result["population_threshold"],
@@ -201,11 +299,43 @@ def _save_site_profile(store: Any, result: dict[str, Any], site: str, *, populat
         site=site,
         temperatures=result["temperatures"],
         thresholds=result["thresholds"],
+        intercepts=result.get("intercepts"),
         policy=result["policy"],
         evidence=result["evidence"],
         population_threshold=previous.population_threshold if previous else None,
         created_by=actor()[:64],
     )
+
+
+def _risk_lines(result: dict[str, Any]) -> list[str]:
+    def num(v: float | None, digits: int = 3) -> str:
+        return "undefined" if v is None else f"{v:.{digits}f}"
+
+    lines = []
+    for f, e in result["evidence"].items():
+        b, a = e["before"], e["after"]
+        lines.append(
+            f"{f}: n={e['n']} ({e['positives']} positive), policy {e['policy']}: "
+            f"temperature {result['temperatures'][f]:.3f}, intercept "
+            f"{result['intercepts'][f]:+.3f}"
+        )
+        lines.append(
+            f"  calibration intercept {num(b['calibration_intercept'])} -> "
+            f"{num(a['calibration_intercept'])}, slope {num(b['calibration_slope'])} -> "
+            f"{num(a['calibration_slope'])}"
+        )
+        lines.append(
+            f"  threshold {e['model_threshold']:.3f} -> {result['thresholds'][f]:.3f}; "
+            f"sensitivity {num(b['sensitivity'])} -> {num(a['sensitivity'])}, "
+            f"specificity {num(b['specificity'])} -> {num(a['specificity'])} "
+            "(on the rows fitted)"
+        )
+    refused = result.get("refused") or {}
+    if refused:
+        lines.append(
+            "refused, not used: " + ", ".join(f"{code} {n}" for code, n in refused.items())
+        )
+    return lines
 
 
 def _population_lines(result: dict[str, Any], site: str) -> list[str]:

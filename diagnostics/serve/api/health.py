@@ -56,7 +56,7 @@ def ready(request: Request, cfg: ConfigDep, store: StoreDep, holder: HolderDep) 
     risk = getattr(request.app.state, "risk_models", None) or {}
     if risk:  # loaded once at start: each answers from memory
         checks["risk_models"] = {
-            name: {"sha256": m.sha256, "label": m.label, "version": getattr(m, "version", None)}
+            name: {"sha256": m.sha256, "label": m.label, "version": m.version}
             for name, m in risk.items()
         }
     thread = getattr(request.app.state, "worker_thread", None)

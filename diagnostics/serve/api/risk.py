@@ -151,7 +151,7 @@ def _score(
                 "reasons": [] if ok else [r for r in str(row["reasons"]).split("; ") if r],
                 "model_name": model.metadata.name,
                 "model_sha256": model.sha256,
-                "model_version": getattr(model, "version", None),
+                "model_version": model.version,
                 "profile_id": _int_or_none(row.get("profile_id")) if ok else None,
             }
         )
@@ -371,7 +371,7 @@ def list_models(request: Request, p: PrincipalDep) -> Response:
                 "name": name,
                 "model_name": m.metadata.name,
                 "model_sha256": m.sha256,
-                "model_version": getattr(m, "version", None),
+                "model_version": m.version,
                 "label": m.label,
                 "threshold": m.threshold,
                 "population": {k: list(v) for k, v in schema.population.items()},
