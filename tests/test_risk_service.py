@@ -160,6 +160,24 @@ def test_outcomes_then_agreement_and_calibration_per_site(svc, risk_model):
     assert row["agreement"] == pytest.approx(float((high == y).mean()))
     assert row["auroc"] > 0.6 and row["calibration_slope"] is not None
     assert svc.get("/v1/risk/records?awaiting_outcome=true").json()["records"] == []
+    # the site's recalibration from those outcomes, then applied to its next records
+    import json
+
+    from typer.testing import CliRunner
+
+    from diagnostics.cli import app
+
+    config = svc.data_dir.parent / "serve.json"
+    config.write_text(json.dumps(svc.app.state.cfg.model_dump(mode="json")))
+    args = ["models", "recalibrate", str(risk_model.path), "--site", "clinic-a"]
+    args += ["--from-outcomes", "--min-cases", "5", "--serve-config", str(config)]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "calibration intercept" in out.output
+    profile = svc.store.site_profile(risk_model.sha256, "clinic-a")
+    assert profile.evidence["dengue"]["source"] == "recorded outcomes"
+    nxt = _post(svc, [CHILD]).json()["records"][0]
+    assert nxt["profile_id"] == profile.id
 
 
 def test_refused_record_takes_no_outcome(svc):

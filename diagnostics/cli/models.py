@@ -148,6 +148,14 @@ def models_recalibrate(
             help="risk models: use only the rows where COL=VALUE (repeatable), e.g. SiteNo=7",
         ),
     ] = None,
+    from_outcomes: Annotated[
+        bool,
+        typer.Option(
+            "--from-outcomes",
+            help="risk models: from the outcomes clinicians recorded in the service for the "
+            "site's records scored by this model file (instead of --table)",
+        ),
+    ] = False,
     policy: Annotated[
         str | None, typer.Option(help="threshold policy; default: the model's own")
     ] = None,
@@ -175,8 +183,9 @@ def models_recalibrate(
     that site's studies; the ONNX file is not changed. A new profile keeps the site's other
     settings from its previous one.
 
-    Risk models: from the site's labelled rows (--table, --rows COL=VALUE), a logistic
-    recalibration: temperature (1 / slope), intercept and threshold."""
+    Risk models: from the site's labelled rows (--table, --rows COL=VALUE), or from the outcomes
+    its clinicians recorded in the service (--from-outcomes), a logistic recalibration:
+    temperature (1 / slope), intercept and threshold."""
     from diagnostics.data.cxr import DatasetError
     from diagnostics.train.recalibrate import SampleTooSmall, recalibrate, recalibrate_population
 
@@ -186,19 +195,26 @@ def models_recalibrate(
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
     if task == "risk":
-        result = _recalibrate_risk(
-            path, config, table, rows, population, set_, policy=policy, min_cases=min_cases
-        )
         store, _ = _open_store(_serve_config(serve_config, None))
+        if from_outcomes:
+            if table is not None or rows or config is not None:
+                raise _fail("--from-outcomes reads the service's outcomes: no --table or --rows")
+            result = _recalibrate_risk_outcomes(
+                path, store.risk_outcome_pairs([site]), policy=policy, min_cases=min_cases
+            )
+        else:
+            result = _recalibrate_risk(
+                path, config, table, rows, population, set_, policy=policy, min_cases=min_cases
+            )
         row = _save_site_profile(store, result, site, population=False)
         for line in _risk_lines(result):
             typer.echo(line)
         typer.echo(f"site profile {row.id} for {site}, model sha256 {result['model_sha256'][:12]}")
         return
-    if table is not None or rows:
+    if table is not None or rows or from_outcomes:
         raise _fail(
             f"{Path(path).name} is an image model ({task}): give the site's labelled images "
-            "with --config; --table and --rows are for risk models"
+            "with --config; --table, --rows and --from-outcomes are for risk models"
         )
     if config is None:
         raise _fail(f"{Path(path).name} is an image model ({task}): --config is needed")
@@ -272,6 +288,20 @@ def _recalibrate_risk(
     except SampleTooSmall as exc:
         raise _fail(f"sample too small: {exc}") from None
     except (SchemaError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _recalibrate_risk_outcomes(
+    path: Path, pairs: list[Any], *, policy: str | None, min_cases: int
+) -> dict[str, Any]:
+    from diagnostics.train.recalibrate import SampleTooSmall
+    from diagnostics.train.recalibrate_risk import recalibrate_risk_from_outcomes
+
+    try:
+        return recalibrate_risk_from_outcomes(path, pairs, policy=policy, min_cases=min_cases)
+    except SampleTooSmall as exc:
+        raise _fail(f"sample too small: {exc}") from None
+    except ValueError as exc:
         raise _fail(str(exc)) from None
 
 

@@ -199,6 +199,44 @@ def recalibrate_risk(
     }
 
 
+def recalibrate_risk_from_outcomes(
+    model_path: str | Path,
+    pairs: list[tuple[Any, ...]],
+    *,
+    policy: str | None = None,
+    min_cases: int = 30,
+) -> dict[str, Any]:
+    """The same fit from the outcomes clinicians recorded in the service for this model file
+    (`Store.risk_outcome_pairs` of one clinic): each record's raw probability (the model's own,
+    before any earlier profile) against its confirmed outcome. Records another model file
+    scored are left out: a profile belongs to one file."""
+    scorer = RiskModel(model_path)
+    label = scorer.label
+    chosen = policy or scorer.metadata.thresholds[label].policy
+    mine = [pr for pr in pairs if pr[2] == scorer.sha256]
+    if not mine:
+        raise ValueError(
+            f"no record scored by this model file ({scorer.sha256[:12]}) has a recorded outcome "
+            f"at this site ({len(pairs)} with another file)"
+        )
+    p_raw = np.array([float(pr[4]) for pr in mine])
+    y = np.array([1.0 if pr[5] else 0.0 for pr in mine])
+    fit = fit_risk_recalibration(
+        p_raw, y, label=label, model_threshold=scorer.threshold, policy=chosen,
+        min_cases=min_cases,
+    )  # fmt: skip
+    fit["evidence"].update(source="recorded outcomes", other_model_files=len(pairs) - len(mine))
+    return {
+        "model_sha256": scorer.sha256,
+        "temperatures": {label: fit["temperature"]},
+        "intercepts": {label: fit["intercept"]},
+        "thresholds": {label: fit["threshold"]},
+        "policy": chosen,
+        "evidence": {label: fit["evidence"]},
+        "refused": {},
+    }
+
+
 def select_rows(df: pd.DataFrame, rows: dict[str, str]) -> pd.DataFrame:
     """The rows whose columns equal the given values ('7', 7 and 7.0 are the same value)."""
     keep = np.ones(len(df), dtype=bool)
