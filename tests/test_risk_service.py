@@ -33,6 +33,16 @@ def svc(tmp_path: Path, cxr_model: Path, risk_model: Any):
         yield service
 
 
+@pytest.fixture
+def pg_svc(tmp_path: Path, cxr_model: Path, risk_model: Any):
+    from tests.service_support import pg_schema_url
+
+    for url in pg_schema_url():
+        cfg = serve_config(cxr_model, tmp_path / "data", database_url=url)
+        with running_service(cfg, risk_models={"dengue": risk_model}) as service:
+            yield service
+
+
 def _post(svc: Any, body: Any, key: str | None = None, **headers: str) -> httpx.Response:
     ctype = headers.pop("content_type", "application/json")
     return httpx.post(
@@ -106,8 +116,34 @@ def test_bad_requests_are_problems_and_store_nothing(svc):
         assert r.headers["content-type"].startswith("application/problem+json")
         assert r.json()["code"] == code
     assert svc.store.list_risk_records(None) == []
-    refused = [a for a in svc.store.audit_rows() if a.action == "risk.refused"]
+    refused = [a for a in svc.store.audit_rows() if a.action == "risk.request_refused"]
     assert {a.object_id for a in refused} >= {"unknown_field", "too_many_records"}
+
+
+def test_odd_bodies_are_problems_never_500(svc):
+    def raw(body: bytes) -> httpx.Response:
+        return httpx.post(
+            f"{svc.url}/v1/risk/dengue",
+            content=body,
+            headers=svc.headers(svc.submitter, **{"Content-Type": "application/json"}),
+        )
+
+    cases = [
+        (_post(svc, {}), 422, "invalid_record"),
+        (_post(svc, {"records": {}}), 422, "invalid_record"),
+        (_post(svc, [{**CHILD, "Age": True}]), 422, "invalid_record"),
+        (_post(svc, [{**CHILD, "WBC": 10**400}]), 422, "invalid_record"),
+        (raw(b'[{"Age": NaN}]'), 400, "invalid_json"),
+        (raw(b"[" * 100000 + b"]" * 100000), 400, "invalid_json"),
+        (svc.get("/v1/risk/records?since=9999-12-31T23:59-23:59"), 422, "invalid_request"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, (code, r.text)
+        assert r.json()["code"] == code
+    # a yes/no as a JSON boolean is the feature's own code (Vomiting: 1 yes / 2 no)
+    as_bool = _post(svc, [{**CHILD, "Vomiting": True}]).json()["records"][0]
+    as_code = _post(svc, [CHILD]).json()["records"][0]
+    assert as_bool["probability"] == as_code["probability"]
 
 
 def test_idempotency_key_and_clinic_isolation(svc):
@@ -116,11 +152,29 @@ def test_idempotency_key_and_clinic_isolation(svc):
     assert first.status_code == 201 and again.status_code == 200
     a, b = first.json()["records"][0], again.json()["records"][0]
     assert a["id"] == b["id"] and b["duplicate"] is True
+    assert first.headers["location"] == a["location"]
     assert len(svc.store.list_risk_records(None)) == 1
+    # the same key for another child (or another request shape) is a conflict, never a replay
+    other = _post(svc, [{**CHILD, "WBC": 9.9}], **{"Idempotency-Key": "his-42"})
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused"
+    assert len(svc.store.list_risk_records(None)) == 1
+    assert "risk.duplicate" in [x.action for x in svc.store.audit_rows(a["id"])]
     # another clinic sees nothing of it, whether or not it exists
     other = svc.get(f"/v1/risk/records/{a['id']}", key=svc.other_clinic)
     assert other.status_code == 404 and other.json()["code"] == "risk_record_not_found"
     assert svc.get("/v1/risk/records", key=svc.other_clinic).json()["records"] == []
+
+
+def test_outcomes_then_agreement_and_calibration_per_site_on_postgresql(pg_svc, risk_model):
+    assert pg_svc.store.dialect == "postgresql"
+    test_outcomes_then_agreement_and_calibration_per_site(pg_svc, risk_model)
+    # the worklist order (awaiting an outcome, high first) and `since` with an offset
+    _post(pg_svc, [CHILD, {**CHILD, "WBC": 12.0, "PLT": 320}])
+    waiting = pg_svc.get("/v1/risk/records?awaiting_outcome=true").json()["records"]
+    categories = [r["category"] for r in waiting]
+    assert categories == sorted(categories)  # "high" < "low"
+    since = pg_svc.get("/v1/risk/records?since=2000-01-01T07:00:00%2B07:00").json()["records"]
+    assert len(since) == len(pg_svc.store.list_risk_records(None))
 
 
 def test_outcomes_then_agreement_and_calibration_per_site(svc, risk_model):

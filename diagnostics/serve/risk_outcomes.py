@@ -1,6 +1,7 @@
 """Agreement and calibration per site, from the outcomes clinicians record for risk records.
 
-Numpy only (the clinic install has no scipy or scikit-learn). Per clinic and model: how many
+Numpy only (the clinic install has no scipy or scikit-learn). Per clinic, model file and site
+profile (records judged differently are never pooled): how many
 scored records have a confirmed outcome, how often the category (high / low) agreed with it,
 sensitivity and specificity at the threshold each record was scored with, AUROC (Mann-Whitney,
 exact with ties), and the calibration intercept (calibration-in-the-large: the shift of the
@@ -22,6 +23,8 @@ MIN_FOR_CALIBRATION = 20  # records with an outcome before a slope or intercept 
 class SiteAgreement(TypedDict):
     clinic: str
     model: str
+    model_sha256: str  # one model file: a new champion starts a new row
+    profile_id: int | None  # the site profile the records were judged with (None: the model's)
     n: int  # scored records with a confirmed or ruled-out outcome
     positives: int
     agreement: float  # share where the category matched the outcome
@@ -95,12 +98,15 @@ def calibration_slope(y: np.ndarray, p: np.ndarray) -> float | None:
 
 def site_agreement(pairs: list[tuple[Any, ...]]) -> list[SiteAgreement]:
     """`pairs` from `Store.risk_outcome_pairs`: (clinic, model, sha256, probability,
-    raw_probability, outcome, category). One row per clinic and model."""
-    groups: dict[tuple[str, str], list[tuple[float, bool, str | None]]] = defaultdict(list)
-    for clinic, model, _sha, prob, _raw, outcome, category in pairs:
-        groups[(clinic, model)].append((float(prob), bool(outcome), category))
+    raw_probability, outcome, category, profile_id). One row per clinic, model file and site
+    profile: records judged by another file, or with another recalibration, are not pooled."""
+    Key = tuple[str, str, str, int]  # profile -1: none (sortable)
+    groups: dict[Key, list[tuple[float, bool, str | None]]] = defaultdict(list)
+    for clinic, model, sha, prob, _raw, outcome, category, profile in pairs:
+        key = (clinic, model, sha, -1 if profile is None else int(profile))
+        groups[key].append((float(prob), bool(outcome), category))
     rows: list[SiteAgreement] = []
-    for (clinic, model), items in sorted(groups.items()):
+    for (clinic, model, sha, profile), items in sorted(groups.items()):
         p = np.array([i[0] for i in items])
         y = np.array([1.0 if i[1] else 0.0 for i in items])
         high = np.array([i[2] == "high" for i in items])
@@ -119,6 +125,8 @@ def site_agreement(pairs: list[tuple[Any, ...]]) -> list[SiteAgreement]:
             {
                 "clinic": clinic,
                 "model": model,
+                "model_sha256": sha,
+                "profile_id": None if profile < 0 else profile,
                 "n": len(y),
                 "positives": int(pos.sum()),
                 "agreement": float((high == pos).mean()),

@@ -19,8 +19,10 @@ records. Records are never logged; logs and audit rows carry generated record ID
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -28,11 +30,13 @@ from typing import Any, Literal
 import pandas as pd
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from diagnostics.serve.api.admission import RateLimiter, disk_reserve_bytes
 from diagnostics.serve.api.deps import (
     ConfigDep,
+    LimiterDep,
     MetricsDep,
     Principal,
     PrincipalDep,
@@ -42,6 +46,7 @@ from diagnostics.serve.api.deps import (
 from diagnostics.serve.api.errors import Problem, json_response
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.store import Store
+from diagnostics.serve.store.risk import KeyReused
 
 router = APIRouter(tags=["risk"])
 
@@ -73,15 +78,19 @@ def _json_records(body: Any, model: Any) -> list[dict[str, Any]]:
     """The records of a JSON body, each a flat object of the fields the schema knows."""
     if isinstance(body, dict) and "records" in body:
         body = body["records"]
+        if not isinstance(body, list):
+            raise Problem(422, "invalid_record", "records is not a list of records.")
     records = body if isinstance(body, list) else [body]
     if not records:
         raise Problem(422, "no_records", "The request holds no record.")
     schema = model.schema
     known = set(schema.feature_names) | set(schema.population)
     known |= {c for c in (schema.patient_column, schema.site_column) if c}
+    binary = {f.name: f for f in schema.features if f.type == "binary"}
+    out = []
     for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise Problem(422, "invalid_record", f"Record {i} is not a JSON object.")
+        if not isinstance(rec, dict) or not rec:
+            raise Problem(422, "invalid_record", f"Record {i} is not a non-empty JSON object.")
         unknown = sorted(set(rec) - known)
         if unknown:
             raise Problem(
@@ -90,12 +99,27 @@ def _json_records(body: Any, model: Any) -> list[dict[str, Any]]:
                 f"Record {i}: {', '.join(unknown)} not known to this model (it reads "
                 f"{', '.join(sorted(known))}).",
             )
+        clean = {}
         for key, value in rec.items():
-            if value is not None and not isinstance(value, str | int | float | bool):
+            if isinstance(value, bool):
+                # yes/no as a JSON boolean: the feature's own code (1/2 in the OUCRU file)
+                if key not in binary:
+                    raise Problem(422, "invalid_record", f"Record {i}: {key} is not a yes/no.")
+                codes = binary[key].codes
+                value = (codes.yes if value else codes.no) if codes else int(value)
+            elif value is not None and not isinstance(value, str | int | float):
                 raise Problem(422, "invalid_record", f"Record {i}: {key} is not a plain value.")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise Problem(422, "invalid_record", f"Record {i}: {key} is not finite.")
-    return records
+            elif isinstance(value, int | float) and not abs(value) < 1e15:
+                raise Problem(422, "invalid_record", f"Record {i}: {key} is out of any range.")
+            elif isinstance(value, str) and len(value) > 200:
+                raise Problem(422, "invalid_record", f"Record {i}: {key} is over 200 characters.")
+            clean[key] = value
+        out.append(clean)
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python reads them, JSON has none
 
 
 def _fhir_record(body: Any, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -112,8 +136,7 @@ def _fhir_record(body: Any, model: Any) -> tuple[dict[str, Any], dict[str, Any]]
         "subject": got.subject,
         "basis": got.basis,
         "notes": got.notes,
-        "bundle": body,
-    }
+    }  # what the record was made of; the rest of the Bundle (names, addresses) is not kept
     return got.record, doc
 
 
@@ -129,7 +152,7 @@ def _score(
     model: Any, name: str, records: list[dict[str, Any]], profile: Any
 ) -> list[dict[str, Any]]:
     """One store item per record: scored or refused, with what the model made of it."""
-    frame = pd.DataFrame.from_records(records)
+    frame = pd.DataFrame(records, index=range(len(records)))
     for col in model.schema.feature_names:  # a field nobody sent is missing, not an error
         if col not in frame.columns:
             frame[col] = None
@@ -172,6 +195,7 @@ async def score_records(
     cfg: ConfigDep,
     store: StoreDep,
     metrics: MetricsDep,
+    limiter: LimiterDep,
 ) -> Response:
     """Score clinical records (JSON, or a FHIR Bundle) with a served risk model."""
     _submitter(p, cfg)
@@ -194,14 +218,17 @@ async def score_records(
                     f"{len(records)} records; at most {cfg.risk.max_records} per request.",
                 )
             docs = [_json_document(r, risk_model) for r in records]
+        clinic = p.clinic or "dev"
+        await run_in_threadpool(_admit, cfg, store, limiter, clinic)
+        stored = await run_in_threadpool(
+            _score_and_store, store, risk_model, model, clinic, p.key_id, records, docs, idem
+        )
     except Problem as exc:  # every refused request is audited and counted, by code
         metrics.refusals.labels(exc.code).inc()
-        await run_in_threadpool(store.log_access, p.key_id, "risk.refused", "risk", exc.code)
+        await run_in_threadpool(
+            store.log_access, p.key_id, "risk.request_refused", "risk", exc.code
+        )
         raise
-    clinic = p.clinic or "dev"
-    stored = await run_in_threadpool(
-        _score_and_store, store, risk_model, model, clinic, p.key_id, records, docs, idem
-    )
     metrics.ack.observe(time.perf_counter() - t0)
     want_fhir = fhir_in or FHIR_JSON in request.headers.get("accept", "")
     if fhir_in:
@@ -216,7 +243,10 @@ async def score_records(
         {**v, "location": f"/v1/risk/records/{v['id']}", "duplicate": not created}
         for v, created in stored
     ]
-    return json_response({"records": out}, status=201 if any(c for _, c in stored) else 200)
+    answer = json_response({"records": out}, status=201 if any(c for _, c in stored) else 200)
+    if len(out) == 1:
+        answer.headers["Location"] = out[0]["location"]
+    return answer
 
 
 async def _read_body(request: Request) -> tuple[bool, Any]:
@@ -229,11 +259,26 @@ async def _read_body(request: Request) -> tuple[bool, Any]:
         )
     raw = await request.body()
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError):
         raise Problem(400, "invalid_json", "The body is not valid JSON.") from None
     fhir = ctype == FHIR_JSON or (isinstance(body, dict) and body.get("resourceType") == "Bundle")
     return fhir, body
+
+
+def _admit(cfg: ServeConfig, store: Store, limiter: RateLimiter, clinic: str) -> None:
+    """The image API's refusals that apply here: low disk (507) and the clinic's rate (429:
+    a request of records counts as one upload)."""
+    if shutil.disk_usage(store.blobs.root).free < disk_reserve_bytes(cfg):
+        raise Problem(507, "insufficient_storage", "The service is low on disk space; try later.")
+    wait = limiter.check(clinic)
+    if wait is not None:
+        raise Problem(
+            429,
+            "rate_limited",
+            f"More than {cfg.limits.rate_per_minute} requests a minute from this clinic.",
+            {"Retry-After": str(int(wait) + 1)},
+        )
 
 
 def _score_and_store(
@@ -252,12 +297,28 @@ def _score_and_store(
         item["document"] = doc
         item["source"] = doc["source"]
         item["idempotency_key"] = None if idem is None else f"{idem}#{i}"
-    return store.add_risk_records(clinic, actor, items)
+    try:
+        return store.add_risk_records(clinic, actor, items)
+    except KeyReused:
+        raise Problem(
+            409,
+            "idempotency_key_reused",
+            "This Idempotency-Key was used before for another record or model.",
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise Problem(507, "insufficient_storage", "The service ran out of disk.") from None
+        raise
 
 
 def _fhir_view(store: Store, view: Any) -> dict[str, Any]:
     doc = store.risk_document(view["id"])
-    return {**view, "subject": doc.get("subject"), "basis": doc.get("basis") or []}
+    return {
+        **view,
+        "subject": doc.get("subject"),
+        "basis": doc.get("basis") or [],
+        "notes": doc.get("notes") or [],  # Observations left out, and why
+    }
 
 
 def _fhir_answer(store: Store, view: Any, created: bool) -> Response:
@@ -295,8 +356,11 @@ def list_records(
     since: datetime | None = Query(None, description="ISO 8601"),
     limit: int = Query(100, ge=1, le=1000),
 ) -> Response:
-    if since is not None:
-        since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
+    if since is not None:  # stored UTC: convert, whatever the offset
+        try:
+            since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
+        except OverflowError:
+            raise Problem(422, "invalid_request", "since: outside the range of dates") from None
     rows = store.list_risk_records(
         p.visible(),
         model=model,
@@ -335,6 +399,11 @@ class OutcomeIn(BaseModel):
         description="confirmed: the laboratory confirmed the outcome; ruled_out: it did not"
     )
     note: str = Field("", max_length=2000)
+
+    @field_validator("note")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        return v.replace("\x00", "")  # PostgreSQL text holds no NUL
 
 
 @router.post("/v1/risk/records/{record_id}/outcome", status_code=201)

@@ -8,6 +8,7 @@ entry of a record is its outcome. Every write is audited in the same transaction
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import datetime
@@ -19,6 +20,10 @@ from sqlalchemy.orm import Session
 
 from diagnostics.serve.store.audit import AuditMixin
 from diagnostics.serve.store.tables import Clinic, RiskOutcome, RiskRecord, as_utc
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key this clinic used before, for another record or model (409)."""
 
 
 class OutcomeView(TypedDict):
@@ -89,19 +94,22 @@ class RiskMixin(AuditMixin):
     ) -> list[tuple[RiskRecordView, bool]]:
         """Store scored or refused records, each with its record as sent (`item["document"]`,
         JSON-ready) as a blob: [(view, created)]. An item whose `idempotency_key` this clinic
-        has already used is not stored again: its first record is returned (created False).
-        One transaction for all: either every record of a request is kept, or none."""
+        has already used for the same model and record is not stored again: its first record
+        is returned (created False); used for anything else, `KeyReused`. One transaction for
+        all: either every record of a request is kept, or none."""
         blobs: list[str] = []
+        prints: list[str] = []
         for item in items:  # durable before any row names it
             data = json.dumps(item["document"], sort_keys=True, allow_nan=False).encode()
             blobs.append(self._put_blob(data))
+            prints.append(hashlib.sha256(item["model"].encode() + b"\0" + data).hexdigest())
 
         def tx(s: Session) -> list[tuple[RiskRecord, bool]]:
             if s.get(Clinic, clinic) is None:
                 s.add(Clinic(id=clinic))
                 s.flush()
             out: list[tuple[RiskRecord, bool]] = []
-            for item, sha in zip(items, blobs, strict=True):
+            for item, sha, fingerprint in zip(items, blobs, prints, strict=True):
                 key = item.get("idempotency_key")
                 if key is not None:
                     seen = s.scalar(
@@ -109,6 +117,8 @@ class RiskMixin(AuditMixin):
                             RiskRecord.clinic_id == clinic, RiskRecord.idempotency_key == key
                         )
                     )
+                    if seen is not None and seen.fingerprint != fingerprint:
+                        raise KeyReused(key)
                     if seen is not None:
                         out.append((seen, False))
                         continue
@@ -116,6 +126,7 @@ class RiskMixin(AuditMixin):
                     id=uuid.uuid4().hex,
                     clinic_id=clinic,
                     content_sha256=sha,
+                    fingerprint=fingerprint,
                     **{k: v for k, v in item.items() if k != "document"},
                 )
                 s.add(row)
@@ -138,11 +149,11 @@ class RiskMixin(AuditMixin):
             rows = self.write(tx)
         except IntegrityError:  # the same key sent twice at once: the other request won
             rows = self.write(tx)
+        if any(not created for _, created in rows):
+            self.log_access(actor, "risk.duplicate", "risk", rows[0][0].id, n=len(rows))
         return [(risk_view(r, self._outcome(r.id)), created) for r, created in rows]
 
     def _put_blob(self, data: bytes) -> str:
-        import hashlib
-
         sha = hashlib.sha256(data).hexdigest()
         if not self.blobs.path(sha).exists():
             temp = self.blobs.temp_file()
@@ -247,9 +258,9 @@ class RiskMixin(AuditMixin):
 
     def risk_outcome_pairs(
         self, clinics: list[str] | None, model: str | None = None
-    ) -> list[tuple[str, str, str, float, float, bool, str | None]]:
+    ) -> list[tuple[str, str, str, float, float, bool, str | None, int | None]]:
         """Scored records with a known outcome: (clinic, model, model_sha256, probability,
-        raw_probability, outcome, category), on each record's newest outcome."""
+        raw_probability, outcome, category, profile_id), on each record's newest outcome."""
         latest = self._latest_outcomes()
         q = (
             select(
@@ -260,6 +271,7 @@ class RiskMixin(AuditMixin):
                 RiskRecord.raw_probability,
                 RiskOutcome.outcome,
                 RiskRecord.category,
+                RiskRecord.profile_id,
             )
             .join(latest, latest.c.record_id == RiskRecord.id)
             .join(RiskOutcome, RiskOutcome.id == latest.c.id)

@@ -273,6 +273,8 @@ class RiskRecord(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)  # RISK_STATES
     content_sha256: Mapped[str] = mapped_column(String(64))  # the record as sent (blob)
     idempotency_key: Mapped[str | None] = mapped_column(String(140), nullable=True)
+    # sha256 of (model, record as sent): a reused Idempotency-Key with another body is a 409
+    fingerprint: Mapped[str] = mapped_column(String(64))
     probability: Mapped[float | None] = mapped_column(Float, nullable=True)
     raw_probability: Mapped[float | None] = mapped_column(Float, nullable=True)  # before profile
     category: Mapped[str | None] = mapped_column(String(16), nullable=True)  # high | low

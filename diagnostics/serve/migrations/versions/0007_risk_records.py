@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("content_sha256", sa.String(64), nullable=False),
         sa.Column("idempotency_key", sa.String(140), nullable=True),
+        sa.Column("fingerprint", sa.String(64), nullable=False),
         sa.Column("probability", sa.Float(), nullable=True),
         sa.Column("raw_probability", sa.Float(), nullable=True),
         sa.Column("category", sa.String(16), nullable=True),
