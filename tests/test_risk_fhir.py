@@ -4,6 +4,7 @@ OperationOutcome and a collection Bundle (validated with fhir.resources R4B). Fa
 from __future__ import annotations
 
 import copy
+import re
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from diagnostics.serve.risk_fhir import (
     response_bundle,
     risk_assessment,
     same_unit,
+    unit_kind,
 )
 from diagnostics.tables import FHIR_FEATURE_SYSTEM, FhirMapping, TableSchema, validate_records
 from diagnostics.train.risk_config import load_risk_config
@@ -314,7 +316,7 @@ def test_units_and_bundle_types(schemas):
     for kind in ("collection", "batch", "transaction", "searchset"):
         rec = records_from_bundle(cbc_bundle() | {"type": kind}, schemas["dengue_vn_cbc"])
         assert rec.record["WBC"] == 3.2
-    # no unit code: not checked (only a UCUM code is compared)
+    # no UCUM code: the unit text is checked (G/L: giga per litre)
     b = bundle(obs("6690-2", subject=None, **{"valueQuantity": {"value": 4.0, "unit": "G/L"}}))
     rec = records_from_bundle(b, schemas["dengue_vn_cbc"])
     assert rec.record == {"WBC": 4.0} and rec.subject is None
@@ -377,6 +379,318 @@ def test_mapping_is_optional_and_the_project_system_always_works():
     }
 
 
+def unit_only(value: float, unit: str) -> dict[str, Any]:
+    """A Quantity as many HIS send it: a human unit text, no UCUM code."""
+    return {"valueQuantity": {"value": value, "unit": unit}}
+
+
+# (LOINC code, column, value, unit text as sent): the schema's unit, spelled another way
+UNIT_TEXT_ACCEPTED = [
+    ("30525-0", "Age", 8, "years"),
+    ("30525-0", "Age", 8, " Year "),
+    ("30525-0", "Age", 8, "yr"),
+    ("30525-0", "Age", 8, "a"),
+    ("30525-0", "Age", 8, "năm"),
+    ("777-3", "PLT", 95, "10^9/L"),
+    ("777-3", "PLT", 95, "10*9/L"),
+    ("777-3", "PLT", 95, "x10^9/L"),
+    ("777-3", "PLT", 95, "× 10⁹/L"),
+    ("777-3", "PLT", 95, "10E9/L"),
+    ("777-3", "PLT", 95, "10^3/uL"),
+    ("777-3", "PLT", 95, "10³/µL"),
+    ("777-3", "PLT", 95, "10^3/mm3"),
+    ("777-3", "PLT", 95, "K/uL"),
+    ("777-3", "PLT", 95, "G/L"),
+    ("777-3", "PLT", 95, "10^9 cells/L"),
+    ("4544-3", "HCT", 41.5, "%"),
+    ("8310-5", "Temp", 38.9, "°C"),
+    ("8310-5", "Temp", 38.9, "℃"),
+    ("8310-5", "Temp", 38.9, "C"),
+    ("8310-5", "Temp", 38.9, "cel"),
+    ("8310-5", "Temp", 38.9, "deg C"),
+    ("1751-7", "ALB", 38, "g/L"),
+    ("1751-7", "ALB", 38, "g/l"),
+    ("1920-8", "AST", 40, "IU/L"),
+    ("1920-8", "AST", 40, "U/L"),
+    ("39156-5", "BMI", 15.2, "kg/m²"),
+]
+
+
+@pytest.mark.parametrize(("code", "column", "value", "unit"), UNIT_TEXT_ACCEPTED)
+def test_a_unit_text_without_a_code_is_checked_and_accepted(schemas, code, column, value, unit):
+    # the CBC Bundle's own PLT is 95 (as the cases' PLT); no birth date: Age from the Observation
+    b = _with(obs(code, **unit_only(value, unit)), birthDate=None)
+    rec = records_from_bundle(b, schemas["dengue_vn_ns1"])
+    assert rec.record[column] == float(value)
+
+
+# (LOINC code, column, unit text as sent, what the message says after the column)
+UNIT_TEXT_REFUSED = [
+    ("30525-0", "Age", "months", "unit 'months' is not the schema's unit 'years'"),
+    ("30525-0", "Age", "tháng", "unit 'tháng' is not the schema's unit 'years'"),
+    ("30525-0", "Age", "wk", "unit 'wk' is not the schema's unit 'years'"),
+    ("1751-7", "ALB", "mg/dL", "unit 'mg/dL' is not the schema's unit 'g/L'"),
+    ("1751-7", "ALB", "g/dL", "unit 'g/dL' is not the schema's unit 'g/L'"),
+    ("1751-7", "ALB", "G/L", "unit 'G/L' is not the schema's unit 'g/L'"),  # giga per litre
+    ("777-3", "PLT", "/mm3", "unit '/mm3' is not the schema's unit '10^9/L'"),
+    ("777-3", "PLT", "cells/µL", "unit 'cells/µL' is not the schema's unit '10^9/L'"),
+    ("777-3", "PLT", "g/L", "unit 'g/L' is not the schema's unit '10^9/L'"),  # grams
+    ("777-3", "PLT", "10^6/uL", "unit '10^6/uL' is not the schema's unit '10^9/L'"),
+    ("8310-5", "Temp", "°F", "unit '°F' is not the schema's unit 'degC'"),
+    ("4544-3", "HCT", "L/L", "unit 'L/L' is not the schema's unit '%'"),
+    ("1920-8", "AST", "ukat/L", "unit 'ukat/L' is not the schema's unit 'U/L'"),
+]
+
+
+@pytest.mark.parametrize(("code", "column", "unit", "said"), UNIT_TEXT_REFUSED)
+def test_a_unit_text_naming_another_unit_is_refused(schemas, code, column, unit, said):
+    b = bundle(patient(), obs(code, **unit_only(10, unit)))
+    with pytest.raises(FhirInputError) as exc:
+        records_from_bundle(b, schemas["dengue_vn_ns1"])
+    assert str(exc.value).startswith(f"{column}: {said} (nothing is converted)"), str(exc.value)
+    assert "send the value in" in str(exc.value)
+
+
+def test_the_review_case_age_in_months_is_refused_not_scored_as_years(schemas):
+    b = bundle(obs("30525-0", subject=None, valueQuantity={"value": 10, "unit": "months"}))
+    with pytest.raises(FhirInputError, match="Age: unit 'months' is not the schema's unit 'years'"):
+        records_from_bundle(b, schemas["dengue_vn_cbc"])
+
+
+def test_an_unknown_unit_text_is_refused_with_what_to_send(schemas):
+    b = bundle(patient(), obs("777-3", **unit_only(95, "lakh/cumm")))
+    with pytest.raises(FhirInputError) as exc:
+        records_from_bundle(b, schemas["dengue_vn_cbc"])
+    assert str(exc.value) == (
+        "PLT: unit 'lakh/cumm' is not a unit this service knows: send the value in '10^9/L' "
+        "(UCUM code '10*9/L')"
+    )
+    long = bundle(patient(), obs("777-3", **unit_only(95, "z" * 500)))
+    with pytest.raises(FhirInputError) as exc:
+        records_from_bundle(long, schemas["dengue_vn_cbc"])
+    assert len(str(exc.value)) < 200  # the sender's text is cut short
+    for bad in (5, ["G/L"], {"text": "G/L"}):
+        b = bundle(patient(), obs("777-3", valueQuantity={"value": 95, "unit": bad}))
+        with pytest.raises(FhirInputError, match=r"PLT: valueQuantity\.unit is not text"):
+            records_from_bundle(b, schemas["dengue_vn_cbc"])
+
+
+def test_a_ucum_code_decides_and_another_systems_code_defers_to_the_text(schemas):
+    schema = schemas["dengue_vn_cbc"]
+
+    def plt(**q: Any) -> dict[str, Any]:
+        return bundle(patient(), obs("777-3", valueQuantity={"value": 95, **q}))
+
+    # a UCUM code is what counts: the text is a label
+    assert records_from_bundle(plt(code="10*9/L", unit="thousands", system=UCUM), schema)
+    with pytest.raises(FhirInputError, match="PLT: unit '/uL'"):
+        records_from_bundle(plt(code="/uL", unit="10^9/L", system=UCUM), schema)
+    with pytest.raises(FhirInputError, match="PLT: unit '/uL'"):
+        records_from_bundle(plt(code="/uL", unit="10^9/L"), schema)  # no system: UCUM
+    # a local unit code: the text says what it is
+    local = "https://his.example.vn/units"
+    assert records_from_bundle(plt(code="TBL09", unit="G/L", system=local), schema)
+    with pytest.raises(FhirInputError, match="PLT: unit '/mm3'"):
+        records_from_bundle(plt(code="TBL06", unit="/mm3", system=local), schema)
+    with pytest.raises(FhirInputError, match="PLT: unit 'TBL09'"):
+        records_from_bundle(plt(code="TBL09", system=local), schema)
+    # no unit at all: a plain number, as a valueInteger is
+    assert records_from_bundle(plt(), schema).record["PLT"] == 95.0
+    assert unit_kind("10^3/µL") == "10*9/L" and unit_kind("months") == "mo"
+    assert unit_kind("G/L") == "10*9/L" and unit_kind("g/L") == "g/L"
+    assert unit_kind("furlongs") is None
+
+
+def _serial(*readings: tuple[float, dict[str, Any]]) -> dict[str, Any]:
+    """A bundle with one PLT Observation per (value, timing elements)."""
+    return bundle(
+        patient(),
+        *(
+            obs("777-3", id=f"plt{i}", when=None, **qty(v, "10*9/L"), **timing)
+            for i, (v, timing) in enumerate(readings)
+        ),
+    )
+
+
+DAY1, DAY2 = "2024-06-13T08:00:00+07:00", "2024-06-14T09:30:00+07:00"
+
+
+@pytest.mark.parametrize(
+    ("readings", "used"),
+    [
+        ([(120, {"effectiveDateTime": DAY1}), (95, {"effectiveDateTime": DAY2})], 1),
+        ([(95, {"effectiveDateTime": DAY2}), (120, {"effectiveDateTime": DAY1})], 0),
+        # effectivePeriod.end, and issued when there is no effective time
+        ([(120, {"effectivePeriod": {"start": DAY1, "end": DAY2}}), (95, {"issued": DAY1})], 0),
+        ([(120, {"issued": DAY1}), (95, {"issued": "2024-06-14T02:00:00Z"})], 1),
+        # another time zone: 03:00Z is after 09:30+07:00 (02:30Z)
+        (
+            [
+                (120, {"effectiveDateTime": "2024-06-14T03:00:00Z"}),
+                (95, {"effectiveDateTime": DAY2}),
+            ],
+            0,
+        ),
+        # dates without a time, days apart: still ordered
+        (
+            [(120, {"effectiveDateTime": "2024-06-11"}), (95, {"effectiveDateTime": "2024-06-14"})],
+            1,
+        ),
+        # three results, the latest repeated
+        (
+            [
+                (150, {"effectiveDateTime": "2024-06-12T08:00:00+07:00"}),
+                (120, {"effectiveDateTime": DAY1}),
+                (95, {"effectiveDateTime": DAY2}),
+            ],
+            2,
+        ),
+    ],
+)
+def test_serial_observations_use_the_latest(schemas, readings, used):
+    rec = records_from_bundle(_serial(*readings), schemas["dengue_vn_cbc"])
+    assert rec.record["PLT"] == float(readings[used][0])
+    assert rec.basis == [{"reference": f"Observation/plt{used}"}]
+    n = len(readings)
+    earlier = "1 earlier value" if n == 2 else f"{n - 1} earlier values"
+    assert f"PLT: {n} Observations at different times: the latest used, {earlier} left out" in (
+        rec.notes
+    )
+    # the age is taken on the latest Observation's date
+    assert rec.record["Age"] == 8.0
+
+
+def test_serial_observations_that_cannot_be_ordered_are_refused(schemas):
+    schema = schemas["dengue_vn_cbc"]
+    cases = {
+        "same time": [(120, {"effectiveDateTime": DAY2}), (95, {"effectiveDateTime": DAY2})],
+        "no time": [(120, {}), (95, {})],
+        "one without a time": [(120, {}), (95, {"effectiveDateTime": DAY2})],
+        # a date alone may be any time that day, in any zone: it overlaps 09:30 that day
+        "date and time": [(120, {"effectiveDateTime": "2024-06-14"}), (95, {"issued": DAY2})],
+    }
+    for case, readings in cases.items():
+        with pytest.raises(FhirInputError, match="PLT: two Observations give different") as exc:
+            records_from_bundle(_serial(*readings), schema)
+        assert "2024" not in str(exc.value), case
+    # the same value twice, with or without a time: one value
+    rec = records_from_bundle(_serial((95, {}), (95, {"effectiveDateTime": DAY2})), schema)
+    assert rec.record["PLT"] == 95.0 and rec.basis == [{"reference": "Observation/plt1"}]
+    assert "PLT: 2 Observations with the same value: one used" in rec.notes
+    with pytest.raises(FhirInputError, match="PLT: the Observation's issued time: not a FHIR"):
+        records_from_bundle(_serial((95, {"issued": "yesterday"})), schema)
+
+
+# ---------------------------------------------------------------- odd shapes
+
+WRONG = [5, -1.5, 10**400, float("nan"), True, "x", "", [], [5], {}, {"x": 1}, None]
+DELETE = object()
+
+
+def _paths(doc: Any, path: tuple = ()) -> list[tuple]:
+    out = [path] if path else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*path, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, (*path, i))
+    return out
+
+
+def _mutated(doc: Any, path: tuple, value: Any) -> Any:
+    doc = copy.deepcopy(doc)
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = copy.deepcopy(value)
+    return doc
+
+
+def _rich_bundle() -> dict[str, Any]:
+    b = cbc_bundle()
+    b["entry"][0]["resource"]["identifier"].append({"value": "second"})
+    b["entry"] += [
+        {
+            "resource": feature_obs(
+                "Abdo",
+                when=None,
+                effectivePeriod={"start": "2024-06-13", "end": "2024-06-14T08:00:00+07:00"},
+                valueCodeableConcept={"coding": [{"system": SNOMED, "code": "373067005"}]},
+            )
+        },
+        {"resource": obs("8310-5", when=None, issued=DAY2, **qty(38.9, "Cel"))},
+        {"resource": obs("4544-3", valueQuantity={"value": 41.5, "unit": "%"})},
+        {"resource": obs("777-3", id="plt0", when=DAY1, **qty(120, "10*9/L"))},
+        {"resource": obs("2345-7", status="cancelled", **qty(5.1, "mmol/L"))},
+    ]
+    o = b["entry"][-1]["resource"]
+    o["subject"] = {"identifier": {"system": "https://his.example.vn/patient", "value": IDENT}}
+    return b
+
+
+def test_the_rich_bundle_reads(schemas):
+    rec = records_from_bundle(_rich_bundle(), schemas["dengue_vn"])
+    assert rec.record["PLT"] == 95.0 and rec.record["Abdo"] == 2.0 and rec.record["HCT"] == 41.5
+
+
+def test_wrong_json_types_anywhere_give_fhir_input_errors_never_type_errors(schemas):
+    """Every element of a valid Bundle, in turn, replaced by an int, a float, a boolean, text,
+    a list, an object or null, or deleted: either the Bundle still reads (to a record that
+    serialises as JSON) or it is a FhirInputError (a 422), never a TypeError (a 500)."""
+    import json
+
+    base = _rich_bundle()
+    paths = _paths(base)
+    assert len(paths) > 80
+    outcomes = {"read": 0, "refused": 0}
+    schema = schemas["dengue_vn"]
+    records: set[str] = set()
+    for path in paths:
+        for value in [*WRONG, DELETE]:
+            doc = _mutated(base, path, value)
+            try:
+                rec = records_from_bundle(doc, schema, now=datetime(2024, 6, 14))
+            except FhirInputError as exc:
+                outcomes["refused"] += 1
+                text = str(exc)
+                assert NAME not in text and IDENT not in text and BIRTH not in text, path
+                continue
+            except Exception as exc:  # pragma: no cover - what the test is for
+                pytest.fail(f"{path} = {value!r}: {type(exc).__name__}: {exc}")
+            outcomes["read"] += 1
+            json.dumps([rec.subject, rec.basis, rec.notes], allow_nan=False)
+            records.add(json.dumps(rec.record, allow_nan=False))
+            assert all(isinstance(v, float | str) for v in rec.record.values())
+            assert all(isinstance(n, str) for n in rec.notes)
+    for text in records:  # each record read, once: the schema takes it (or refuses a row)
+        frame = FhirRecord(record=json.loads(text)).frame(schema)
+        validate_records(frame, schema, require_outcome=False)
+    assert outcomes["read"] and outcomes["refused"]
+    # the shapes the review named
+    dengue = schemas["dengue_vn"]
+    empty = records_from_bundle(_mutated(base, ("entry",), {}), dengue)
+    assert empty.record == {} and empty.subject is None
+    no_resource = records_from_bundle(_mutated(base, ("entry", 1, "resource"), 3), dengue)
+    assert "1 entries without a resource: not used, ignored" in no_resource.notes
+    for path, value, said in [
+        (
+            ("entry", 1, "resource", "code", "coding"),
+            5,
+            "Observation.code is not a CodeableConcept",
+        ),
+        (("entry", 0, "resource", "identifier"), 5, "Patient.identifier is not a list"),
+        (("entry", 1, "resource", "valueQuantity"), "x", "WBC: valueQuantity is not a Quantity"),
+        (("entry", 1, "resource", "subject"), 5, "Observation.subject is not a Reference"),
+        (("entry", 0, "resource", "gender"), ["female"], "Sex: Patient.gender is not a code"),
+    ]:
+        with pytest.raises(FhirInputError, match=re.escape(said)):
+            records_from_bundle(_mutated(base, path, value), dengue)
+
+
 # ---------------------------------------------------------------- out
 
 
@@ -426,8 +740,9 @@ def test_risk_assessment_validates_and_carries_the_result():
     assert {"system": SNOMED, "code": "38362002", "display": "Dengue (disorder)"} in pred[
         "outcome"
     ]["coding"]
-    assert "0.410" in pred["rationale"] and "recalibration applied" in pred["rationale"]
-    assert "0.581" in pred["rationale"]
+    assert "0.410" in pred["rationale"]
+    assert "Probability recalibrated for the site (the model's own was 0.581)" in pred["rationale"]
+    assert "threshold: the site's own (site profile 4)" in pred["rationale"]
     assert "abababababab" in ra["method"]["text"] and "version 3" in ra["method"]["text"]
     notes = " ".join(n["text"] for n in ra["note"])
     assert "ALB, AST" in notes and "not a diagnosis" in notes
@@ -515,3 +830,116 @@ def test_response_bundle_validates():
     assert all(e["fullUrl"].startswith("urn:uuid:") for e in doc["entry"])
     assert len({e["fullUrl"] for e in doc["entry"]}) == 2
     assert float(parsed.entry[0].resource.prediction[0].probabilityDecimal) == pytest.approx(0.6234)
+
+
+@pytest.mark.parametrize(
+    ("kw", "said", "not_said"),
+    [
+        (
+            {"profile_id": 4, "probability": 0.6234, "raw_probability": 0.5811},
+            "Probability recalibrated for the site (the model's own was 0.581); operating "
+            "threshold: the site's own (site profile 4).",
+            "No site",
+        ),
+        (  # a threshold-only profile: the probability is the model's own
+            {"profile_id": 7, "probability": 0.6234, "raw_probability": 0.6234},
+            "Operating threshold: the site's own (site profile 7); the probability is the "
+            "model's own, not recalibrated.",
+            "recalibrated for the site",
+        ),
+        (
+            {"profile_id": None, "probability": 0.6234, "raw_probability": 0.5811},
+            "Probability recalibrated for the site (the model's own was 0.581); operating "
+            "threshold: the model's own.",
+            "site profile",
+        ),
+        (
+            {"profile_id": None, "probability": 0.6234, "raw_probability": 0.6234},
+            "No site recalibration: the model's own probability and threshold.",
+            "site's own",
+        ),
+    ],
+)
+def test_the_rationale_says_exactly_what_the_site_profile_changed(kw, said, not_said):
+    rationale = risk_assessment(view(**kw))["prediction"][0]["rationale"]
+    assert rationale.endswith(said), rationale
+    assert not_said not in rationale
+    assert "Site recalibration applied" not in rationale
+
+
+NOTES = [
+    "Observation (PLT) with status 'cancelled': ignored",
+    "PLT: 2 Observations at different times: the latest used, 1 earlier value left out",
+]
+
+
+def test_the_bundles_notes_travel_with_the_risk_assessment():
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    ra = risk_assessment(view(notes=NOTES, imputed=["ALB", "PLT"]))
+    RiskAssessment.model_validate(ra)
+    texts = [n["text"] for n in ra["note"]]
+    assert texts[0].startswith(
+        "Not provided or not usable (see notes), so filled in by the model's imputation: ALB, PLT."
+    )
+    assert [t for t in texts if t.startswith("As read from the FHIR Bundle: ")] == [
+        f"As read from the FHIR Bundle: {n}" for n in NOTES
+    ]
+    # no notes (a JSON record, an older view without the key, or odd values): as before
+    for kw in ({}, {"notes": []}, {"notes": None}, {"notes": "text"}, {"notes": [3, " "]}):
+        plain = risk_assessment(view(**kw))
+        texts = [n["text"] for n in plain["note"]]
+        assert texts[0].startswith("Not provided, so filled in"), kw
+        assert not any("FHIR Bundle" in t for t in texts)
+    everything = risk_assessment(view(notes=NOTES, imputed=[]))
+    assert everything["note"][0]["text"] == "Every predictor was provided: nothing was imputed."
+
+
+def test_the_bundles_notes_are_warnings_of_the_operation_outcome():
+    from fhir.resources.R4B.operationoutcome import OperationOutcome
+
+    refused = view(
+        status="refused",
+        code="population_unknown",
+        reasons=["Age: missing"],
+        probability=None,
+        raw_probability=None,
+        category=None,
+        notes=["Age: Patient.birthDate too imprecise for whole years: missing"],
+    )
+    oo = operation_outcome(refused)
+    OperationOutcome.model_validate(oo)
+    error, warning = oo["issue"]
+    assert error["severity"] == "error" and error["diagnostics"] == "Age: missing"
+    assert warning == {
+        "severity": "warning",
+        "code": "informational",
+        "diagnostics": "As read from the FHIR Bundle: Age: Patient.birthDate too imprecise for "
+        "whole years: missing",
+    }
+    assert len(operation_outcome({**refused, "notes": []})["issue"]) == 1
+    from fhir.resources.R4B.bundle import Bundle
+
+    Bundle.model_validate(response_bundle([view(notes=NOTES), refused]))
+
+
+def test_an_ignored_observation_is_never_just_imputed_without_a_reason(schemas):
+    """From a Bundle to the RiskAssessment: the PLT Observation was cancelled, so PLT is
+    imputed, and the RiskAssessment says why."""
+    b = bundle(
+        patient(),
+        obs("6690-2", **qty(3.2, "10*9/L")),
+        obs("777-3", status="cancelled", **qty(95, "10*9/L")),
+        feature_obs("DayDisease", valueInteger=2),
+    )
+    rec = records_from_bundle(b, schemas["dengue_vn_cbc"])
+    assert "PLT" not in rec.record
+    ra = risk_assessment(view(imputed=["PLT"], notes=rec.notes))
+    texts = " | ".join(n["text"] for n in ra["note"])
+    assert (
+        "Not provided or not usable (see notes), so filled in by the model's imputation: PLT"
+        in (texts)
+    )
+    assert "As read from the FHIR Bundle: Observation (PLT) with status 'cancelled': ignored" in (
+        texts
+    )

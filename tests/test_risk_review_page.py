@@ -25,15 +25,19 @@ def _item(
     imputed: tuple[str, ...] = (),
     profile_id: int | None = None,
     model: str = "dengue_vn",
+    raw_probability: float | None = None,
+    document: dict | None = None,
 ) -> dict:
     scored = status == "scored"
+    if raw_probability is None and scored:
+        raw_probability = probability * 0.9 if profile_id else probability
     return {
         "model": model,
         "label": "dengue",
         "source": "json",
         "status": status,
         "probability": probability if scored else None,
-        "raw_probability": (probability * 0.9 if profile_id else probability) if scored else None,
+        "raw_probability": raw_probability if scored else None,
         "category": ("high" if probability >= 0.3 else "low") if scored else None,
         "threshold": 0.3,
         "imputed": list(imputed),
@@ -44,7 +48,7 @@ def _item(
         "model_version": "3",
         "profile_id": profile_id,
         "idempotency_key": None,
-        "document": {"source": "json", "record": {"Age": 7}},
+        "document": document or {"source": "json", "record": {"Age": 7}},
     }
 
 
@@ -233,6 +237,139 @@ def test_every_risk_message_is_translated():
     assert risk_code("vi", "new_code") == "new_code"
     note = "one outcome class only: no AUROC or calibration; fewer than 20 outcomes: no"
     assert "ít hơn 20 kết quả" in risk_note("vi", note + " calibration yet")
+
+
+def _row(html: str, record_id: str) -> str:
+    """One record's row of the worklist, as text (entities decoded)."""
+    m = re.search(rf'<tr id="risk-{record_id}".*?</tr>', html, re.S)
+    assert m, record_id
+    return html_text(m.group(0))
+
+
+def test_each_row_shows_the_values_sent_never_the_identifiers(svc, monkeypatch):
+    from types import SimpleNamespace
+
+    from diagnostics.train.risk_config import load_risk_config
+
+    schema = load_risk_config(REPO / "configs/risk/dengue_vn_cbc.yaml").table_schema
+    assert (schema.patient_column, schema.site_column) == ("StudyNo", "SiteNo")
+    monkeypatch.setattr(
+        svc.app.state, "risk_models", {"dengue_vn_cbc": SimpleNamespace(schema=schema)}
+    )
+    sent = {
+        "StudyNo": "BN-2024-0777",
+        "SiteNo": 3,
+        "Age": 7,
+        "DayDisease": 2,
+        "WBC": 3.2,
+        "PLT": 95.0,
+    }
+    fhir_notes = [
+        "Observation (PLT) with status 'cancelled': ignored",
+        "WBC: 2 Observations at different times: the latest used, 1 earlier value left out",
+    ]
+    json_rec, fhir_rec, gone, threshold_only = _add(
+        svc.store,
+        "clinic-c",
+        _item(0.7, model="dengue_vn_cbc", document={"source": "json", "record": sent}),
+        _item(
+            0.2,
+            model="dengue_vn_cbc",
+            imputed=("PLT",),
+            document={
+                "source": "fhir",
+                "record": {"Age": 8.0, "DayDisease": 2.0, "WBC": 3.2},
+                "subject": {"reference": "Patient/p1", "identifier": {"value": "VN-079-2015-1"}},
+                "notes": fhir_notes,
+            },
+        ),
+        _item(
+            0.4,
+            model="retired",
+            document={"source": "json", "record": {"StudyNo": "BN-X-9", "Age": 5}},
+        ),
+        _item(0.35, model="dengue_vn_cbc", profile_id=5, raw_probability=0.35),
+    )
+    admin = _login(svc, "quan.tri")
+    html = admin.get("/review/risk", params={"clinic": "clinic-c"}).text
+    assert "Giá trị đã gửi" in html
+    # the identifiers never reach the page: neither the patient's nor the site's column
+    for secret in ("BN-2024-0777", "StudyNo", "SiteNo", "BN-X-9", "VN-079-2015-1", "Patient/p1"):
+        assert secret not in html, secret
+    row = _row(html, json_rec["id"])
+    # population columns first, then the features, as the schema orders them; 95.0 as 95
+    assert re.search(
+        r"Age = 7\s*DayDisease = 2\s*WBC = 3.2\s*PLT = 95\b", re.sub(r"<[^>]+>", "", row)
+    )
+    row = _row(html, fhir_rec["id"])
+    text = re.sub(r"<[^>]+>", "", row)
+    assert "Age = 8" in text and "WBC = 3.2" in text and "PLT =" not in text
+    assert "Ghi chú khi đọc gói FHIR" in row and all(n in row for n in fhir_notes)
+    assert '<td class="imputed">PLT</td>' in row  # imputed, and the note says why
+    row = _row(html, gone["id"])
+    assert "mô hình hiện không được triển khai tại đây" in row and "Age = " not in row
+    row = _row(html, threshold_only["id"])
+    assert "hiệu chỉnh theo cơ sở #5" in row and "chỉ dùng ngưỡng riêng của cơ sở" in row
+    assert "mô hình trước hiệu chỉnh" not in row
+    assert "chỉ dùng ngưỡng riêng" not in _row(html, json_rec["id"])
+
+    en = admin.get("/review/lang/en", params={"next": "/review/risk?clinic=clinic-c"}).text
+    assert "Values sent" in en and "model not served here: values not shown" in en
+    assert "Notes on reading the FHIR Bundle" in en
+    assert "the site&#39;s threshold only; risk not recalibrated" in en
+    admin.get("/review/lang/vi", params={"next": "/review/risk"})
+
+    # a document that cannot be read: said so, the page still renders
+    monkeypatch.setattr(
+        svc.store, "risk_document", lambda record_id: (_ for _ in ()).throw(OSError("gone"))
+    )
+    html = admin.get("/review/risk", params={"clinic": "clinic-c"}).text
+    assert "không đọc được hồ sơ như đã gửi" in _row(html, json_rec["id"])
+
+
+def test_agreement_rows_name_the_model_file_and_site_profile(svc, monkeypatch):
+    import diagnostics.serve.web.risk as web_risk
+
+    for rec in _add(svc.store, "clinic-c", _item(0.6), _item(0.6, model="dengue_vn_cbc")):
+        svc.store.add_risk_outcome(rec["id"], "user:quan.tri", True)
+    real = web_risk.site_agreement
+    admin = _login(svc, "quan.tri")
+
+    def table() -> str:
+        html = admin.get("/review/risk").text
+        return html_text(html[html.index('id="risk-agreement"') :])
+
+    # as site_agreement is now: rows without the model file or the profile: nothing said
+    monkeypatch.setattr(
+        web_risk,
+        "site_agreement",
+        lambda pairs: [
+            {k: v for k, v in r.items() if k not in ("model_sha256", "profile_id")}
+            for r in real(pairs)
+        ],
+    )
+    before = table()
+    assert 'data-clinic="clinic-c"' in before
+    assert 'class="model-file"' not in before and 'class="profile"' not in before
+
+    # rows per model file and site profile
+    def grouped(pairs):
+        rows = real(pairs)
+        return [
+            {**r, "model_sha256": f"{i:x}" * 64, "profile_id": 9 if i % 2 == 0 else None}
+            for i, r in enumerate(rows, start=10)
+        ]
+
+    monkeypatch.setattr(web_risk, "site_agreement", grouped)
+    after = table()
+    assert f">{'a' * 12}</code>" in after and f"sha256 {'a' * 64}" in after
+    assert "a" * 13 + "<" not in after
+    assert "cấu hình hiệu chỉnh của cơ sở #9" in after
+    assert "hiệu chỉnh gốc của mô hình" in after
+    en = admin.get("/review/lang/en", params={"next": "/review/risk"}).text
+    en = html_text(en[en.index('id="risk-agreement"') :])
+    assert "site profile #9" in en and "model's own calibration" in en
+    admin.get("/review/lang/vi", params={"next": "/review/risk"})
 
 
 # --------------------------------------------------------------------------- browser

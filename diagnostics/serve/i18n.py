@@ -284,6 +284,18 @@ MESSAGES: dict[str, dict[str, str]] = {
         "risk_calibration": "Site calibration",
         "risk_profile": "site calibration #{id}",
         "risk_profile_raw": "model before calibration: {p}",
+        "risk_profile_threshold_only": "the site's threshold only; risk not recalibrated",
+        "risk_sent": "Values sent",
+        "risk_sent_help": (
+            "The record's values as the clinic sent them; the patient and site identifiers are "
+            "not shown"
+        ),
+        "risk_sent_not_served": "model not served here: values not shown",
+        "risk_sent_unreadable": "the record as sent cannot be read",
+        "risk_fhir_notes": "Notes on reading the FHIR Bundle",
+        "risk_model_file": "model file",
+        "risk_agreement_profile": "site profile #{id}",
+        "risk_agreement_own": "model's own calibration",
         "risk_outcome": "Confirmed outcome",
         "risk_outcome_confirmed": "Confirmed",
         "risk_outcome_ruled_out": "Ruled out",
@@ -538,6 +550,22 @@ MESSAGES: dict[str, dict[str, str]] = {
         "risk_calibration": "Hiệu chỉnh theo cơ sở",
         "risk_profile": "hiệu chỉnh theo cơ sở #{id}",
         "risk_profile_raw": "mô hình trước hiệu chỉnh: {p}",
+        "risk_profile_threshold_only": (
+            "chỉ dùng ngưỡng riêng của cơ sở; nguy cơ không được hiệu chỉnh lại"
+        ),
+        "risk_sent": "Giá trị đã gửi",
+        "risk_sent_help": (
+            "Các giá trị của hồ sơ đúng như cơ sở đã gửi; không hiển thị mã định danh bệnh nhân "
+            "và cơ sở"
+        ),
+        "risk_sent_not_served": (
+            "mô hình hiện không được triển khai tại đây: không hiển thị giá trị"
+        ),
+        "risk_sent_unreadable": "không đọc được hồ sơ như đã gửi",
+        "risk_fhir_notes": "Ghi chú khi đọc gói FHIR (bằng tiếng Anh)",
+        "risk_model_file": "tệp mô hình",
+        "risk_agreement_profile": "cấu hình hiệu chỉnh của cơ sở #{id}",
+        "risk_agreement_own": "hiệu chỉnh gốc của mô hình",
         "risk_outcome": "Kết quả xác nhận",
         "risk_outcome_confirmed": "Đã xác nhận",
         "risk_outcome_ruled_out": "Đã loại trừ",

@@ -2,13 +2,17 @@
 confirmed outcome clinicians record for each, and agreement and calibration per site.
 
 A reviewer sees the records of their clinics, an admin all. Records awaiting an outcome come
-first (high risk before low), then the rest, newest first. The outcome form posts to
+first (high risk before low), then the rest, newest first. Each row shows the values sent (the
+features and population columns of the record as stored: never its patient or site column,
+which identify; a model no longer served shows none, its schema being unknown) and the notes
+made reading a FHIR Bundle (what was left out, and why). The outcome form posts to
 `/review/risk/{id}/outcome` (CSRF checked, audited by `Store.add_risk_outcome`); a refused
 record was never scored and takes no outcome (409).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlencode
 
@@ -89,6 +93,50 @@ def _who(actor: str) -> str:
     return actor.removeprefix("user:")
 
 
+VALUE_MAX = 40  # characters of a value as sent shown in the list
+
+
+def _value_text(v: Any) -> str:
+    """A value as sent, for the list: 8.0 -> "8", 3.2 -> "3.2", text as is (cut short)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    text = str(v)
+    return text if len(text) <= VALUE_MAX else text[: VALUE_MAX - 1] + "…"
+
+
+def _sent(store: Any, served: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """What a row shows of its record as sent: `values`, [(column, value)] of the features and
+    population columns the model reads (the patient and site columns never: they identify), or
+    None with `why` (`not_served`: the model's schema is not known here, so nothing is shown;
+    `unreadable`); and `notes`, what reading a FHIR Bundle left out, and why."""
+    try:
+        doc = store.risk_document(r["id"])
+    except (KeyError, OSError, ValueError):
+        return {"values": None, "why": "unreadable", "notes": []}
+    doc = doc if isinstance(doc, dict) else {}
+    notes = doc.get("notes")
+    notes = (
+        [n for n in notes if isinstance(n, str) and n.strip()] if isinstance(notes, list) else []
+    )
+    record = doc.get("record")
+    model = served.get(r["model"])
+    if model is None:
+        return {"values": None, "why": "not_served", "notes": notes}
+    if not isinstance(record, dict):
+        return {"values": None, "why": "unreadable", "notes": notes}
+    schema = model.schema
+    hidden = {c for c in (schema.patient_column, schema.site_column) if c}
+    columns = dict.fromkeys([*schema.population, *schema.feature_names])
+    values = [
+        (c, _value_text(record[c]))
+        for c in columns
+        if c not in hidden and record.get(c) is not None and record.get(c) != ""
+    ]
+    return {"values": values, "why": None, "notes": notes}
+
+
 @router.get("/risk", response_class=HTMLResponse)
 def risk_page(
     request: Request,
@@ -103,10 +151,12 @@ def risk_page(
     scope = visible(row)
     f = _filters(model, status, awaiting, clinic)
     records, cut = _records(store, scope, f)
+    served = risk_models(request)
+    sent = {r["id"]: _sent(store, served, r) for r in records}  # one document read per row
     sites = site_agreement(store.risk_outcome_pairs(scope))
     clinics = scope if scope is not None else store.clinics()
     models = sorted(
-        {*risk_models(request), *(r["model"] for r in records), *(s["model"] for s in sites)}
+        {*served, *(r["model"] for r in records), *(s["model"] for s in sites)}
         | ({f["model"]} if f["model"] else set())
     )
     store.log_access(
@@ -122,6 +172,7 @@ def risk_page(
         request,
         "risk.html",
         records=records,
+        sent=sent,
         cut=cut,
         limit=LIMIT,
         sites=sites,
