@@ -1,8 +1,10 @@
 """The clinic follows the registry over a real MLflow tracking server's REST API, without mlflow.
 
-One `mlflow server` (SQLite backend, proxied artefacts, both in tmp) per module, started from
-the project's venv on a free port; models are registered by `tracking.log_onnx_model`, as
-training does. Slow: the server takes about 25 s to create its database.
+The same checks run against two servers, each started per module as users start it
+(`diagnostics tracking serve`, proxied artefacts in tmp) on a free port: one on SQLite, one on
+the local PostgreSQL (a fresh database, dropped afterwards; skipped when PostgreSQL is not
+reachable). Models are registered by `tracking.log_onnx_model`, as training does. Slow: each
+server takes some seconds to create its tables (SQLite about 25 s, PostgreSQL about 8 s).
 """
 
 from __future__ import annotations
@@ -10,21 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from tracking_support import TrackingServer, fresh_database, tracking_server
 
 pytestmark = pytest.mark.slow
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
 HEAVY = ("torch", "torchvision", "monai", "mlflow", "sklearn", "diagnostics.train")
 NAME = "cxr-clinic"
 
@@ -32,7 +32,7 @@ NAME = "cxr-clinic"
 @dataclass
 class Registry:
     url: str
-    process: subprocess.Popen
+    server: TrackingServer
     sha: dict[str, str]  # version -> sha256 of its file
     files: dict[str, Path]
 
@@ -48,19 +48,7 @@ class Registry:
         self.post("registered-models/alias", {"name": NAME, "alias": alias, "version": version})
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        self.server.stop()
 
 
 REGISTER = """
@@ -81,7 +69,7 @@ for onnx in sys.argv[3:]:
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def registry(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Registry]:
@@ -89,51 +77,24 @@ def registry(
 
     from diagnostics.serve.registry_client import file_sha256
 
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [
-            str(MLFLOW),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its workers go down with it
-        cwd=root,
-    )
-    try:
-        # the server creates its database meanwhile (about 25 s)
+    root = tmp_path_factory.mktemp(f"mlflow_{request.param}")
+    with ExitStack() as stack:
+        db = (
+            f"sqlite:///{root / 'mlflow.db'}"
+            if request.param == "sqlite"
+            else stack.enter_context(fresh_database())
+        )
+        server = stack.enter_context(tracking_server(db, root / "server", wait=False))
+        # the server creates its tables meanwhile
         cxr_model = request.getfixturevalue("cxr_model")
         # version 2: the same network, another file (its doc string differs)
         proto = onnx.load(str(cxr_model))
         proto.doc_string = "version 2"
         second = root / "second.onnx"
         onnx.save(proto, str(second))
-        reg = Registry(url, process, {}, {"1": cxr_model, "2": second})
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
+        server.wait_ready()
         out = subprocess.run(
-            [sys.executable, "-c", REGISTER, url, NAME, str(cxr_model), str(second)],
+            [sys.executable, "-c", REGISTER, server.url, NAME, str(cxr_model), str(second)],
             capture_output=True,
             text=True,
             cwd=root,
@@ -144,13 +105,14 @@ def registry(
             line.split()[1] for line in out.stdout.splitlines() if line.startswith("version ")
         ]
         assert versions == ["1", "2"], out.stdout
+        reg = Registry(server.url, server, {}, {"1": cxr_model, "2": second})
         reg.sha = {"1": file_sha256(cxr_model), "2": file_sha256(second)}
         assert reg.sha["1"] != reg.sha["2"]
+        # the files went through the server's proxy, under its --artifacts destination
+        stored = {file_sha256(f) for f in server.artifacts.rglob("*.onnx")}
+        assert set(reg.sha.values()) <= stored
         reg.set_alias("champion", "1")
         yield reg
-    finally:
-        Registry(url, process, {}, {}).stop()
-        log.close()
 
 
 class CountingTransport(httpx.HTTPTransport):
@@ -247,6 +209,39 @@ def test_follow_an_alias(registry, tmp_path):
         registry.set_alias("staging", "2")
         path, version = source("1")
         assert version == "2" and path.name == f"{registry.sha['2']}.onnx"
+
+
+def test_the_service_swaps_models_when_the_alias_moves(registry, tmp_path, monkeypatch):
+    """A running service follows models:/NAME@canary over REST and scores with the new version
+    once the alias moves, without a restart."""
+    import time
+
+    from service_support import dicom_bytes, running_service, serve_config, synth_pixels
+
+    from diagnostics.cli import _model_source
+    from diagnostics.settings import get_settings
+
+    monkeypatch.setenv("DIAGNOSTICS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DIAGNOSTICS_TRACKING_URI", registry.url)
+    get_settings.cache_clear()
+    ref = f"models:/{NAME}@canary"
+    registry.set_alias("canary", "1")
+    cfg = serve_config(ref, tmp_path / "serve", model={"refresh_s": 0.2}, qc={"ood": False})
+    try:
+        with running_service(cfg, _model_source(cfg)) as svc:
+            holder = svc.app.state.holder
+            assert (holder.model.version, holder.model.sha256) == ("1", registry.sha["1"])
+            registry.set_alias("canary", "2")
+            deadline = time.monotonic() + 30
+            while holder.model.version != "2" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (holder.model.version, holder.model.sha256) == ("2", registry.sha["2"])
+            r = svc.upload(dicom_bytes(synth_pixels(1, seed=9)[0]))
+            assert r.status_code == 202, r.text
+            finding = svc.wait(r.json()["id"])["findings"][0]
+            assert (finding["model_version"], finding["model_sha256"]) == ("2", registry.sha["2"])
+    finally:
+        get_settings.cache_clear()
 
 
 def _run(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:

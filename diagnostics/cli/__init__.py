@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from diagnostics.cli import data, demo, dicom, keys, models, reviews, score, serve, train
+from diagnostics.cli import data, demo, dicom, keys, models, reviews, score, serve, tracking, train
 from diagnostics.cli.common import (
     TRAINING_MODULES,
     SetOption,
@@ -73,6 +73,10 @@ models_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(dicom.app, name="dicom")
+tracking_app = typer.Typer(
+    help="The team's MLflow tracking server (PostgreSQL, proxied artefacts).", no_args_is_help=True
+)
+app.add_typer(tracking_app, name="tracking")
 
 
 @app.callback()
@@ -105,5 +109,6 @@ models_app.command("promote")(models.models_promote)
 models_app.command("recalibrate")(models.models_recalibrate)
 models_app.command("rollback")(models.models_rollback)
 models_app.command("pull")(models.models_pull)
+tracking_app.command("serve")(tracking.tracking_serve)
 app.command("evaluate")(score.evaluate)
 app.command("demo")(demo.demo)

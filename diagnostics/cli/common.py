@@ -125,7 +125,7 @@ def _open_store(cfg: Any) -> Any:
 
 
 def _mlflow_ui_hint() -> str:
-    from diagnostics.settings import get_settings
+    from diagnostics.settings import get_settings, redact_uri
 
     settings = get_settings()
     uri = settings.mlflow_uri()
@@ -134,4 +134,4 @@ def _mlflow_ui_hint() -> str:
             f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} "
             f"--default-artifact-root {settings.artifact_root.resolve().as_uri()} --port 5000"
         )
-    return f"open the MLflow UI of {uri}"
+    return f"open the MLflow UI of {redact_uri(uri)}"  # a database URI may hold a password

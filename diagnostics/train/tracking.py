@@ -29,18 +29,56 @@ log = logging.getLogger(__name__)
 
 
 def setup(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
-    """Point MLflow at the store and return the experiment ID (created if new)."""
+    """Point MLflow at the store and return the experiment ID (created if new).
+
+    A local store (SQLite, files) keeps artefacts under `artifact_root`. A tracking server
+    (http/https) chooses the location itself: `diagnostics tracking serve` proxies them
+    (mlflow-artifacts:/), so clients need no access to its disk. A warning says when artefacts
+    would land on this machine's disk instead: an experiment on a server with a local path
+    (e.g. copied from an embedded store), or a database URI used directly, without a server."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
+        _check_artifact_location(tracking_uri, experiment, found.artifact_location)
         return found.experiment_id
     location = None
     if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
         artifact_root.mkdir(parents=True, exist_ok=True)
         location = (artifact_root / experiment).resolve().as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    elif not tracking_uri.startswith(("http://", "https://")):
+        from diagnostics.settings import redact_uri
+
+        log.warning(
+            "the tracking URI %s is a database, used without a tracking server: run "
+            "artefacts go to ./mlruns on this machine, where no one else can read them. Point "
+            "MLFLOW_TRACKING_URI at the tracking server instead (http://HOST:5000, started "
+            "with `diagnostics tracking serve`)",
+            redact_uri(tracking_uri),
+        )
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    created = mlflow.get_experiment(experiment_id)
+    _check_artifact_location(tracking_uri, experiment, created.artifact_location)
+    return experiment_id
+
+
+def _check_artifact_location(tracking_uri: str, experiment: str, location: str | None) -> None:
+    """On a tracking server, warn when the experiment's artefacts are not proxied: the mlflow
+    client would write them to that path on *this* machine."""
+    if not tracking_uri.startswith(("http://", "https://")) or not location:
+        return
+    from urllib.parse import urlparse
+
+    if urlparse(location).scheme in ("", "file"):
+        log.warning(
+            "experiment %r keeps its artefacts at %s, a local path: this machine would write "
+            "them to its own disk, not through the tracking server. Start the server with "
+            "proxied artefacts (`diagnostics tracking serve`), and give the experiment a "
+            "mlflow-artifacts:/ location (see README, 'A shared tracking server')",
+            experiment,
+            location,
+        )
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
