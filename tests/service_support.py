@@ -221,3 +221,22 @@ def pg_schema_url() -> Iterator[str]:
     finally:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
         conn.close()
+
+
+# --------------------------------------------------------------------------- without HTTP
+
+
+def ingest_direct(cfg: Any, store: Any, data: bytes, *, clinic: str = "clinic-a") -> Any:
+    """One upload through the path every way in shares (`intake.ingest`: format and QC checks,
+    the fsynced blob, the rows and the job), without HTTP: for tests that queue many studies,
+    where uploads would take longer than the scoring. A new single-image study, queued at once
+    as an HTTP upload's is. Returns the `Intake`."""
+    import hashlib
+
+    from diagnostics.serve.intake import ingest
+    from diagnostics.serve.upload import ReceivedFile
+
+    temp = store.blobs.temp_file()
+    temp.write_bytes(data)
+    got = ReceivedFile(temp, len(data), hashlib.sha256(data).hexdigest(), data[:132], "x.png")
+    return ingest(cfg, store, got, clinic=clinic, actor="test", source="http")

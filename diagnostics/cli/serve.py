@@ -24,9 +24,25 @@ def _service_model_cache(cfg: Any) -> Path:
     return cfg.resolved_data_dir(get_settings().home) / "model-cache"
 
 
+def _apply_thread_rule(cfg: Any) -> None:
+    """Fix this process's ONNX Runtime intra-op thread count once, at start, and log it:
+    `model.threads`, or (0) max(1, cores // worker.per_host). Written back into
+    `cfg.model.threads`, so that a model switched in later (and the risk models) get the same."""
+    import logging
+
+    from diagnostics.serve.worker import threads_rule
+
+    threads, why = threads_rule(cfg.model.threads, cfg.worker.per_host)
+    cfg.model.threads = threads
+    logging.getLogger("diagnostics.serve.worker").info(
+        "ONNX Runtime threads: intra-op %d, inter-op 1 (%s)", threads, why
+    )
+
+
 def _load_service_model(cfg: Any) -> Any:
     from diagnostics.serve.runner import ModelIntegrityError, OnnxModel
 
+    _apply_thread_rule(cfg)
     try:
         path, version = registry.resolve(cfg.model.path, _service_model_cache(cfg))
         return OnnxModel(
@@ -145,8 +161,19 @@ def serve(
 def worker(
     config: ServeConfigOption = DEFAULT_SERVE_CONFIG,
     set_: SetOption = None,
+    workers_per_host: Annotated[
+        int | None,
+        typer.Option(
+            "--workers-per-host",
+            min=1,
+            envvar="DIAGNOSTICS_WORKERS_PER_HOST",
+            help="scoring processes sharing this machine's cores (overrides worker.per_host); "
+            "with model.threads 0 each takes max(1, cores // N) ONNX Runtime threads",
+        ),
+    ] = None,
 ) -> None:
-    """Run a scoring worker on its own, against the service's database and blob store."""
+    """Run a scoring worker on its own, against the service's database and blob store.
+    Any number may share one PostgreSQL database, on one machine or several."""
     import signal
     import threading
 
@@ -155,6 +182,8 @@ def worker(
     from diagnostics.serve.worker import worker_for
 
     cfg = _serve_config(config, set_)
+    if workers_per_host is not None:
+        cfg.worker.per_host = workers_per_host
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)

@@ -57,6 +57,11 @@ class PrivacySection(_Strict):
 
 class WorkerSection(_Strict):
     in_process: bool = True  # False: run `diagnostics worker` separately
+    # How many scoring processes share this machine's cores (the in-process worker counts as
+    # one). With `model.threads: 0` each takes max(1, cores // per_host) ONNX Runtime intra-op
+    # threads, so that N workers do not each start a thread per core. `diagnostics worker
+    # --workers-per-host N` (or DIAGNOSTICS_WORKERS_PER_HOST) overrides it.
+    per_host: int = Field(1, ge=1, le=1024)
     lease_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     poll_s: float = Field(0.5, gt=0)

@@ -80,8 +80,14 @@ class OnnxModel:
         self.version = version  # registry version, when loaded from the registry
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # intra-op: the threads one operator (a convolution) is split over; None: ORT's default
+        # (one per physical core). A worker sets it from its share of the host's cores
+        # (`worker.scoring_threads`). inter-op threads only run independent branches in ORT's
+        # parallel mode, which is off: one is enough.
+        self.threads = threads or None
         if threads:
             options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         self.requested_device = device
         wanted = [CPU]
         if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
@@ -136,6 +142,7 @@ class OnnxModel:
             "provider": self.provider,
             "requested_device": self.requested_device,
             "fallback": self.fallback,
+            "intra_op_threads": self.threads,  # None: ONNX Runtime's default
             "preprocess_version": self._preprocess_version(),
             "ood_reference": self.ood is not None,
             "population": self._population_summary(),

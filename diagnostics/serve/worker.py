@@ -41,6 +41,36 @@ def worker_id() -> str:
     return f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS keeps one (taskset,
+    cpusets), else every CPU of the machine. (A container's CPU quota is not seen: set
+    `model.threads` there.)"""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def scoring_threads(configured: int, per_host: int, cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads for one scoring process: `model.threads` when set (> 0);
+    else its share of the cores, max(1, cores // per_host), for `per_host` workers sharing
+    the machine. N workers each starting a thread per core would run N threads on every core,
+    each waiting for the others at every operator."""
+    if configured > 0:
+        return configured
+    return max(1, (available_cores() if cores is None else cores) // max(1, per_host))
+
+
+def threads_rule(configured: int, per_host: int, cores: int | None = None) -> tuple[int, str]:
+    """`scoring_threads`, and how it was chosen, in words for the log."""
+    if configured > 0:
+        return configured, f"model.threads {configured}"
+    cores = available_cores() if cores is None else cores
+    threads = scoring_threads(0, per_host, cores)
+    workers = f"{per_host} worker{'' if per_host == 1 else 's'} per host"
+    return threads, f"{cores} core{'' if cores == 1 else 's'} / {workers}"
+
+
 class Worker:
     def __init__(
         self,
@@ -220,7 +250,13 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set: work while there is work, then wait for a wake-up."""
-        log.info("worker %s started", self.owner)
+        model = getattr(self.scorer, "model", None)
+        threads = getattr(model, "threads", None)
+        log.info(
+            "worker %s started: ONNX Runtime intra-op threads %s",
+            self.owner,
+            threads or "default",
+        )
         busy = False
         while not stop.is_set():
             try:
