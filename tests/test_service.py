@@ -363,7 +363,7 @@ def test_health_and_metrics(service):
     assert "diagnostics_qc_refusals_total" in text
 
 
-def test_cuda_requested_without_cuda_is_a_reported_fallback(cxr_model):
+def test_cuda_requested_without_cuda_is_a_reported_fallback(cxr_model, caplog):
     import onnxruntime as ort
 
     from diagnostics.serve.runner import OnnxModel
@@ -373,6 +373,8 @@ def test_cuda_requested_without_cuda_is_a_reported_fallback(cxr_model):
     m = OnnxModel(cxr_model, device="cuda")
     assert m.provider == "CPUExecutionProvider" and m.fallback
     assert m.describe()["fallback"] is True
+    # the fallback says why, and what to do
+    assert "no CUDAExecutionProvider: install onnxruntime-gpu" in caplog.text
 
 
 # --------------------------------------------------------------------------- concurrency

@@ -105,7 +105,13 @@ class OnnxModel:
         wants_cuda = device == "cuda" or (device == "auto" and wanted[0] == CUDA)
         self.fallback = wants_cuda and self.provider != CUDA
         if self.fallback:
-            log.warning("CUDA was requested but is unavailable: running on CPU")
+            log.warning(
+                "CUDA was requested but is unavailable: running on CPU (%s)",
+                "onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu on a CUDA "
+                "machine"
+                if CUDA not in ort.get_available_providers()
+                else "the CUDA provider did not start: check the CUDA and cuDNN libraries",
+            )
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props)
         first = self.session.get_inputs()[0]
