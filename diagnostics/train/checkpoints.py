@@ -5,6 +5,12 @@ checkpoints/last.pt, all a resume needs to continue as if never stopped (weights
 scheduler, scaler, RNG states, the MLflow run), and the best epoch's weights in
 checkpoints/best.pt. A resume keeps the data, network, preprocessing, population check, weight
 averaging and selection rule; a finished run is never resumed.
+
+A resume point holds no sampler state: the weights are the unwrapped network's (no DDP
+prefix), and progress is the epoch and the numpy stream that draws each epoch's order, the
+same for any number of processes. So a run written by `--nproc 2` resumes with one process,
+and the reverse. Under torchrun, rank 0 alone writes the folder and reads the resume point,
+and sends it to the other ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import yaml
 
 from diagnostics.settings import get_settings
 from diagnostics.train.config import CXRTrainConfig, LoopConfig
+from diagnostics.train.distributed import SINGLE, Dist
 from diagnostics.train.optimisation import Optimisation
 from diagnostics.train.runtime import Runtime
 
@@ -105,15 +112,15 @@ def resume_state(
     model: torch.nn.Module,
     opt: Optimisation,
     runtime: Runtime,
+    ctx: Dist = SINGLE,
 ) -> LoopState:
-    """A fresh start, or the resume point loaded into the model, optimiser and RNGs."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if resume in (None, "") or not last.is_file():
+    """A fresh start, or the resume point loaded into the model, optimiser and RNGs. Under
+    torchrun rank 0 reads it and every rank loads the same."""
+    if resume in (None, ""):
         return LoopState()
-    # Load on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    if state.get("finished"):
-        raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
+    state = ctx.on_main(lambda: _read_resume_point(run_dir))
+    if state is None:
+        return LoopState()
     model.load_state_dict(state["model"])
     if opt.ema is not None and state.get("ema") is not None:
         opt.ema.load_state_dict(state["ema"])
@@ -122,10 +129,19 @@ def resume_state(
     if state["scaler"]:  # empty when the run began without fp16 AMP
         opt.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
-    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
+    # Under torchrun every epoch reseeds torch per rank (distributed.epoch_seed), and the GPU
+    # count may differ from the run that wrote the resume point.
+    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None and not ctx.launched:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     runtime.np_rng.bit_generator.state = state["numpy_rng"]
-    log.info("resuming %s after epoch %d", run_dir.name, state["epoch"] + 1)
+    if ctx.is_main:
+        log.info(
+            "resuming %s after epoch %d (written by %d process(es), continued by %d)",
+            run_dir.name,
+            state["epoch"] + 1,
+            state.get("processes", 1),
+            ctx.world,
+        )
     return LoopState(
         start_epoch=state["epoch"] + 1,
         best=state["best"],
@@ -136,6 +152,17 @@ def resume_state(
     )
 
 
+def _read_resume_point(run_dir: Path) -> dict[str, Any] | None:
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return None
+    # Load on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state: dict[str, Any] = torch.load(last, map_location="cpu", weights_only=False)
+    if state.get("finished"):
+        raise ValueError(f"{run_dir.name} has finished; start a new run instead of resuming")
+    return state
+
+
 def save_resume_point(
     path: Path,
     model: torch.nn.Module,
@@ -143,8 +170,10 @@ def save_resume_point(
     runtime: Runtime,
     state: LoopState,
     epoch: int,
+    processes: int = 1,
 ) -> None:
-    """Everything a resume needs to continue after `epoch` as if never stopped."""
+    """Everything a resume needs to continue after `epoch` as if never stopped. `model` is the
+    network itself, never its DDP wrapper; `processes` is for the record only."""
     atomic_save(
         {
             "model": model.state_dict(),
@@ -161,6 +190,7 @@ def save_resume_point(
             "history": state.history,
             "stopped": state.stopped,
             "cuda_rng": (torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else None),
+            "processes": processes,
         },
         path,
     )

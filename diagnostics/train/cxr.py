@@ -5,6 +5,7 @@ dataclass. The epoch loop (`fit`, `train_epoch`) is here; the other steps live i
 for what they do:
 
     runtime.py        seeds, threads, device and precision; the phase clock
+    distributed.py    several processes under torchrun: ranks, shards, gathered predictions
     cxr_data.py       the dataset with its splits and labels; the image cache
     optimisation.py   AdamW and its schedule, the AMP scaler, class weights, augmentation, EMA
     checkpoints.py    the run folder, resume points and the best weights
@@ -14,6 +15,10 @@ for what they do:
     export.py         the model metadata, ONNX export with its parity check, the int8 variant
     reports.py        metrics.json, model_card.md and the MLflow record
 
+`train_cxr_distributed` is one rank of `train cxr --nproc N` (DDP under torchrun): the same
+steps, every rank training on its shard of each global batch, rank 0 alone writing, tracking,
+calibrating and exporting (see distributed.py).
+
 The network comes from `models`, the metrics from `train.metrics`. The tracker is MLflow, or
 does nothing when tracking is off (`tracking.make_tracker`). The `x as x` imports re-export
 helpers that tests and benchmarks import from here, where they used to live.
@@ -22,7 +27,9 @@ helpers that tests and benchmarks import from here, where they used to live.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,7 @@ import torch
 
 from diagnostics.contract import ModelMetadata
 from diagnostics.models.registry import create_model
-from diagnostics.train import tracking
+from diagnostics.train import distributed, tracking
 from diagnostics.train.batches import image_batch, masked_bce, predict_logits, val_log_loss
 from diagnostics.train.batches import normalize_torch as normalize_torch
 from diagnostics.train.calibrate import calibrate, sigmoid
@@ -49,6 +56,7 @@ from diagnostics.train.checkpoints import _check_resumable as _check_resumable
 from diagnostics.train.checkpoints import _run_dir as _run_dir
 from diagnostics.train.config import CXRTrainConfig
 from diagnostics.train.cxr_data import CXRData, Images, cache_images, load_data
+from diagnostics.train.distributed import SINGLE, Dist
 from diagnostics.train.export import export_model, int8_variant, model_metadata
 from diagnostics.train.metrics import auroc, mean_auroc
 from diagnostics.train.optimisation import Optimisation, make_optimisation
@@ -82,6 +90,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     int8: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    processes: int = 1  # ranks that trained it (torchrun)
 
 
 @dataclass
@@ -98,25 +107,86 @@ def train_cxr(
     log_to_mlflow: bool = True,
 ) -> TrainResult:
     """Train, calibrate, evaluate, export and (optionally) track. Returns what it measured."""
+    result = _train(cfg, resume, progress, log_to_mlflow, SINGLE)
+    assert result is not None  # one process is rank 0
+    return result
+
+
+def train_cxr_distributed(
+    cfg: CXRTrainConfig,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    log_to_mlflow: bool = True,
+) -> TrainResult | None:
+    """One rank of `train cxr --nproc N`, started by torchrun: joins the process group, trains
+    its shard of every global batch, and on rank 0 calibrates, exports and tracks. What rank 0
+    measured, or None on the other ranks."""
+    with distributed.process_group(cfg.train.device, cfg.train.batch_size) as ctx:
+        return _train(cfg, resume, progress and ctx.is_main, log_to_mlflow and ctx.is_main, ctx)
+
+
+def _train(
+    cfg: CXRTrainConfig,
+    resume: str | Path | None,
+    progress: bool,
+    log_to_mlflow: bool,
+    ctx: Dist,
+) -> TrainResult | None:
     t_start = time.perf_counter()
     clock = PhaseClock()
-    run_dir = start_run_dir(cfg, resume)
-    runtime = make_runtime(cfg.train)  # seeds first: the network's initial weights use them
+    run_dir = ctx.on_main(lambda: start_run_dir(cfg, resume))  # rank 0's folder; others read
+    runtime = make_runtime(cfg.train, ctx)  # seeds first: the network's initial weights use them
     with clock("data"):
         data = load_data(cfg)
     model = build_model(cfg, data, runtime)  # before the cache: a bad name fails before hours
-    images = cache_images(cfg, data, clock, progress)
+    model = distributed.prepare(model, runtime.device, ctx)  # SyncBatchNorm on CUDA ranks
+    images = cache_images(cfg, data, clock, progress, ctx)
     opt = make_optimisation(cfg, model, images, runtime)
-    state = resume_state(run_dir, resume, model, opt, runtime)
+    state = resume_state(run_dir, resume, model, opt, runtime, ctx)
+    if distributed.debug_enabled():  # the weights each rank built, before DDP copies rank 0's
+        distributed.debug_record(
+            ctx, {"event": "start", "params": distributed.param_checksum(model)}
+        )
+    step = distributed.wrap(model, runtime.device, ctx)  # DDP with several ranks
     digest = tracking.dataset_digest(data.table.frame, data.findings)
-    tracker = tracking.make_tracker(log_to_mlflow, cfg.tracking.experiment)
+    tracker = tracking.make_tracker(log_to_mlflow, cfg.tracking.experiment)  # rank 0 only
     with tracker.run(run_dir.name, state.run_id) as run_id:  # ends FAILED if anything raises
-        if state.run_id is None:  # a fresh run; a resumed one logged these when it began
+        if state.run_id is None and ctx.is_main:  # a fresh run; a resumed one logged these
             log_setup(tracker, cfg, data, runtime, digest)
+        if ctx.launched:  # tags, not params: a resume may use another number of processes
+            tracker.set_tags(
+                {
+                    "ddp.processes": str(ctx.world),
+                    "ddp.backend": str(ctx.backend),
+                    "ddp.batch_per_process": str(cfg.train.batch_size // ctx.world),
+                }
+            )
         state.run_id = run_id  # kept in the resume point: a resume continues this run
         fitted = fit(
-            cfg, model, opt, data, images, runtime, state, run_dir, tracker, clock, progress
+            cfg,
+            model,
+            opt,
+            data,
+            images,
+            runtime,
+            state,
+            run_dir,
+            tracker,
+            clock,
+            progress,
+            ctx,
+            step,
         )
+        ctx.leave()  # no collectives after the loop: the ranks leave the group together
+        if not ctx.is_main:
+            return None  # rank 0 alone calibrates, exports and tracks
+        if ctx.sharded:
+            # The network as one process makes it (BatchNorm, not SyncBatchNorm), with every
+            # CPU thread of the machine now that the other ranks are done.
+            model = build_model(cfg, data, runtime)
+            if runtime.device.type == "cpu":
+                torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
         load_best(model, run_dir, runtime.device)
         clock.lap(None)
         model = as_exported(model, runtime.device)
@@ -151,6 +221,7 @@ def train_cxr(
         precision=runtime.precision,
         metadata=metadata,
         history=fitted.history,
+        processes=ctx.world,
     )
 
 
@@ -185,30 +256,44 @@ def fit(
     tracker: tracking.Tracker,
     clock: PhaseClock,
     progress: bool,
+    ctx: Dist = SINGLE,
+    step: Callable[..., Any] | None = None,
 ) -> Fitted:
     """The epoch loop: train, validate, log; keep the best weights (checkpoints/best.pt) and a
-    resume point (checkpoints/last.pt) every epoch; stop early after `patience` epochs."""
+    resume point (checkpoints/last.pt) every epoch; stop early after `patience` epochs.
+
+    Under torchrun every rank runs it: `step` is the DDP-wrapped forward, each rank trains and
+    validates its shard, and the losses and validation predictions are gathered so that every
+    rank decides the same (best epoch, early stop); rank 0 alone writes the checkpoints."""
     loop, ckpt_dir = cfg.train, run_dir / "checkpoints"
     judged = opt.ema.module if opt.ema is not None else model  # validated, kept and exported
     val = data.idx["val"]
     epochs_run = state.start_epoch
     for epoch in range(state.start_epoch, state.start_epoch if state.stopped else loop.epochs):
+        distributed.maybe_fail(ctx, epoch + 1)
         epochs_run = epoch + 1
         t0 = time.perf_counter()
-        losses, seen = train_epoch(cfg, model, opt, images, runtime, epoch, progress)
+        losses, seen, share = train_epoch(
+            cfg, model, opt, images, runtime, epoch, progress, ctx, step
+        )
+        losses, seen = ctx.mean(losses), ctx.total(seen)  # every rank's step -> the global step
         speed = seen / max(time.perf_counter() - t0, 1e-9)
         clock.seconds["train"] = clock.seconds.get("train", 0.0) + time.perf_counter() - t0
         with clock("validate"):
+            ctx.sync_buffers(judged)  # rank 0's BatchNorm statistics: one model to validate
+            mine = ctx.shard(val)  # this rank's share (all of it in one process)
             val_logits = predict_logits(
                 judged,
                 images.cache,
-                val,
+                mine,
                 cfg.preprocess,
                 runtime.device,
                 loop.batch_size * 2,
                 runtime.amp,
                 runtime.channels_last,
             )
+            if ctx.sharded:  # every rank's share, each image once, in `val` order
+                val_logits = ctx.gather(mine, val_logits, val)
         y_val = images.labels[val]
         val_auc = mean_auroc(y_val, sigmoid(val_logits))
         row = {
@@ -236,11 +321,26 @@ def fit(
         merit = {"val_auroc": val_auc, "val_loss": -row["val_loss"], "last": epoch}[loop.select]
         if (np.isfinite(merit) and merit > state.best) or not np.isfinite(state.best):
             state.best, state.bad = (merit if np.isfinite(merit) else state.best), 0
-            atomic_save(judged.state_dict(), ckpt_dir / "best.pt")
+            if ctx.is_main:
+                atomic_save(judged.state_dict(), ckpt_dir / "best.pt")
         else:
             state.bad += 1
         state.stopped = state.bad >= loop.patience
-        save_resume_point(ckpt_dir / "last.pt", model, opt, runtime, state, epoch)
+        if ctx.is_main:
+            save_resume_point(ckpt_dir / "last.pt", model, opt, runtime, state, epoch, ctx.world)
+        if distributed.debug_enabled():
+            distributed.debug_record(
+                ctx,
+                {
+                    "epoch": epoch + 1,
+                    "train_share": share,
+                    "seen": seen,
+                    "val_rows": mine,
+                    "step_losses": losses,
+                    "val_loss": row["val_loss"],
+                    "params": distributed.param_checksum(model),
+                },
+            )
         if state.stopped:
             log.info("early stop: no better %s for %d epochs", loop.select, state.bad)
             break
@@ -255,12 +355,26 @@ def train_epoch(
     runtime: Runtime,
     epoch: int,
     progress: bool,
-) -> tuple[list[float], int]:
-    """One pass over a shuffle of the training images: the batch losses and images seen."""
+    ctx: Dist = SINGLE,
+    step: Callable[..., Any] | None = None,
+) -> tuple[list[float], int, np.ndarray]:
+    """One pass over a shuffle of the training images: the batch losses, the images seen and
+    the epoch's order (this rank's share of it, padded as DistributedSampler pads).
+
+    The shuffle is drawn from the run's numpy stream, the same on every rank; under torchrun
+    each rank takes its share (DistributedSampler) and batches of batch_size / W, so that step
+    s of all ranks together is step s of one process."""
     loop, spec, device, amp = cfg.train, cfg.preprocess, runtime.device, runtime.amp
     check_cfg = cfg.population.check if cfg.population is not None else None
+    forward = step if step is not None else model.forward_train
     model.train()
     order = runtime.np_rng.permutation(images.train_idx)
+    batch_size = loop.batch_size
+    if ctx.launched:
+        # This rank's augmentation and dropout draws: its own, and the same on a resume.
+        torch.manual_seed(distributed.epoch_seed(loop.seed, epoch, ctx.rank))
+        order = ctx.shard(order, epoch)
+        batch_size = loop.batch_size // ctx.world
     losses: list[float] = []
     seen = 0
     bar = None
@@ -268,14 +382,14 @@ def train_epoch(
         from tqdm import tqdm
 
         bar = tqdm(
-            total=opt.steps * loop.batch_size,
+            total=opt.steps * batch_size,
             desc=f"epoch {epoch + 1}/{loop.epochs}",
             unit="img",
             leave=False,
             disable=None,
         )
-    for step in range(opt.steps):
-        batch_idx = order[step * loop.batch_size : (step + 1) * loop.batch_size]
+    for i in range(opt.steps):
+        batch_idx = order[i * batch_size : (i + 1) * batch_size]
         if len(batch_idx) == 0:
             break
         x = image_batch(images.cache, batch_idx, spec, opt.augment).to(device)
@@ -283,7 +397,7 @@ def train_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(images.labels[batch_idx]).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits, population = model.forward_train(x)
+            logits, population = forward(x)
         loss = masked_bce(logits.float(), y, opt.pos_weight, loop.label_smoothing)
         if population is not None:  # inside (1) or outside (0) the population
             target = torch.from_numpy(images.inside[batch_idx]).to(device)
@@ -291,7 +405,7 @@ def train_epoch(
                 torch.nn.functional.binary_cross_entropy_with_logits(population.float(), target)
             )
         opt.optimizer.zero_grad(set_to_none=True)
-        opt.scaler.scale(loss).backward()
+        opt.scaler.scale(loss).backward()  # DDP: the gradients averaged over the ranks here
         if loop.grad_clip:
             opt.scaler.unscale_(opt.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
@@ -307,4 +421,4 @@ def train_epoch(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     if bar is not None:
         bar.close()
-    return losses, seen
+    return losses, seen, order

@@ -1,14 +1,17 @@
 """Where and how a CXR training run does its arithmetic, and where its time goes.
 
 `make_runtime` seeds torch and numpy, sets the threads, and chooses the device and precision
-(fp16 AMP on CUDA, bf16 autocast on CPUs with bf16 units, else fp32); `as_exported` puts the
-network back into the fp32 arithmetic ONNX Runtime does. `PhaseClock` counts the seconds of each
-phase of a run.
+(fp16 AMP on CUDA, bf16 autocast on CPUs with bf16 units, else fp32), and logs the choice.
+Under torchrun (`train cxr --nproc N`, `distributed.Dist`) each rank takes its own GPU, or on
+CPU its share of the threads, and AMP is for CUDA only: CPU processes train in fp32.
+`as_exported` puts the network back into the fp32 arithmetic ONNX Runtime does. `PhaseClock`
+counts the seconds of each phase of a run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from diagnostics.train.config import LoopConfig
+from diagnostics.train.distributed import SINGLE, Dist
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +88,40 @@ class Runtime:
     np_rng: np.random.Generator  # the epochs' shuffles
 
 
-def make_runtime(loop: LoopConfig) -> Runtime:
-    """Seed torch and numpy, set the threads, choose the device and precision."""
+def make_runtime(loop: LoopConfig, ctx: Dist = SINGLE) -> Runtime:
+    """Seed torch and numpy, set the threads, choose the device and precision.
+
+    Every rank seeds the same way, so every rank builds the same initial weights (DDP also
+    copies rank 0's when it wraps the network)."""
     torch.manual_seed(loop.seed)
     np_rng = np.random.default_rng(loop.seed)
-    if loop.threads:
-        torch.set_num_threads(loop.threads)
+    threads = loop.threads
     device = select_device(loop.device)
-    amp = autocast_dtype(device, loop.mixed_precision)
+    if ctx.launched and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
+    elif ctx.launched:  # the machine's threads (train.threads, or all) shared by its processes
+        threads = max(1, (loop.threads or os.cpu_count() or 1) // ctx.local_world)
+    if threads:
+        torch.set_num_threads(threads)
+    cpu_ranks = ctx.launched and device.type == "cpu"
+    amp = autocast_dtype(device, loop.mixed_precision and not cpu_ranks)
     precision = {None: "fp32", torch.float16: "fp16-amp", torch.bfloat16: "bf16-autocast"}[amp]
+    if ctx.is_main:
+        log.info("precision: %s on %s (%s)", precision, device, _why(amp, device, loop, cpu_ranks))
     return Runtime(device, amp, precision, loop.channels_last, np_rng)
+
+
+def _why(amp: torch.dtype | None, device: torch.device, loop: LoopConfig, cpu_ranks: bool) -> str:
+    """The log line's reason for the precision chosen."""
+    if amp == torch.float16:
+        return "AMP: torch.autocast fp16 with a GradScaler"
+    if amp == torch.bfloat16:
+        return "bf16 autocast: this CPU has bf16 units"
+    if not loop.mixed_precision:
+        return "AMP off: train.mixed_precision is false"
+    if cpu_ranks:
+        return "AMP off: CPU processes under torchrun train in fp32; AMP is for CUDA"
+    return "AMP off: no CUDA, and this CPU has no bf16 units"
 
 
 def as_exported(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
