@@ -81,8 +81,30 @@ def test_serve_needs_a_reachable_database(tmp_path, monkeypatch):
         assert "cannot reach the tracking database" in r.output
         assert "postgresql+psycopg://ops:***@127.0.0.1:1/x" in r.output
         assert "Secr3t" not in r.output
+        # a password on the command line is refused: ps and shell history would show it
+        r = runner.invoke(app, ["tracking", "serve", "--db", "postgresql://ops:Secr3t@h/x"])
+        assert r.exit_code == 2 and "~/.pgpass" in r.output and "Secr3t" not in r.output
     finally:
         get_settings.cache_clear()
+
+
+def test_allowed_hosts_cover_the_address_printed_for_clients():
+    import socket
+
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    from diagnostics.cli.tracking import allowed_host_patterns, client_uri
+
+    assert allowed_host_patterns("127.0.0.1", None) is None  # MLflow's own defaults
+    assert allowed_host_patterns("0.0.0.0", "mlflow.hospital.vn,10.0.0.5:5000").split(",") == [
+        "mlflow.hospital.vn",
+        "10.0.0.5:5000",
+        "mlflow.hospital.vn:*",
+    ]
+    patterns = allowed_host_patterns("0.0.0.0", None).split(",")
+    printed = client_uri("0.0.0.0", 5000).removeprefix("http://")  # fqdn:5000
+    for host in (printed, socket.getfqdn(), "localhost:5000", "10.1.2.3:5000"):
+        assert is_allowed_host_header(patterns, host), host
 
 
 def test_serve_check_prints_the_command_with_the_password_redacted(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,7 +36,10 @@ def _apply_thread_rule(cfg: Any) -> None:
     threads, why = threads_rule(cfg.model.threads, cfg.worker.per_host)
     cfg.model.threads = threads
     logging.getLogger("diagnostics.serve.worker").info(
-        "ONNX Runtime threads: intra-op %d, inter-op 1 (%s)", threads, why
+        "ONNX Runtime threads: intra-op %s, inter-op %s (%s)",
+        threads or "default",
+        1 if threads else "default",
+        why,
     )
 
 
@@ -139,6 +143,12 @@ def serve(
     from diagnostics.serve.server import uvicorn_config
 
     cfg = _serve_config(config, set_)
+    per_host = os.environ.get("DIAGNOSTICS_WORKERS_PER_HOST", "").strip()
+    if per_host:  # as for `diagnostics worker`: this process's in-process worker counts as one
+        try:
+            cfg.worker.per_host = max(1, int(per_host))
+        except ValueError:
+            raise _fail(f"DIAGNOSTICS_WORKERS_PER_HOST={per_host!r} is not a number") from None
     if host is not None:
         cfg.host = host
     if port is not None:

@@ -2,8 +2,9 @@
 artefacts.
 
 It runs MLflow's own server (`mlflow server`) with this project's defaults; nothing here answers
-a request. The database URI comes from `--db` or, better, DIAGNOSTICS_TRACKING_DB, and reaches
-mlflow in its environment (MLFLOW_BACKEND_STORE_URI), never on a command line that `ps` shows.
+a request. The database URI comes from DIAGNOSTICS_TRACKING_DB (or `--db`, which refuses a
+password: a command line is visible to every user), and reaches mlflow in its environment
+(MLFLOW_BACKEND_STORE_URI), never on a command line that `ps` shows.
 Everything this command prints, mlflow's own output included, has the password replaced by ***.
 
 Trainers, reviewers and clinics then point at it: MLFLOW_TRACKING_URI=http://HOST:PORT. Their
@@ -162,6 +163,29 @@ def _artifacts_destination(artifacts: str | None) -> str:
     return str(folder)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_host_patterns(host: str, given: str | None) -> str | None:
+    """MLflow's --allowed-hosts (its Host-header check; without it: localhost and private
+    addresses only). A name given without a port also matches it with any port (`name:*`:
+    clients send `Host: name:5000`). Listening beyond loopback with none given: MLflow's
+    defaults plus this machine's names, so that the address printed for clients works."""
+    if given:
+        names = [n.strip() for n in given.split(",") if n.strip()]
+        extra = [f"{n}:*" for n in names if "*" not in n and ":" not in n]
+        return ",".join(names + extra)
+    if host in LOOPBACK_HOSTS:
+        return None
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    names = {socket.getfqdn(), socket.gethostname()} - {""}
+    if host not in ("0.0.0.0", "::", ""):
+        names.add(host)
+    ours = [p for n in sorted(names) for p in (n, f"{n}:*")]
+    return ",".join(get_default_allowed_hosts() + ours)
+
+
 def client_uri(host: str, port: int) -> str:
     """What trainers, reviewers and clinics set MLFLOW_TRACKING_URI to."""
     if host in ("0.0.0.0", "::", ""):
@@ -230,8 +254,9 @@ def tracking_serve(
     allowed_hosts: Annotated[
         str | None,
         typer.Option(
-            help="host names clients may use (MLflow's --allowed-hosts), e.g. "
-            "mlflow.hospital.vn,10.0.0.5:5000; default: localhost and private addresses"
+            help="host names clients may use (MLflow's --allowed-hosts; a name without a port "
+            "matches any port), e.g. mlflow.hospital.vn,10.0.0.5; default: localhost, private "
+            "addresses and, when listening beyond loopback, this machine's names"
         ),
     ] = None,
     check: Annotated[
@@ -253,6 +278,11 @@ def tracking_serve(
         )
     uri = database_uri(raw)
     hidden = uri_secrets(uri)
+    if db and hidden:
+        raise _fail(
+            "--db holds a password, which every user of this machine could read (ps, shell "
+            f"history): put it in ~/.pgpass or PGPASSWORD, or set {DB_ENV} instead"
+        )
     if importlib.util.find_spec("mlflow") is None:
         raise _fail(
             "the tracking server is MLflow's, and mlflow is not installed here: "
@@ -263,7 +293,8 @@ def tracking_serve(
     except DatabaseError as exc:
         raise _fail(str(exc)) from None
     destination = _artifacts_destination(artifacts)
-    argv, env, shown = server_command(uri, destination, host, port, workers, allowed_hosts)
+    allowed = allowed_host_patterns(host, allowed_hosts)
+    argv, env, shown = server_command(uri, destination, host, port, workers, allowed)
     typer.echo(f"database {redact_uri(uri)} answers")
     typer.echo(f"{'command' if check else 'starting'}: {shown}")
     typer.echo(

@@ -53,22 +53,26 @@ def available_cores() -> int:
 
 def scoring_threads(configured: int, per_host: int, cores: int | None = None) -> int:
     """ONNX Runtime intra-op threads for one scoring process: `model.threads` when set (> 0);
-    else its share of the cores, max(1, cores // per_host), for `per_host` workers sharing
-    the machine. N workers each starting a thread per core would run N threads on every core,
+    0 (ORT's own default: a thread per physical core) for the only worker of a machine; else
+    its share of the cores, max(1, cores // per_host), for `per_host` workers sharing the
+    machine. N workers each starting a thread per core would run N threads on every core,
     each waiting for the others at every operator."""
     if configured > 0:
         return configured
-    return max(1, (available_cores() if cores is None else cores) // max(1, per_host))
+    if per_host <= 1:
+        return 0
+    return max(1, (available_cores() if cores is None else cores) // per_host)
 
 
 def threads_rule(configured: int, per_host: int, cores: int | None = None) -> tuple[int, str]:
     """`scoring_threads`, and how it was chosen, in words for the log."""
     if configured > 0:
         return configured, f"model.threads {configured}"
+    if per_host <= 1:
+        return 0, "ONNX Runtime's default, a thread per physical core: 1 worker per host"
     cores = available_cores() if cores is None else cores
     threads = scoring_threads(0, per_host, cores)
-    workers = f"{per_host} worker{'' if per_host == 1 else 's'} per host"
-    return threads, f"{cores} core{'' if cores == 1 else 's'} / {workers}"
+    return threads, f"{cores} core{'' if cores == 1 else 's'} / {per_host} workers per host"
 
 
 class Worker:
