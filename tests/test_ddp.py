@@ -7,6 +7,14 @@ in every global batch; what differs is BatchNorm, which on CPU normalises over e
 images, not the 8 of the global batch (torch has no SyncBatchNorm on CPU). Measured on this
 machine over 16 steps: per-step losses within 6.6e-4 relative, validation losses within 3e-4;
 `--nproc 1` under torchrun was bit-identical to one process. The test allows 2e-3.
+
+The comparison runs on partial labels (`partial_labels`: a third of the images unlabelled, a
+fifth of the other labels unknown), so the known labels fall unevenly on the two shares of
+each global batch. Measured on this machine over the test's 6 steps: per-step losses within
+4.0e-4 relative, validation losses within 8e-5. Before the loss was the global batch's masked
+mean (each process divided by its own count of known labels, and DDP averaged the processes),
+the second epoch was off by 1.4e-2 and the test failed. `test_two_ranks_loss_and_gradients_...`
+checks the same exactly (no BatchNorm), gradients and the sampler's padding included.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +55,24 @@ def ddp_config(manifest: Path, **train):
     )
     cfg.augment.enabled = False
     return cfg
+
+
+def partial_labels(manifest: Path, out: Path) -> Path:
+    """`manifest` with a third of its images unlabelled (every finding NaN, as outside images
+    are) and a fifth of the other labels unknown: the known labels fall unevenly on the
+    processes' shares of each global batch."""
+    import pandas as pd
+
+    df = pd.read_csv(manifest)
+    df = df.drop(columns=[c for c in df.columns if c.startswith("mask_")])
+    df["path"] = [str(manifest.parent / p) for p in df["path"]]
+    findings = ["Pneumonia", "Effusion", "Cardiomegaly", "Nodule", "Pneumothorax"]
+    for i in range(len(df)):
+        for j, finding in enumerate(findings):
+            if i % 3 == 0 or (i * 7 + j * 3) % 5 == 0:
+                df.loc[i, finding] = np.nan
+    df.to_csv(out, index=False)
+    return out
 
 
 def write_config(cfg, path: Path) -> Path:
@@ -87,7 +114,7 @@ def mlflow_client(home: Path):
 def test_two_processes_match_one_and_track_once(home, synth_png, tmp_path, monkeypatch):
     from diagnostics.train.cxr import train_cxr
 
-    cfg = ddp_config(synth_png)
+    cfg = ddp_config(partial_labels(synth_png, tmp_path / "partial.csv"))
     # The reference: one process, in its own home (so that the 2-process run decodes its cache).
     monkeypatch.setenv(DEBUG_DIR_ENV, str(tmp_path / "one"))
     with diagnostics_home(tmp_path / "one-home"):
@@ -210,6 +237,234 @@ def test_shards_are_distributed_sampler_shares_of_the_global_batch():
     step1 = np.sort(np.concatenate([s[2:4] for s in shares]))
     np.testing.assert_array_equal(step1, order[6:12])
     assert Dist().shard(order) is order  # one process: everything, as it is
+    assert not Dist().repeats(21).any()
+
+
+@pytest.mark.parametrize(("n", "world"), [(21, 2), (21, 3), (7, 4), (3, 4), (24, 4), (1, 2)])
+def test_repeats_mark_the_samplers_padding(n, world):
+    from diagnostics.train.distributed import Dist
+
+    order = np.arange(500, 500 + n)
+    ranks = [Dist(rank=r, world=world, backend="gloo") for r in range(world)]
+    shares = [d.shard(order) for d in ranks]
+    repeats = [d.repeats(n) for d in ranks]
+    assert all(len(r) == len(s) for r, s in zip(repeats, shares, strict=True))
+    assert sum(int(r.sum()) for r in repeats) == len(shares[0]) * world - n
+    # Interleaved, the shares without their repeats are the order, each item once.
+    kept = [
+        s[j]
+        for j in range(len(shares[0]))
+        for s, r in zip(shares, repeats, strict=True)
+        if not r[j]
+    ]
+    np.testing.assert_array_equal(kept, order)
+
+
+# --------------------------------------------------------------------------- the global loss
+
+
+class _Heads(torch.nn.Module):
+    """Findings logits and a population logit: what `forward_train` returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.findings = torch.nn.Linear(5, 3)
+        self.population = torch.nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.findings(x), self.population(x)[:, 0]
+
+
+def _loss_args(x, y, inside, net):
+    logits, population = net(x)
+    return logits, y, population, inside, torch.tensor([2.0, 1.0, 0.5]), 0.1, 0.3
+
+
+def _rank_step(rank, world, store, batch, weights, out):
+    """One rank of a gloo group: the DDP step on its share, its loss and gradients saved."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from diagnostics.train.cxr import batch_loss
+    from diagnostics.train.distributed import Dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        ctx = Dist(rank=rank, world=world, backend="gloo")
+        x, y, inside = batch
+        mine = ctx.shard(np.arange(len(x)))
+        net = _Heads()
+        net.load_state_dict(weights)
+        ddp = DistributedDataParallel(net)
+        loss = batch_loss(
+            *_loss_args(x[mine], y[mine], inside[mine], ddp), ctx, ~ctx.repeats(len(x))
+        )
+        loss.backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        torch.save({"loss": loss.item(), "grads": grads}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_loss_and_gradients_are_one_process_with_partial_labels(tmp_path):
+    """Two gloo processes (DDP) against one, on a global batch whose known labels fall unevenly
+    on the ranks (rank 1's images are mostly unlabelled) and with a repeat of the sampler's
+    padding on rank 1: the mean of the ranks' losses is the one-process loss, and the averaged
+    gradients are the one-process gradients."""
+    import torch.multiprocessing as mp
+
+    from diagnostics.train.cxr import batch_loss
+    from diagnostics.train.distributed import Dist
+
+    torch.manual_seed(0)
+    nan = float("nan")
+    x = torch.randn(7, 5)  # 7 images, 2 ranks: rank 0 gets 0, 2, 4, 6; rank 1 1, 3, 5 and 0 again
+    y = torch.tensor(
+        [
+            [1, 0, 1],
+            [nan, nan, 1],
+            [0, 1, 1],
+            [nan, nan, nan],  # an outside image: no finding labels
+            [1, 1, 0],
+            [0, nan, nan],
+            [0, 0, 1],
+        ]
+    )
+    inside = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    net = _Heads()
+    ref = batch_loss(*_loss_args(x, y, inside, net))  # one process: the whole batch
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in net.parameters()]
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+
+    # Each rank's own masked mean, averaged (the loss before the fix): far from one process's.
+    shares = [Dist(rank=r, world=2, backend="gloo").shard(np.arange(7)) for r in range(2)]
+    naive = np.mean([batch_loss(*_loss_args(x[s], y[s], inside[s], net)).item() for s in shares])
+    assert abs(naive - ref.item()) > 0.02 * ref.item()
+
+    mp.spawn(
+        _rank_step,
+        args=(2, tmp_path / "store", (x, y, inside), weights, tmp_path),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    np.testing.assert_allclose(np.mean([r["loss"] for r in ranks]), ref.item(), rtol=1e-6)
+    for g0, g1, g in zip(ranks[0]["grads"], ranks[1]["grads"], ref_grads, strict=True):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=0)  # DDP: the same on both ranks
+        torch.testing.assert_close(g0, g, rtol=1e-5, atol=1e-7)
+
+
+def test_one_process_loss_is_the_masked_mean():
+    from diagnostics.train.batches import masked_bce
+    from diagnostics.train.cxr import batch_loss
+    from diagnostics.train.distributed import Dist
+
+    torch.manual_seed(1)
+    logits, y = torch.randn(4, 3), torch.tensor([[1.0, float("nan"), 0.0]] * 4)
+    expected = masked_bce(logits, y, None, 0.0)
+    assert torch.equal(batch_loss(logits, y, None, None, None, 0.0, 0.0), expected)
+    # --nproc 1 under torchrun: launched, not sharded: the same bits
+    ctx = Dist(backend="gloo")
+    assert torch.equal(batch_loss(logits, y, None, None, None, 0.0, 0.0, ctx), expected)
+
+
+# --------------------------------------------------------------------------- cache, resume, timeout
+
+
+def test_two_runs_building_one_cache_at_once_do_not_share_a_file(synth_png, tmp_path, monkeypatch):
+    """A second run on this machine starts building the same cache while the first writes
+    through its map: each writes its own file, both end with the whole cache in place."""
+    from diagnostics.data.cache import build_cache
+    from diagnostics.train import cxr_data
+    from diagnostics.train.distributed import Dist
+
+    paths = sorted(str(p) for p in (synth_png.parent / "images").glob("*.png"))[:5]
+    spec = ddp_config(synth_png).preprocess
+    cache_dir = tmp_path / "cache"
+    ctx = Dist(backend="gloo")  # one process: the collectives are no-ops
+    real_open = np.lib.format.open_memmap
+    made: list[str] = []
+    second: list[np.ndarray] = []
+
+    def open_memmap(path, *args, **kwargs):
+        out = real_open(path, *args, **kwargs)
+        if kwargs.get("mode") == "w+":
+            made.append(Path(path).name)
+            if len(made) == 1:  # the first run made its file: the second runs to the end
+                second.append(cxr_data._shared_cache(paths, spec, cache_dir, False, ctx))
+        return out
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
+    first = cxr_data._shared_cache(paths, spec, cache_dir, False, ctx)
+    monkeypatch.undo()
+    assert len(made) == 2 and made[0] != made[1] and all("-node0" in m for m in made)
+    expected = build_cache(paths, spec, tmp_path / "reference", progress=False)
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second[0], expected)
+    assert [p.name for p in cache_dir.iterdir()] == [f"{Path(made[0]).name.split('.tmp-')[0]}.npy"]
+
+
+def test_resume_restores_cuda_rng_of_the_gpus_there_are(monkeypatch):
+    """A resume point may hold one CUDA RNG state per GPU of the machine that wrote it: on a
+    machine with fewer (none here), the ones there are are restored, and nothing fails."""
+    from diagnostics.train.checkpoints import restore_cuda_rng
+
+    cuda = torch.device("cuda")
+    # This machine, for real: no CUDA, nothing restored; with CUDA, two states too many.
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    states = [torch.cuda.get_rng_state(i) for i in range(n)] or [torch.zeros(16, dtype=torch.uint8)]
+    restore_cuda_rng(states + states[:1] * 2, cuda)
+    restore_cuda_rng(None, cuda)
+
+    # One GPU, a resume point written on three: GPU 0's state, the others left out.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_rng_state",
+        lambda state, device="cuda": calls.append((int(state[0]), device)),
+    )
+    saved = [torch.tensor([k], dtype=torch.uint8) for k in (5, 6, 7)]
+    restore_cuda_rng(saved, cuda)
+    assert calls == [(5, 0)]
+    calls.clear()
+    restore_cuda_rng(torch.tensor([9], dtype=torch.uint8), torch.device("cuda", 0))  # new format
+    assert calls == [(9, torch.device("cuda", 0))]
+    calls.clear()
+    restore_cuda_rng(saved, torch.device("cpu"))  # training on the CPU: no CUDA state
+    assert calls == []
+
+
+def test_collective_timeout_and_nccl_error_handling(monkeypatch):
+    from diagnostics.train.distributed import (
+        DistributedError,
+        collective_timeout,
+        nccl_error_handling,
+    )
+
+    monkeypatch.delenv("DIAGNOSTICS_DDP_TIMEOUT_S", raising=False)
+    assert collective_timeout() == timedelta(minutes=10)
+    monkeypatch.setenv("DIAGNOSTICS_DDP_TIMEOUT_S", "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    for bad in ("0", "-5", "ten", "inf", "nan"):
+        monkeypatch.setenv("DIAGNOSTICS_DDP_TIMEOUT_S", bad)
+        with pytest.raises(DistributedError, match="not a positive number of seconds"):
+            collective_timeout()
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    nccl_error_handling()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # the user's own choice stays
+    nccl_error_handling()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
 
 
 def test_launch_commands():

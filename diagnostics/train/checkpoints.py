@@ -129,10 +129,9 @@ def resume_state(
     if state["scaler"]:  # empty when the run began without fp16 AMP
         opt.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
-    # Under torchrun every epoch reseeds torch per rank (distributed.epoch_seed), and the GPU
-    # count may differ from the run that wrote the resume point.
-    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None and not ctx.launched:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # Under torchrun every epoch reseeds torch per rank (distributed.epoch_seed).
+    if not ctx.launched:
+        restore_cuda_rng(state.get("cuda_rng"), runtime.device)
     runtime.np_rng.bit_generator.state = state["numpy_rng"]
     if ctx.is_main:
         log.info(
@@ -150,6 +149,31 @@ def resume_state(
         history=state.get("history", []),
         stopped=bool(state.get("stopped")),
     )
+
+
+def restore_cuda_rng(saved: Any, device: torch.device) -> None:
+    """The CUDA RNG state a resume point saved, into `device` when training on CUDA; skipped
+    when it saved none or there is no CUDA here. `saved` is the training GPU's state (a byte
+    tensor), or, from resume points written before, one state per GPU visible then: as many of
+    those as this machine has GPUs are restored, so a resume on a machine with fewer GPUs works
+    (torch.cuda.set_rng_state_all would raise IndexError)."""
+    if saved is None or device.type != "cuda" or not torch.cuda.is_available():
+        return
+    if isinstance(saved, torch.Tensor):
+        torch.cuda.set_rng_state(saved, device)
+        return
+    states = list(saved)
+    dropped = len(states) - torch.cuda.device_count()
+    for index, rng in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(rng, index)
+    if dropped > 0:
+        log.info("resume point has CUDA RNG states of %d more GPUs than here: not used", dropped)
+
+
+def cuda_rng(device: torch.device) -> torch.Tensor | None:
+    """The training GPU's RNG state (only that one: a resume may run with fewer GPUs), or None
+    when training on the CPU."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def _read_resume_point(run_dir: Path) -> dict[str, Any] | None:
@@ -189,7 +213,7 @@ def save_resume_point(
             "run_id": state.run_id,
             "history": state.history,
             "stopped": state.stopped,
-            "cuda_rng": (torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else None),
+            "cuda_rng": cuda_rng(runtime.device),
             "processes": processes,
         },
         path,

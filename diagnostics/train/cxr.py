@@ -363,16 +363,20 @@ def train_epoch(
 
     The shuffle is drawn from the run's numpy stream, the same on every rank; under torchrun
     each rank takes its share (DistributedSampler) and batches of batch_size / W, so that step
-    s of all ranks together is step s of one process."""
+    s of all ranks together is step s of one process. The sampler's padding (repeats in the
+    last step) weighs nothing in the loss, and `seen` counts each image once."""
     loop, spec, device, amp = cfg.train, cfg.preprocess, runtime.device, runtime.amp
     check_cfg = cfg.population.check if cfg.population is not None else None
     forward = step if step is not None else model.forward_train
     model.train()
     order = runtime.np_rng.permutation(images.train_idx)
     batch_size = loop.batch_size
+    repeats: np.ndarray | None = None  # this rank's padding (repeated images), when sharded
     if ctx.launched:
         # This rank's augmentation and dropout draws: its own, and the same on a resume.
         torch.manual_seed(distributed.epoch_seed(loop.seed, epoch, ctx.rank))
+        if ctx.sharded:
+            repeats = ctx.repeats(len(order))
         order = ctx.shard(order, epoch)
         batch_size = loop.batch_size // ctx.world
     losses: list[float] = []
@@ -398,12 +402,22 @@ def train_epoch(
         y = torch.from_numpy(images.labels[batch_idx]).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits, population = forward(x)
-        loss = masked_bce(logits.float(), y, opt.pos_weight, loop.label_smoothing)
-        if population is not None:  # inside (1) or outside (0) the population
+        target = None  # inside (1) or outside (0) the population, when there is a head
+        if population is not None:
+            population = population.float()
             target = torch.from_numpy(images.inside[batch_idx]).to(device)
-            loss = loss + check_cfg.weight * (  # type: ignore[union-attr]
-                torch.nn.functional.binary_cross_entropy_with_logits(population.float(), target)
-            )
+        real = None if repeats is None else ~repeats[i * batch_size : (i + 1) * batch_size]
+        loss = batch_loss(
+            logits.float(),
+            y,
+            population,
+            target,
+            opt.pos_weight,
+            loop.label_smoothing,
+            check_cfg.weight if check_cfg is not None else 0.0,
+            ctx,
+            real,
+        )
         opt.optimizer.zero_grad(set_to_none=True)
         opt.scaler.scale(loss).backward()  # DDP: the gradients averaged over the ranks here
         if loop.grad_clip:
@@ -414,11 +428,60 @@ def train_epoch(
         opt.scheduler.step()
         if opt.ema is not None:
             opt.ema.update_parameters(model)
-        losses.append(loss.item())
-        seen += len(batch_idx)
+        losses.append(loss.item())  # several ranks: their mean is the global batch's loss
+        seen += len(batch_idx) if real is None else int(real.sum())
         if bar is not None:
             bar.update(len(batch_idx))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     if bar is not None:
         bar.close()
     return losses, seen, order
+
+
+def batch_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    population: torch.Tensor | None,
+    inside: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    smoothing: float,
+    population_weight: float,
+    ctx: Dist = SINGLE,
+    real: np.ndarray | None = None,
+) -> torch.Tensor:
+    """A step's loss: the masked BCE over the known labels (NaN: unknown), plus
+    `population_weight` times the population head's BCE (inside 1, outside 0) when there is one.
+
+    One process (or `--nproc 1`): `masked_bce`, the mean over the batch's known labels, plus the
+    mean population BCE over its images. Several ranks: the same means over the global batch,
+    not the mean of each rank's means, which would weigh the images of a rank with fewer known
+    labels (partial labels; outside images, which have none) more. Each rank sums its own
+    losses and `Dist.global_mean` divides by the global counts, so that DDP's averaging of the
+    gradients gives those of the one-process loss. Rows where `real` is False (the sampler's
+    repeats, in the last step of an epoch) weigh nothing."""
+    if population is not None and inside is None:
+        raise ValueError("a population head's logits need their inside/outside targets")
+    if not ctx.sharded:
+        loss = masked_bce(logits, y, pos_weight, smoothing)
+        if population is not None and inside is not None:
+            loss = loss + population_weight * (
+                torch.nn.functional.binary_cross_entropy_with_logits(population, inside)
+            )
+        return loss
+    keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    if real is not None:
+        keep = torch.from_numpy(np.asarray(real, dtype=bool)).to(y.device)
+    y = torch.where(keep[:, None], y, torch.full_like(y, float("nan")))  # repeats: unknown
+    known = (~torch.isnan(y)).sum().to(logits.dtype)
+    # masked_bce is the sum over the known labels divided by their count (1 when none, and the
+    # sum is then 0): times the count, it is the sum.
+    label_sum = masked_bce(logits, y, pos_weight, smoothing) * known
+    rows = keep.sum().to(logits.dtype)
+    if population is None or inside is None:
+        return ctx.global_mean(label_sum[None], known[None])[0]
+    per_row = torch.nn.functional.binary_cross_entropy_with_logits(
+        population, inside, reduction="none"
+    )
+    population_sum = (per_row * keep).sum()
+    means = ctx.global_mean(torch.stack([label_sum, population_sum]), torch.stack([known, rows]))
+    return means[0] + population_weight * means[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -117,19 +118,45 @@ def _shared_cache(
 ) -> np.ndarray:
     """`data.cache.build_cache`'s file, its decoding shared by the processes of each machine:
     local rank k decodes rows k, k + local_world, ... into one file, which local rank 0 then
-    renames into place (atomically, as build_cache does). A cache every rank finds is reused."""
+    renames into place (atomically, as build_cache does). A cache every rank finds is reused.
+
+    The file being written is named for this run (a token rank 0 draws and sends to every rank)
+    and this machine: two runs on one machine with the same data write two files, and the
+    second never truncates the first's while it writes through its map; whichever finishes
+    last renames the same bytes into place."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"cxr-{cache_key(paths, spec)}-{spec.size}.npy"  # build_cache's name
     if ctx.all_true(target.is_file()):
         return build_cache(paths, spec, cache_dir, progress=False)  # a hit on every rank
-    # One file per machine: machines that share a disk each build theirs, and the renames
-    # agree (the same bytes).
-    tmp = target.with_suffix(f".tmp-node{ctx.node_rank}.npy")
+    # One file per run and machine: machines that share a disk each build theirs, as do two
+    # runs on one machine, and the renames agree (the same bytes).
+    token = ctx.broadcast(uuid.uuid4().hex[:16])  # rank 0's, on every rank
+    tmp = target.with_suffix(f".tmp-{token}-node{ctx.node_rank}.npy")
     shape = (len(paths), spec.size, spec.size)
     if ctx.local_rank == 0:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=shape).flush()
     ctx.barrier()
+    try:
+        _decode_into(tmp, target, paths, spec, progress, ctx)
+    except BaseException:
+        if ctx.local_rank == 0:  # a named file of this run only: nobody else writes it
+            tmp.unlink(missing_ok=True)
+        raise
+    ctx.barrier()  # in place before anyone reads it
+    return np.load(target, mmap_mode="r")
+
+
+def _decode_into(
+    tmp: Path,
+    target: Path,
+    paths: Sequence[str],
+    spec: PreprocessSpec,
+    progress: bool,
+    ctx: Dist,
+) -> None:
+    """This process's rows of the machine's file `tmp`, then (local rank 0) `tmp` renamed to
+    `target` once every row is written."""
     rows = np.arange(ctx.local_rank, len(paths), ctx.local_world)
     out = np.load(tmp, mmap_mode="r+")
     failures: list[tuple[int, str]] = []
@@ -156,9 +183,7 @@ def _shared_cache(
     debug_record(ctx, {"event": "cache", "decoded": rows, "images": len(paths)})
     failed = sorted(f for part in ctx.all_gather(failures) for f in part)
     if failed:
-        ctx.barrier()
-        if ctx.local_rank == 0:
-            tmp.unlink(missing_ok=True)
+        ctx.barrier()  # every rank done with the file; local rank 0 removes it on the way out
         where = ", ".join(f"row {i} ({code})" for i, code in failed[:10])
         raise CacheBuildError(f"{len(failed)} images could not be decoded: {where}")
     ctx.barrier()  # every row written
@@ -170,5 +195,3 @@ def _shared_cache(
             len(paths),
             ctx.local_world,
         )
-    ctx.barrier()  # in place before anyone reads it
-    return np.load(target, mmap_mode="r")

@@ -13,6 +13,10 @@ wrapped in DistributedDataParallel (`wrap`), which averages the gradients of eve
   epoch's order is drawn before, from the run's seeded numpy stream, the same on every rank and
   the same as a one-process run draws, so a global batch holds the same images either way).
   The sampler pads the last shares by repeating items, so that every rank has as many;
+  `repeats` marks them, and they weigh nothing in the loss;
+- `global_mean`: the loss of a global batch from each rank's sums and counts (one all_reduce
+  of the counts), so that DDP's gradient averaging gives the mean over the whole global batch,
+  as one process computes it, however unevenly the known labels fall across the ranks;
 - `gather`: every rank's predictions to every rank, de-duplicated by sample index (the
   padding) and put back in the split's order, before each epoch's AUROC, validation loss, model
   selection and early stopping, so every rank decides the same. After the loop, rank 0 alone
@@ -31,6 +35,12 @@ BatchNorm: on CUDA with more than one rank the network's BatchNorm layers become
 (torch 2.14: "SyncBatchNorm expected input tensor to be on GPU"), so each rank normalises over
 its own batch_size / W images; DDP copies rank 0's running statistics to the others at every
 step, and `sync_buffers` before each validation.
+
+Collectives time out after $DIAGNOSTICS_DDP_TIMEOUT_S seconds (`collective_timeout`, default
+10 minutes): a rank still waiting then fails, and torchrun stops the others. With NCCL,
+TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (unless set otherwise) makes a failed or timed-out collective
+abort its communicator and end the process, instead of leaving the rank blocked in a CUDA
+synchronisation where it cannot run Python (nor its SIGTERM handler).
 
 For tests and debugging, two environment variables (read at run time, never at import):
 `DIAGNOSTICS_TRAIN_DEBUG_DIR` makes every rank append one JSON line per epoch to
@@ -61,7 +71,9 @@ T = TypeVar("T")
 
 DEBUG_DIR_ENV = "DIAGNOSTICS_TRAIN_DEBUG_DIR"
 FAIL_AT_ENV = "DIAGNOSTICS_TRAIN_FAIL_AT"
-TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails the run
+TIMEOUT_ENV = "DIAGNOSTICS_DDP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this fails the run
+NCCL_ASYNC_ERROR_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 class DistributedError(RuntimeError):
@@ -125,6 +137,15 @@ class Dist:
         sampler.set_epoch(epoch)  # no effect without shuffle; kept so shuffle=True stays correct
         positions = np.fromiter(iter(sampler), dtype=np.int64, count=sampler.num_samples)
         return items[positions]
+
+    def repeats(self, n: int) -> np.ndarray:
+        """Which entries of this rank's `shard` of n items are the sampler's padding: items
+        repeated (already in the epoch) so that every share has the same length. Entry j of
+        rank r's share is item r + jW of the padded list, a repeat when that is n or more."""
+        if not self.sharded:
+            return np.zeros(n, dtype=bool)
+        per_rank = -(-n // self.world)  # DistributedSampler.num_samples without drop_last
+        return self.rank + self.world * np.arange(per_rank) >= n
 
     def gather(self, rows: np.ndarray, values: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Every rank's `values` for its sample indices `rows`, collected on every rank and
@@ -213,6 +234,20 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(t.item())
 
+    def global_mean(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The loss whose gradient, once DDP has averaged it over the ranks, is that of the
+        global batch's mean: world * sums / (counts summed over the ranks), element-wise, from
+        this rank's `sums` of per-item losses (with their graph) and `counts` of items. Only
+        the counts are reduced (detached: one small all_reduce); averaged over the ranks, the
+        values are the global means. A zero global count gives 0. One process: sums / counts."""
+        if not self.sharded:
+            return sums / counts.clamp(min=1)
+        import torch.distributed as dist
+
+        total = counts.detach().to(device=self.device, dtype=sums.dtype).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return self.world * sums / total.to(sums.device).clamp(min=1)
+
     def sync_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) into every rank's `module`: with
         BatchNorm per rank, each rank's last step moved its own statistics."""
@@ -299,6 +334,30 @@ def env_rank() -> int | None:
     return int(value) if value is not None else None
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective may wait for the other ranks: $DIAGNOSTICS_DDP_TIMEOUT_S seconds,
+    10 minutes by default. Long enough for rank 0's checkpoint and MLflow work between epochs;
+    short enough that a lost peer (another machine) fails the run within minutes."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise DistributedError(f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def nccl_error_handling() -> None:
+    """NCCL's async error handling on (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, unless set already):
+    when a collective fails or times out, the watchdog aborts the communicator and ends the
+    process, so a rank blocked in a CUDA synchronisation does not wait for torchrun's SIGKILL.
+    Read when the process group is made: call before `init_process_group`."""
+    os.environ.setdefault(NCCL_ASYNC_ERROR_ENV, "1")
+
+
 @contextmanager
 def process_group(device: str, batch_size: int) -> Iterator[Dist]:
     """Join the torchrun group: NCCL with one GPU per local rank when training on CUDA, gloo on
@@ -315,24 +374,28 @@ def process_group(device: str, batch_size: int) -> Iterator[Dist]:
     local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
     node_rank = int(env.get("GROUP_RANK", "0"))
     check_batch(batch_size, world)
+    timeout = collective_timeout()
     if wants_cuda(device):
         check_gpus(local_world, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
+        nccl_error_handling()
         backend = "nccl"
     else:
         if device == "cuda":
             log.warning("CUDA was requested but is not available: gloo on CPU processes")
         backend = "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    dist.init_process_group(backend, timeout=timeout)
     ctx = Dist(rank, world, local_rank, local_world, node_rank, backend)
     if ctx.is_main:
         log.info(
-            "%d processes (%d per machine) joined, backend %s; global batch %d, %d per process",
+            "%d processes (%d per machine) joined, backend %s; global batch %d, %d per process; "
+            "collectives time out after %.0f s",
             world,
             local_world,
             backend,
             batch_size,
             batch_size // world,
+            timeout.total_seconds(),
         )
     yield ctx
     # Normally left already (`Dist.leave`). After an error there is no teardown: the other ranks
