@@ -161,8 +161,7 @@ def recalibrate_risk(
     "temperatures", "intercepts", "thresholds", "policy", "evidence" per label) plus
     "refused"."""
     scorer = RiskModel(model_path)
-    label = scorer.label
-    chosen = policy or scorer.metadata.thresholds[label].policy
+    chosen = policy or scorer.metadata.thresholds[scorer.label].policy
     df = read_table(table)
     read = len(df)
     df = select_rows(df, rows or {})
@@ -180,22 +179,37 @@ def recalibrate_risk(
     p_raw = scorer.predict(vt.X)
     if not np.isfinite(p_raw).all():
         raise ValueError("the model produced a non-finite risk on the site's rows")
-    fit = fit_risk_recalibration(
-        p_raw, vt.y, label=label, model_threshold=scorer.threshold, policy=chosen,
-        min_cases=min_cases,
-    )  # fmt: skip
-    fit["evidence"].update(
+    return _site_profile_fields(
+        scorer, p_raw, vt.y, chosen, min_cases, refused,
         rows={"read": read, "selected": len(df), "used": len(vt.y), "selection": rows or {}},
         refused=refused,
-    )
+    )  # fmt: skip
+
+
+def _site_profile_fields(
+    scorer: RiskModel,
+    p_raw: np.ndarray,
+    y: np.ndarray,
+    policy: str,
+    min_cases: int,
+    refused_counts: dict[str, int],
+    **evidence: Any,
+) -> dict[str, Any]:
+    """The fit, as the fields of a site profile (the shape of `recalibrate.recalibrate`)."""
+    label = scorer.label
+    fit = fit_risk_recalibration(
+        p_raw, y, label=label, model_threshold=scorer.threshold, policy=policy,
+        min_cases=min_cases,
+    )  # fmt: skip
+    fit["evidence"].update(evidence)
     return {
         "model_sha256": scorer.sha256,
         "temperatures": {label: fit["temperature"]},
         "intercepts": {label: fit["intercept"]},
         "thresholds": {label: fit["threshold"]},
-        "policy": chosen,
+        "policy": policy,
         "evidence": {label: fit["evidence"]},
-        "refused": refused,
+        "refused": refused_counts,
     }
 
 
@@ -211,8 +225,7 @@ def recalibrate_risk_from_outcomes(
     before any earlier profile) against its confirmed outcome. Records another model file
     scored are left out: a profile belongs to one file."""
     scorer = RiskModel(model_path)
-    label = scorer.label
-    chosen = policy or scorer.metadata.thresholds[label].policy
+    chosen = policy or scorer.metadata.thresholds[scorer.label].policy
     mine = [pr for pr in pairs if pr[2] == scorer.sha256]
     if not mine:
         raise ValueError(
@@ -221,20 +234,10 @@ def recalibrate_risk_from_outcomes(
         )
     p_raw = np.array([float(pr[4]) for pr in mine])
     y = np.array([1.0 if pr[5] else 0.0 for pr in mine])
-    fit = fit_risk_recalibration(
-        p_raw, y, label=label, model_threshold=scorer.threshold, policy=chosen,
-        min_cases=min_cases,
+    return _site_profile_fields(
+        scorer, p_raw, y, chosen, min_cases, {},
+        source="recorded outcomes", other_model_files=len(pairs) - len(mine),
     )  # fmt: skip
-    fit["evidence"].update(source="recorded outcomes", other_model_files=len(pairs) - len(mine))
-    return {
-        "model_sha256": scorer.sha256,
-        "temperatures": {label: fit["temperature"]},
-        "intercepts": {label: fit["intercept"]},
-        "thresholds": {label: fit["threshold"]},
-        "policy": chosen,
-        "evidence": {label: fit["evidence"]},
-        "refused": {},
-    }
 
 
 def select_rows(df: pd.DataFrame, rows: dict[str, str]) -> pd.DataFrame:
