@@ -2,7 +2,9 @@
 
 Baseline: the uncompressed real chest CR (1955 x 1841, 15 bits). Each file is decoded by
 `diagnostics.imaging.decode` from bytes already in memory (no disk I/O in the timing), then
-preprocessed to 224 px. Needs ../shared/data.
+preprocessed to 224 px; then the same with `decode(..., target=224)` (decoded at the model's
+resolution: JPEG 2000 at a reduced level, the rest box-averaged), preprocessed with its geometry.
+Needs ../shared/data.
 
     .venv/bin/python benchmarks/decode.py [--repeat 15]
 """
@@ -42,12 +44,20 @@ def main() -> int:
         dec = median_ms(lambda d=data: decode(d), args.repeat)
         pixels = decode(data).pixels
         pre = median_ms(lambda p=pixels: preprocess(p, spec), args.repeat)
-        rows.append((label, dec, pre))
+        red = median_ms(lambda d=data: decode(d, target=spec.size), args.repeat)
+        image = decode(data, target=spec.size)
+        pre_red = median_ms(
+            lambda i=image: preprocess(i.pixels, spec, geometry=i.geometry), args.repeat
+        )
+        rows.append((label, dec, pre, red, pre_red))
     base = rows[0][1]
     print(f"median of {args.repeat} runs, 1 process")
-    print(f"{'input':<32}{'decode ms':>11}{'x baseline':>12}{'preprocess->224 ms':>20}")
-    for label, dec, pre in rows:
-        print(f"{label:<32}{dec:>11.1f}{dec / base:>12.2f}{pre:>20.1f}")
+    print(
+        f"{'input':<32}{'decode ms':>11}{'x baseline':>12}{'preprocess->224 ms':>20}"
+        f"{'decode target=224':>19}{'preprocess':>12}"
+    )
+    for label, dec, pre, red, pre_red in rows:
+        print(f"{label:<32}{dec:>11.1f}{dec / base:>12.2f}{pre:>20.1f}{red:>19.1f}{pre_red:>12.1f}")
     return 0
 
 

@@ -279,6 +279,36 @@ class Finding(BaseModel):
     operating_point: OperatingPoint | None = None  # what `threshold` and `positive` came from
 
 
+class Int8Gate(BaseModel):
+    """Whether an int8 model may stand in for its fp32 twin at the clinic, measured at training
+    time on the validation split (`diagnostics.train.int8_gate`).
+
+    - `auroc_delta`: the worst finding's |AUROC(int8) - AUROC(fp32)| (`auroc_finding` names it);
+      at most `max_auroc_delta`.
+    - `cam_correlation`: the mean Pearson correlation of the int8 CAM with the fp32 CAM over
+      `n_cam` sampled (image, finding) pairs, at least `min_cam_correlation`; `same_peak`: the
+      share of those pairs whose hottest CAM cell is the same (or a neighbour, or a tie within 1%
+      of the map's range), at least `min_same_peak`.
+    `reason` is "passed" or "failed:<what>" (the MLflow tag `int8_gate` holds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    passed: bool
+    reason: str
+    auroc_delta: float | None = None
+    auroc_finding: str | None = None
+    auroc_deltas: dict[str, float] = Field(default_factory=dict)  # signed, per finding
+    cam_correlation: float | None = None
+    cam_correlation_min: float | None = None
+    same_peak: float | None = None
+    max_prob_diff: float | None = None
+    n: int = 0  # validation images
+    n_cam: int = 0  # (image, finding) CAM pairs
+    max_auroc_delta: float = 0.005
+    min_cam_correlation: float = 0.95
+    min_same_peak: float = 0.95
+
+
 class ModelMetadata(BaseModel):
     """Everything a clinic needs to run and trust a model file, stored inside the ONNX file.
 
@@ -302,6 +332,7 @@ class ModelMetadata(BaseModel):
     ood: OODReference | None = None  # CXR models: the reference for out-of-distribution QC
     population: Population | None = None  # CXR models: who the model was made for
     quantization: str | None = None  # e.g. "int8-static-qdq-per-channel"; None = fp32
+    int8_gate: Int8Gate | None = None  # int8 files: the training-time check against fp32
     # Provenance
     run_id: str | None = None
     dataset_digest: str | None = None

@@ -111,9 +111,29 @@ class TransparentImageError(ImageError):
     code = "transparent_image"
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where the pixels of a reduced decode lie in the full-resolution image.
+
+    In continuous coordinates (0 at the first pixel's outer edge, 1 at its far edge), the point
+    `r` of the reduced pixels is the point `scale * r + offset` of the full image, per axis (y, x).
+    A box reduction by f: scale f, offset 0. A JPEG 2000 resolution level 2^-k (its low-pass
+    samples sit on the even source samples): scale 2^k, offset -(2^k - 1) / 2.
+    """
+
+    source_shape: tuple[int, int]  # (rows, cols) of the full-resolution image
+    scale: tuple[float, float]  # (y, x): source pixels per reduced pixel
+    offset: tuple[float, float] = (0.0, 0.0)  # (y, x), in source pixels
+
+
 @dataclass
 class DecodedImage:
-    """A decoded grey image. `pixels`: (H, W) float32 in [0, 1], 0 = air (dark)."""
+    """A decoded grey image. `pixels`: (H, W) float32 in [0, 1], 0 = air (dark).
+
+    With `decode(..., target=N)`, `pixels` may be a reduced-resolution version (about 2N on its
+    shorter side) and `geometry` says how it maps onto the full image; `shape` is always the
+    full-resolution size of the image, as its header states it.
+    """
 
     pixels: np.ndarray
     format: str  # "dicom" | "png" | "jpeg"
@@ -123,9 +143,13 @@ class DecodedImage:
     chroma: float = 0.0  # colour spread of the source, 0 for grey (see `_chroma`)
     age_years: float | None = None  # DICOM only: see `patient_age`; None = unknown
     age_source: str | None = None  # "PatientAge" | "StudyDate-PatientBirthDate"
+    geometry: Geometry | None = None  # None: `pixels` is the full-resolution image
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the full-resolution image, whether `pixels` is reduced or not."""
+        if self.geometry is not None:
+            return self.geometry.source_shape
         return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
 
 
@@ -151,14 +175,23 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode a DICOM Part 10 file, PNG or JPEG, chosen by content, not by file name."""
+def decode(
+    source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
+) -> DecodedImage:
+    """Decode a DICOM Part 10 file, PNG or JPEG, chosen by content, not by file name.
+
+    `target`: the side of the model's input (its `PreprocessSpec.size`). When given, the image is
+    decoded or downscaled only as far as the model needs, keeping its shorter side at least
+    `REDUCE_MARGIN * target` (see `reduction_factor`): JPEG 2000 at a reduced resolution level,
+    JPEG with DCT scaling, everything else decoded exactly and then box-averaged. The result
+    carries a `geometry`; pass it to `resize_square`/`preprocess`. None: full resolution.
+    """
     data = _read_bytes(source)
     kind = sniff_format(data[:132])
     if kind == "dicom":
-        return decode_dicom(data, max_pixels=max_pixels)
+        return decode_dicom(data, max_pixels=max_pixels, target=target)
     if kind in ("png", "jpeg"):
-        return decode_bitmap(data, max_pixels=max_pixels)
+        return decode_bitmap(data, max_pixels=max_pixels, target=target)
     if not data:
         raise EmptyFileError("The file is empty (0 bytes).")
     raise UnsupportedFormatError(
@@ -315,16 +348,60 @@ def read_dicom_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> A
     return ds
 
 
-def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_dicom(
+    source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
+) -> DecodedImage:
     """Decode a single-frame monochrome DICOM radiograph.
 
     Order of operations (PS3.3 C.11): stored values -> Modality LUT or rescale slope/intercept ->
     VOI LUT or window -> [0, 1]; MONOCHROME1 is then inverted so that air is dark.
+
+    `target` (see `decode`): JPEG 2000 is decoded at a reduced resolution level and the grey-level
+    steps run on those stored values; every other transfer syntax is decoded exactly, its grey
+    levels computed at full resolution, then box-averaged (exact for the grey levels: the
+    average of display values, as the full-resolution path's own downscale sees them).
     """
     ds = read_dicom_header(_read_bytes(source), max_pixels=max_pixels)
     tags = _safe_tags(ds)
     rows, cols = _int_tag(ds, "Rows"), _int_tag(ds, "Columns")
     photometric = _text_tag(ds, "PhotometricInterpretation").strip()
+    factor = reduction_factor(rows, cols, target)
+    geometry: Geometry | None = None
+    reduced = None
+    if factor > 1:
+        reduced = _decode_j2k_reduced(ds, rows, cols, factor) or _decode_jpeg_reduced(
+            ds, rows, cols, factor
+        )
+    if reduced is not None:
+        stored, geometry = reduced
+    else:
+        stored = _dicom_pixel_array(ds, rows, cols)
+        if factor > 1 and _affine_until_window(ds):
+            # Averaging commutes with the rescale and the window's linear part: average the
+            # stored values (16x fewer to map). Only boxes straddling the window's ends differ.
+            stored = box_reduce(stored, factor)
+            geometry = Geometry((rows, cols), (float(factor), float(factor)))
+    pixels = dicom_to_display(stored, ds)
+    if factor > 1 and geometry is None:  # a LUT, a sigmoid or a range stretch: map, then average
+        pixels = box_reduce(pixels, factor)
+        geometry = Geometry((rows, cols), (float(factor), float(factor)))
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels  # MONOCHROME1: low values are bright; flip so air is dark
+    age, age_source = patient_age(ds)
+    return DecodedImage(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        format="dicom",
+        bits_stored=_int_tag(ds, "BitsStored"),
+        photometric=photometric,
+        dicom=tags,
+        age_years=age,
+        age_source=age_source,
+        geometry=geometry,
+    )
+
+
+def _dicom_pixel_array(ds: Any, rows: int, cols: int) -> np.ndarray:
+    """The stored values at full resolution, with decoder failures as `ImageError`s."""
     try:
         stored = ds.pixel_array
     except (EOFError, struct.error) as exc:
@@ -339,20 +416,214 @@ def decode_dicom(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
         ) from exc
     if stored.shape != (rows, cols):
         raise CorruptImageError(f"Decoded shape {stored.shape} does not match {rows}x{cols}.")
+    return np.asarray(stored)
 
-    pixels = dicom_to_display(stored, ds)
-    if photometric == "MONOCHROME1":
-        pixels = 1.0 - pixels  # MONOCHROME1: low values are bright; flip so air is dark
-    age, age_source = patient_age(ds)
-    return DecodedImage(
-        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
-        format="dicom",
-        bits_stored=_int_tag(ds, "BitsStored"),
-        photometric=photometric,
-        dicom=tags,
-        age_years=age,
-        age_source=age_source,
+
+# --------------------------------------------------------------------------- reduced decoding
+
+
+def _affine_until_window(ds: Any) -> bool:
+    """True when the grey-level mapping is rescale slope/intercept then a LINEAR (or
+    LINEAR_EXACT) window: affine but for the window's clipping. Anything else, or any tag that
+    `_to_display` would refuse, is False (the exact order then runs, with its errors)."""
+    try:
+        if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+            return False
+        for tag in ("RescaleSlope", "RescaleIntercept"):
+            if tag in ds and ds.get(tag) in (None, ""):
+                return False
+        float(ds.get("RescaleSlope", 1.0) or 1.0)
+        float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        centre, width = _first_window(ds)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    except Exception:
+        return False
+    return (
+        centre is not None
+        and width is not None
+        and width >= 1
+        and function in ("LINEAR", "LINEAR_EXACT")
     )
+
+
+# A reduced decode keeps the shorter side at least this many times the model's input side, so
+# that the model's own antialiased downscale still does most of the work (see
+# tests/test_reduced_decode.py for what it changes in the model's input).
+REDUCE_MARGIN = 2.0
+J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def reduction_factor(
+    rows: int, cols: int, target: int | None, *, power_of_two: bool = False
+) -> int:
+    """The largest integer factor f (a power of two if asked) with min(rows, cols) / f at least
+    `REDUCE_MARGIN * target`; 1 (no reduction) when `target` is None or the image is small."""
+    if target is None or target <= 0:
+        return 1
+    f = max(1, int(min(rows, cols) // (REDUCE_MARGIN * target)))
+    if power_of_two:
+        f = 1 << (f.bit_length() - 1)
+    return f
+
+
+def box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W) -> (ceil(H/f), ceil(W/f)) float32: the mean of each f x f block; a last, partial
+    block is the mean of the pixels it holds. Integer input is summed exactly (in 32 or 64-bit
+    integers), so the result depends on nothing but the pixels. Deterministic."""
+    a = np.asarray(pixels)
+    if factor <= 1:
+        return a.astype(np.float32, copy=False)
+    if a.dtype.kind in "ui":
+        acc: Any = np.int64 if a.dtype.itemsize > 2 or factor > 64 else np.int32
+    else:
+        acc = np.float64 if a.dtype.itemsize > 4 else np.float32
+    f = factor
+    h, w = a.shape
+    hb, wb = h // f, w // f
+    rows = np.empty((-(-h // f), w), dtype=acc)
+    body = rows[:hb]
+    np.add(a[0 : hb * f : f], a[1 : hb * f : f], out=body, dtype=acc)
+    for i in range(2, f):  # row blocks: strided additions of whole rows
+        np.add(body, a[i : hb * f : f], out=body)
+    if h % f:
+        rows[hb] = a[hb * f :].sum(axis=0, dtype=acc)
+    out = np.empty((rows.shape[0], -(-w // f)), dtype=acc)
+    body = out[:, :wb]
+    np.add(rows[:, 0 : wb * f : f], rows[:, 1 : wb * f : f], out=body)
+    for j in range(2, f):
+        np.add(body, rows[:, j : wb * f : f], out=body)
+    if w % f:
+        out[:, wb] = rows[:, wb * f :].sum(axis=1, dtype=acc)
+    result = out.astype(np.float32)
+    result *= np.float32(1.0 / (f * f))
+    if h % f:
+        result[-1] *= np.float32(f / (h % f))
+    if w % f:
+        result[:, -1] *= np.float32(f / (w % f))
+    return result
+
+
+def _j2k_levels(codestream: bytes) -> int | None:
+    """Decomposition levels from the main header's COD marker; None when not found."""
+    i = 2  # after SOC
+    while i + 4 <= len(codestream) and i < 4096:
+        if codestream[i] != 0xFF:
+            return None
+        marker = codestream[i + 1]
+        length = struct.unpack(">H", codestream[i + 2 : i + 4])[0]
+        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), SPcod: levels first
+            return codestream[i + 9] if i + 9 < len(codestream) else None
+        if marker in (0x90, 0x93):  # SOT/SOD: the main header is over
+            return None
+        i += 2 + length
+    return None
+
+
+def _decode_j2k_reduced(
+    ds: Any, rows: int, cols: int, factor: int
+) -> tuple[np.ndarray, Geometry] | None:
+    """Stored values of a JPEG 2000 image at resolution 2^-k, k the largest with 2^k <= factor,
+    decoded by OpenJPEG through Pillow. None whenever this path does not apply or anything about
+    it looks unexpected (signed or >16-bit samples, too few levels, a different size, a decoder
+    error): the caller then decodes at full resolution, with all its checks and messages."""
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    k = factor.bit_length() - 1  # 2^k <= factor
+    if tsyntax not in J2K_SYNTAXES or k < 1:
+        return None
+    if _int_tag(ds, "PixelRepresentation", default=0) != 0:
+        return None  # Pillow's J2K decoder has no signed grey mode
+    try:
+        from pydicom.encaps import generate_frames
+
+        codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+        if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 43:
+            return None
+        components = struct.unpack(">H", codestream[40:42])[0]
+        ssiz = codestream[42]
+        precision, signed = (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
+        levels = _j2k_levels(codestream)
+        origin = struct.unpack(">II", codestream[16:24])  # XOsiz, YOsiz
+        if components != 1 or signed or precision > 16 or levels is None or any(origin):
+            return None
+        k = min(k, levels)
+        if k < 1:
+            return None
+        stored = _pillow_j2k(codestream, rows, cols, k)
+    except Exception:  # a damaged stream: the full decode reports it properly
+        return None
+    if stored is None:
+        return None
+    shift = (16 if stored.dtype == np.uint16 else 8) - precision
+    if shift > 0:
+        stored = stored >> shift  # Pillow scales samples up to its mode's bit depth
+    p = float(1 << k)
+    return stored, Geometry((rows, cols), (p, p), (-(p - 1) / 2, -(p - 1) / 2))
+
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+def _decode_jpeg_reduced(
+    ds: Any, rows: int, cols: int, factor: int
+) -> tuple[np.ndarray, Geometry] | None:
+    """Stored values of an 8-bit JPEG baseline image decoded with DCT scaling (1/2, 1/4, 1/8;
+    libjpeg through Pillow's `draft`). None when this path does not apply or anything looks
+    unexpected: the caller then decodes at full resolution, with all its checks and messages.
+    12-bit JPEG (1.2.840.10008.1.2.4.51), which Pillow cannot read, takes that path too."""
+    from PIL import Image
+
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if tsyntax != JPEG_BASELINE or _int_tag(ds, "BitsStored") != 8:
+        return None
+    try:
+        from pydicom.encaps import generate_frames
+
+        stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img: Any = Image.open(io.BytesIO(stream))
+        if img.format != "JPEG" or img.mode != "L" or img.size != (cols, rows):
+            return None
+        p = 1 << (factor.bit_length() - 1)  # the largest power of two <= factor
+        p = min(p, 8)
+        img.draft("L", (cols // p, rows // p))  # Pillow picks min(full // asked)
+        scale = 1
+        while scale < p and -(-cols // (scale * 2)) >= img.size[0]:
+            scale *= 2
+        if scale == 1:
+            return None
+        img.load()
+        stored = np.asarray(img, dtype=np.uint8)
+    except Exception:  # a damaged stream: the full decode reports it properly
+        return None
+    if stored.shape != (-(-rows // scale), -(-cols // scale)):
+        return None
+    return stored, Geometry((rows, cols), (float(scale), float(scale)))
+
+
+def _pillow_j2k(codestream: bytes, rows: int, cols: int, k: int) -> np.ndarray | None:
+    """Decode resolution level 2^-k. Pillow's own `reduce` rounds the reduced size to nearest
+    where OpenJPEG takes the ceiling (its decoder then fails with "broken data stream"), so the
+    tile is set up here with OpenJPEG's size."""
+    from PIL import Image, ImageFile
+
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img: Any = Image.open(io.BytesIO(codestream))
+    if img.format != "JPEG2000" or img.size != (cols, rows) or img.mode not in ("I;16", "L"):
+        return None
+    p = 1 << k
+    size = (-(-cols // p), -(-rows // p))
+    tile = img.tile[0]
+    args = (tile[3][0], k, img.layers, tile[3][3], tile[3][4])
+    img._reduce = k
+    img._size = size
+    img.tile = [ImageFile._Tile(tile[0], (0, 0, *size), tile[2], args)]
+    ImageFile.ImageFile.load(img)
+    out = np.asarray(img)
+    if out.shape != (size[1], size[0]):
+        return None
+    return out
 
 
 _AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")  # DICOM AS: 045Y, 018M, 006W, 010D
@@ -773,16 +1044,29 @@ def _open_bitmap(data: bytes, max_pixels: int) -> Any:
     return img
 
 
-def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_bitmap(
+    source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
+) -> DecodedImage:
     """Decode PNG (8- or 16-bit) or JPEG to grey; RGB, RGBA and palette images are converted.
 
     `chroma` records how coloured the source was (mean channel spread, 0 for grey), so that
     QC can refuse a colour photograph, which the grey conversion would otherwise hide.
+
+    `target` (see `decode`): a JPEG is decoded with DCT scaling (1/2, 1/4, 1/8); a PNG is
+    decoded exactly and then box-averaged.
     """
     from PIL import ImageOps
 
     img = _open_bitmap(_read_bytes(source), max_pixels)
     fmt = img.format.lower()
+    full_w, full_h = img.size
+    scale = 1
+    if fmt == "jpeg" and target is not None:
+        p = reduction_factor(full_h, full_w, target, power_of_two=True)
+        if p > 1:
+            img.draft(img.mode, (full_w // p, full_h // p))  # Pillow: min(full // asked)
+            while scale < p and -(-full_w // (scale * 2)) >= img.size[0]:
+                scale *= 2  # the DCT scale Pillow chose: size = ceil(full / scale)
     _load_bitmap(img)
     if _has_alpha(img):
         _check_opaque(img)
@@ -796,8 +1080,10 @@ def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
 
     mode = img.mode
     chroma = 0.0
+    raw: np.ndarray | None = None  # integer samples, divided by `top` below
+    top = 255.0
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        pixels = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+        raw, top = np.asarray(img, dtype=np.uint16), 65535.0
         bits = 16
     elif mode == "I":  # 32-bit integer; Pillow's mode for some 16-bit PNGs
         pixels = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0, 1).astype(np.float32)
@@ -813,10 +1099,35 @@ def decode_bitmap(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
             chroma = _chroma(np.asarray(img.convert("RGB")))
         if img.mode != "L":
             img = img.convert("L")  # ITU-R 601-2 luma for RGB/CMYK/YCbCr
-        pixels = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
+        raw = np.asarray(img, dtype=np.uint8)
         bits = 8
+    geometry = None
+    if target is not None and scale > 1:  # DCT-scaled JPEG
+        # After an EXIF rotation the full image's rows and columns swap with the pixels'.
+        size = raw.shape if raw is not None else pixels.shape
+        rotated = (size[0] > size[1]) != (full_h > full_w)
+        source_shape = (full_w, full_h) if rotated else (full_h, full_w)
+        geometry = Geometry(source_shape, (float(scale), float(scale)))
+    elif target is not None:  # decoded in full: average blocks (of the integer samples)
+        size = raw.shape if raw is not None else pixels.shape
+        scale = reduction_factor(size[0], size[1], target)
+        if scale > 1:
+            geometry = Geometry((int(size[0]), int(size[1])), (float(scale), float(scale)))
+            if raw is not None:
+                pixels = box_reduce(raw, scale)
+                pixels /= np.float32(top)
+                raw = None
+            else:
+                pixels = box_reduce(pixels, scale)
+    if raw is not None:
+        pixels = raw.astype(np.float32) / top
     return DecodedImage(
-        pixels=pixels, format=fmt, bits_stored=bits, photometric="MONOCHROME2", chroma=chroma
+        pixels=pixels,
+        format=fmt,
+        bits_stored=bits,
+        photometric="MONOCHROME2",
+        chroma=chroma,
+        geometry=geometry,
     )
 
 
@@ -877,18 +1188,28 @@ def _check_pixel_cap(rows: int, cols: int, max_pixels: int) -> None:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def preprocess(
+    pixels: np.ndarray, spec: PreprocessSpec, *, geometry: Geometry | None = None
+) -> np.ndarray:
     """Decoded grey image (H, W) in [0, 1] -> model input (C, S, S) float32.
 
     Deterministic: square it (crop, letterbox or squash), resize with antialiasing (Pillow's
     bilinear filter on float32, which widens its support when shrinking), normalise, repeat to
-    C channels. Equal to `normalize(resize_square(pixels, spec), spec)`.
+    C channels. Equal to `normalize(resize_square(pixels, spec), spec)`. `geometry`: that of a
+    reduced decode (`DecodedImage.geometry`), see `resize_square`.
     """
-    return normalize(resize_square(pixels, spec), spec)
+    return normalize(resize_square(pixels, spec, geometry=geometry), spec)
 
 
-def resize_square(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The geometric half of `preprocess`: (H, W) in [0, 1] -> (S, S) float32 in [0, 1]."""
+def resize_square(
+    pixels: np.ndarray, spec: PreprocessSpec, *, geometry: Geometry | None = None
+) -> np.ndarray:
+    """The geometric half of `preprocess`: (H, W) in [0, 1] -> (S, S) float32 in [0, 1].
+
+    With the `geometry` of a reduced decode, the output samples the same points of the image as
+    the full-resolution path does (same square, same crop or letterbox offsets, to a fraction of
+    a source pixel), only from the reduced pixels.
+    """
     from PIL import Image
 
     if pixels.ndim != 2:
@@ -896,12 +1217,81 @@ def resize_square(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     img = np.asarray(pixels, dtype=np.float32)
     if not np.isfinite(img).all():
         raise ValueError("image holds NaN or Inf")
+    if geometry is not None:
+        return _resize_reduced(img, spec, geometry)
     img = square(img, spec.crop)
     size = spec.size
     if img.shape != (size, size):
         resized = Image.fromarray(img, mode="F").resize((size, size), Image.Resampling.BILINEAR)
         img = np.asarray(resized, dtype=np.float32)
     return np.clip(img, 0.0, 1.0)  # (S, S)
+
+
+def _resize_reduced(img: np.ndarray, spec: PreprocessSpec, geometry: Geometry) -> np.ndarray:
+    from PIL import Image
+
+    rows, cols = geometry.source_shape
+    # The region of the full image (continuous coordinates, y0, x0, y1, x1) that the
+    # full-resolution path's square covers: see `square`.
+    if rows == cols or spec.crop == "squash":
+        region = (0.0, 0.0, float(rows), float(cols))
+    elif spec.crop == "center":
+        side = min(rows, cols)
+        top, left = (rows - side) // 2, (cols - side) // 2
+        region = (float(top), float(left), float(top + side), float(left + side))
+    elif spec.crop == "letterbox":
+        side = max(rows, cols)
+        top, left = (side - rows) // 2, (side - cols) // 2
+        region = (float(-top), float(-left), float(side - top), float(side - left))
+    else:
+        raise ValueError(f"unknown crop policy {spec.crop!r}")
+    (sy, sx), (oy, ox) = geometry.scale, geometry.offset
+    y0, x0 = (region[0] - oy) / sy, (region[1] - ox) / sx
+    y1, x1 = (region[2] - oy) / sy, (region[3] - ox) / sx
+    h, w = img.shape
+    # Letterbox padding lies outside the image: pad the reduced pixels with zeros (air) as far
+    # as the square reaches. Elsewhere the square ends where the image does; an overhang there
+    # is a fraction of a pixel (the phase of a JPEG 2000 level, a partial last block): clamp.
+    pad_y = region[0] < 0 or region[2] > rows
+    pad_x = region[1] < 0 or region[3] > cols
+    top = int(np.ceil(max(0.0, -y0))) if pad_y else 0
+    bottom = int(np.ceil(max(0.0, y1 - h))) if pad_y else 0
+    left = int(np.ceil(max(0.0, -x0))) if pad_x else 0
+    right = int(np.ceil(max(0.0, x1 - w))) if pad_x else 0
+    if top or bottom or left or right:
+        img = np.pad(img, ((top, bottom), (left, right)))
+        # Next to the padding, a reduced pixel that straddles the image's edge holds the mean
+        # of the image part only; the full path's square has zeros in the rest. Weight it by
+        # the part inside, as a box average of the padded square would.
+        if pad_y:
+            _fade_edges(img, 0, top + (0 - oy) / sy, top + (rows - oy) / sy)
+        if pad_x:
+            _fade_edges(img, 1, left + (0 - ox) / sx, left + (cols - ox) / sx)
+    h, w = img.shape
+    box = (
+        min(max(x0 + left, 0.0), float(w)),
+        min(max(y0 + top, 0.0), float(h)),
+        min(max(x1 + left, 0.0), float(w)),
+        min(max(y1 + top, 0.0), float(h)),
+    )
+    size = spec.size
+    resized = Image.fromarray(img, mode="F").resize(
+        (size, size), Image.Resampling.BILINEAR, box=box
+    )
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _fade_edges(img: np.ndarray, axis: int, start: float, end: float) -> None:
+    """In place: scale the pixels (along `axis`) that the image's edges at `start` and `end`
+    (continuous coordinates) cut, by the fraction of each that lies inside the image."""
+    view = img if axis == 0 else img.T
+    n = view.shape[0]
+    i0 = int(np.floor(start))
+    if 0 <= i0 < n and start > i0:
+        view[i0] *= np.float32(1.0 - (start - i0))
+    i1 = int(np.floor(end))
+    if 0 <= i1 < n and end > i1:
+        view[i1] *= np.float32(end - i1)
 
 
 def normalize(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

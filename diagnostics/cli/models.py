@@ -45,8 +45,12 @@ def models_list() -> None:
 @_training
 def models_compare(
     candidate: Annotated[str, typer.Argument(help="models:/NAME/VERSION, @ALIAS or a .onnx")],
-    baseline: Annotated[str, typer.Argument(help="the model to compare against")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="evaluation dataset config")],
+    baseline: Annotated[
+        str | None, typer.Argument(help="the model to compare against (not with --int8)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="evaluation dataset config")
+    ] = None,
     split: Annotated[str, typer.Option(help="split to score, or 'all'")] = "val",
     subgroup: Annotated[
         list[str] | None, typer.Option(help="a subgroup column (repeatable): sex, view, site")
@@ -62,14 +66,33 @@ def models_compare(
             "(the default); off: every image, with a note"
         ),
     ] = True,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="compare the candidate's fp32 file with its int8 variant (model.int8.onnx "
+            "beside it, or the version's int8 artefact): AUROC per finding, probability "
+            "differences, agreement of the calls, ms per image at batch 1",
+        ),
+    ] = False,
     set_: SetOption = None,
 ) -> None:
     """Both models on the same images: AUROC difference (paired bootstrap, DeLong),
     calibration, operating points, disagreements, subgroups; logged to MLflow. Images the
-    clinic's QC would withhold from either model are counted, not compared."""
+    clinic's QC would withhold from either model are counted, not compared. With --int8: one
+    model's fp32 and int8 files."""
     from diagnostics.data.cxr import DatasetError
     from diagnostics.train.governance import compare
 
+    if config is None:
+        raise _fail("--config (the evaluation dataset) is needed")
+    if int8:
+        if baseline is not None:
+            raise _fail("--int8 compares one model's two files: give no baseline")
+        _compare_int8(candidate, load_data_config(config, set_), split, out)
+        return
+    if baseline is None:
+        raise _fail("give a baseline model to compare against (or --int8)")
     try:
         report = compare(
             candidate,
@@ -85,6 +108,23 @@ def models_compare(
         raise _fail(str(exc)) from None
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"wrote {out}/compare.md and compare.json; MLflow run {report['evidence_run']}")
+
+
+def _compare_int8(model: str, data_cfg: Any, split: str, out: Path) -> None:
+    """`models compare MODEL --int8`: the fp32 file against its int8 variant."""
+    from diagnostics.data.cxr import DatasetError
+    from diagnostics.train.compare import compare_precisions
+
+    try:
+        path, version = registry.resolve(model)
+        int8_path, note = registry.resolve_int8(model, path, version)
+        if int8_path is None:
+            raise _fail(f"{model}: {note}")
+        compare_precisions(path, int8_path, data_cfg, split=split, out_dir=out, label=model)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo((out / "compare.md").read_text())
+    typer.echo(f"wrote {out}/compare.md and compare.json")
 
 
 @_training

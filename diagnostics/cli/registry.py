@@ -101,3 +101,76 @@ def resolve_model_ref(model: str, cache_dir: Path | None = None) -> tuple[Path, 
     except Exception:  # the file is what matters; the version is provenance
         version = None
     return path, version
+
+
+def int8_twin(path: Path) -> Path:
+    """Where a local model file's int8 variant lives: model.onnx -> model.int8.onnx beside it."""
+    return path.with_name(path.name[: -len(".onnx")] + ".int8.onnx")
+
+
+def resolve_int8(
+    model: str, path: Path, version: str | None, cache_dir: Path | None = None
+) -> tuple[Path | None, str]:
+    """The int8 variant of a resolved model: (file, "") or (None, why there is none).
+
+    A local file: model.int8.onnx beside model.onnx. A registry URI: the version's int8
+    artefact (tag onnx_int8_sha256), downloaded and checked against that sha256 as the fp32
+    file is: over REST from a tracking server, with mlflow from a local store."""
+    if not model.startswith("models:/"):
+        twin = int8_twin(path)
+        return (twin, "") if twin.is_file() else (None, f"no {twin.name} beside {path.name}")
+    client = registry_client(cache_dir)
+    if client is not None:
+        with client:
+            found = client.resolve(model, int8=True)
+        if found.version != version or found.sha256 != _sha256(path):
+            return None, "the registry moved while resolving; int8 not looked up"
+        return found.int8_path, found.int8_note
+    return _local_store_int8(model, version)
+
+
+def _sha256(path: Path) -> str:
+    from diagnostics.contract import file_sha256
+
+    return file_sha256(path)
+
+
+def _local_store_int8(model: str, version: str | None) -> tuple[Path | None, str]:
+    """The int8 artefact of a version in a local tracking store (read with mlflow)."""
+    import re
+    import tempfile
+
+    if version is None:
+        return None, "no registry version known"
+    _local_registry()  # a clear error where mlflow is missing
+    import mlflow
+
+    from diagnostics.serve.registry_client import (
+        INT8_DEFAULT_PATH,
+        INT8_PATH_TAG,
+        INT8_SHA256_TAG,
+    )
+    from diagnostics.settings import get_settings
+
+    name = model[len("models:/") :].split("@")[0].split("/")[0]
+    mlflow.set_tracking_uri(get_settings().mlflow_uri())
+    mv = mlflow.MlflowClient().get_model_version(name, version)
+    expected = (mv.tags or {}).get(INT8_SHA256_TAG, "")
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return None, f"models:/{name}/{version} has no int8 artefact (no {INT8_SHA256_TAG})"
+    rel = (mv.tags or {}).get(INT8_PATH_TAG) or INT8_DEFAULT_PATH
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path=rel, dst_path=tempfile.mkdtemp(prefix="int8-")
+            )
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        return None, f"models:/{name}/{version}: int8 artefact unreadable ({exc.message[:200]})"
+    sha = _sha256(local)
+    if sha != expected:
+        return None, (
+            f"models:/{name}/{version}: the int8 artefact has sha256 {sha[:12]}…, but training "
+            f"recorded {expected[:12]}…; not used"
+        )
+    return local, ""

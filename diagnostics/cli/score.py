@@ -63,6 +63,13 @@ def score(
             "with no call"
         ),
     ] = "refuse",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto: the model's int8 file where it passed its gate and the CPU has "
+            "VNNI/AMX, else fp32; fp32; or int8 (refused where it cannot run)"
+        ),
+    ] = "auto",
 ) -> None:
     """Score chest X-rays with a CXR model: input QC, calibrated findings, CAM overlays.
 
@@ -71,8 +78,10 @@ def score(
     """
     from tqdm import tqdm
 
+    from diagnostics.cli.serve import load_clinic_model
+    from diagnostics.serve.precision import PrecisionError
     from diagnostics.serve.qc import QCConfig
-    from diagnostics.serve.runner import ModelIntegrityError, OnnxModel, Scorer, ScoreResult
+    from diagnostics.serve.runner import ModelIntegrityError, Scorer, ScoreResult
     from diagnostics.serve.score_file import FindingsWriter
 
     if device not in ("auto", "cpu", "cuda"):
@@ -81,16 +90,24 @@ def score(
         raise _fail("--out must end in .jsonl or .csv")
     if outside_population not in ("refuse", "flag"):
         raise _fail("--outside-population is refuse or flag")
+    if precision not in ("auto", "fp32", "int8"):
+        raise _fail("--precision is auto, fp32 or int8")
     try:
         inputs = _collect_inputs(paths)
         path, version = registry.resolve(model)
-        runner = OnnxModel(
-            path, device=device, threads=threads or None, expected_sha256=sha256, version=version
+        runner = load_clinic_model(
+            model,
+            path,
+            version,
+            precision=precision,
+            device=device,
+            threads=threads or None,
+            expected_sha256=sha256,
         )
         heat_dir = out.parent / f"{out.stem}_heatmaps" if heatmaps else None
         qc = QCConfig(population=outside_population)  # type: ignore[arg-type]
         scorer = Scorer(runner, qc, heatmap_dir=heat_dir, batch_size=batch_size)
-    except (FileNotFoundError, ValueError, ModelIntegrityError) as exc:
+    except (FileNotFoundError, ValueError, ModelIntegrityError, PrecisionError) as exc:
         raise _fail(str(exc)) from None
     if not any(p.exists() for p in inputs):
         raise _fail("no input files found: " + ", ".join(str(p) for p in paths))

@@ -43,19 +43,90 @@ def _apply_thread_rule(cfg: Any) -> None:
     )
 
 
+def load_clinic_model(
+    ref: str,
+    path: Path,
+    version: str | None,
+    *,
+    precision: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+    expected_sha256: str | None = None,
+    cache_dir: Path | None = None,
+    flags: set[str] | None = None,
+) -> Any:
+    """The OnnxModel the clinic runs for a resolved model (`ref` as configured, its fp32
+    `path` and registry `version`): its int8 variant or the fp32 file, by `precision`
+    (auto | fp32 | int8; serve/precision.py), with the reason recorded in the model
+    (`describe()`, /health/ready) and logged. `expected_sha256` is the fp32 file's, checked
+    whichever file runs. Raises PrecisionError (precision int8 that cannot run),
+    ModelIntegrityError, FileNotFoundError, ValueError."""
+    import logging
+
+    import onnxruntime as ort
+
+    from diagnostics.contract import file_sha256
+    from diagnostics.serve import precision as prec
+    from diagnostics.serve.runner import CUDA, ModelIntegrityError, OnnxModel
+
+    if expected_sha256 and expected_sha256.strip().lower() != (sha := file_sha256(path)):
+        raise ModelIntegrityError(
+            f"model file sha256 {sha} does not match the expected {expected_sha256}"
+        )
+    if precision == "fp32":
+        choice = prec.choose("fp32", path, None)
+    else:
+        twin, note = registry.resolve_int8(ref, path, version, cache_dir)
+        meta8 = None
+        if twin is not None:
+            try:
+                meta8 = prec.read_metadata(twin)
+            except Exception as exc:  # an unreadable int8 file: fp32 serves (auto)
+                twin, note = None, f"{twin.name} is unreadable ({type(exc).__name__})"
+        gpu = device in ("auto", "cuda") and CUDA in ort.get_available_providers()
+        choice = prec.choose(
+            precision,
+            path,
+            twin,
+            int8_metadata=meta8,
+            fp32_metadata=prec.read_metadata(path) if meta8 is not None else None,
+            missing=note,
+            flags=flags,
+            gpu=gpu,
+        )
+    model = OnnxModel(
+        choice.path,
+        device=device,  # type: ignore[arg-type]
+        threads=threads,
+        version=version,
+        precision_reason=choice.reason,
+    )
+    logging.getLogger("diagnostics.serve.precision").info(
+        "model %s: precision %s (%s)", ref, model.precision, choice.reason
+    )
+    return model
+
+
 def _load_service_model(cfg: Any) -> Any:
-    from diagnostics.serve.runner import ModelIntegrityError, OnnxModel
+    from diagnostics.serve.precision import PrecisionError
+    from diagnostics.serve.runner import ModelIntegrityError
 
     _apply_thread_rule(cfg)
     try:
-        path, version = registry.resolve(cfg.model.path, _service_model_cache(cfg))
-        return OnnxModel(
+        cache = _service_model_cache(cfg)
+        path, version = registry.resolve(cfg.model.path, cache)
+        return load_clinic_model(
+            cfg.model.path,
             path,
+            version,
+            precision=cfg.model.precision,
             device=cfg.model.device,
             threads=cfg.model.threads or None,
             expected_sha256=cfg.model.sha256,
-            version=version,
+            cache_dir=cache,
         )
+    except PrecisionError as exc:
+        raise _fail(f"model {cfg.model.path}: {exc}") from None
     except FileNotFoundError as exc:
         if cfg.model.path.startswith("models:/"):  # the registry said why
             raise _fail(f"model {cfg.model.path}: {exc}") from None
@@ -64,6 +135,25 @@ def _load_service_model(cfg: Any) -> Any:
         ) from None
     except (ValueError, ModelIntegrityError) as exc:
         raise _fail(f"model {cfg.model.path}: {exc}") from None
+
+
+def _model_loader(cfg: Any) -> Any:
+    """For a model switch (the alias moved): the new version, loaded by the same rule as at
+    start (its int8 twin where it passed its gate, `model.precision`)."""
+    cache = _service_model_cache(cfg)
+
+    def load(path: Path, version: str | None) -> Any:
+        return load_clinic_model(
+            cfg.model.path,
+            path,
+            version,
+            precision=cfg.model.precision,
+            device=cfg.model.device,
+            threads=cfg.model.threads or None,
+            cache_dir=cache,
+        )
+
+    return load
 
 
 def _load_risk_models(cfg: Any) -> dict[str, Any]:
@@ -164,7 +254,9 @@ def serve(
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
     risk_models = _load_risk_models(cfg)
-    api = create_app(cfg, model, store, data_dir, _model_source(cfg), risk_models)
+    api = create_app(
+        cfg, model, store, data_dir, _model_source(cfg), risk_models, _model_loader(cfg)
+    )
     uvicorn.Server(uvicorn_config(api, cfg, host=cfg.host, port=cfg.port)).run()
 
 
@@ -197,7 +289,7 @@ def worker(
     logs.configure()
     model = _load_service_model(cfg)
     store, data_dir = _open_store(cfg)
-    holder = ModelHolder(model, cfg, data_dir / "heatmaps", _model_source(cfg))
+    holder = ModelHolder(model, cfg, data_dir / "heatmaps", _model_source(cfg), _model_loader(cfg))
     w = worker_for(store, holder, cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

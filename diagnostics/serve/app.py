@@ -38,7 +38,7 @@ from diagnostics.serve.api.errors import (
 )
 from diagnostics.serve.api.metrics import Metrics
 from diagnostics.serve.config import ServeConfig
-from diagnostics.serve.models import ModelHolder, ModelSource
+from diagnostics.serve.models import ModelHolder, ModelLoader, ModelSource
 from diagnostics.serve.runner import OnnxModel
 from diagnostics.serve.server import BodyTimeout, RequestGuard
 from diagnostics.serve.store import Store
@@ -79,8 +79,9 @@ def create_app(
     data_dir: Path,
     model_source: ModelSource | None = None,
     risk_models: dict[str, Any] | None = None,
+    model_loader: ModelLoader | None = None,
 ) -> FastAPI:
-    holder = ModelHolder(model, cfg, data_dir / "heatmaps", model_source)
+    holder = ModelHolder(model, cfg, data_dir / "heatmaps", model_source, model_loader)
     metrics = Metrics(store, cfg.monitor)
     worker = worker_for(store, holder, cfg, on_result=metrics.observe_result)
     app = FastAPI(

@@ -27,6 +27,11 @@ class ModelSection(_Strict):
     batch_size: int = Field(8, ge=1)
     # How often to check a registry alias for a new version (0 = only on the admin call).
     refresh_s: float = Field(60.0, ge=0)
+    # int8 or fp32 (serve/precision.py). auto: the int8 file when it exists (model.int8.onnx
+    # beside the file, or the registry version's int8 artefact, sha256-checked), passed its
+    # training-time accuracy gate, and the CPU has VNNI or AMX; else fp32, saying why.
+    # int8: refuse to start unless all of that holds. fp32: never int8.
+    precision: Literal["auto", "fp32", "int8"] = "auto"
 
 
 class LimitsSection(_Strict):

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # current version -> None (unchanged) or (new file, new version)
 ModelSource = Callable[[str | None], tuple[Path, str | None] | None]
+# (new fp32 file, its version) -> the model to serve: the CLI's loader picks the int8 twin where
+# it passed its gate (cli/serve.load_clinic_model); by default the file itself, in fp32
+ModelLoader = Callable[[Path, str | None], OnnxModel]
 
 
 class ModelHolder:
@@ -30,8 +33,10 @@ class ModelHolder:
         cfg: ServeConfig,
         heatmap_dir: Path,
         source: ModelSource | None = None,
+        loader: ModelLoader | None = None,
     ) -> None:
         self.cfg = cfg
+        self.loader = loader
         self.heatmap_dir = heatmap_dir
         self.source = source
         self.lock = threading.Lock()
@@ -55,11 +60,15 @@ class ModelHolder:
                 if found is None:
                     return False
                 path, version = found
-                new = OnnxModel(
-                    path,
-                    device=self.cfg.model.device,
-                    threads=self.cfg.model.threads or None,
-                    version=version,
+                new = (
+                    self.loader(path, version)
+                    if self.loader is not None
+                    else OnnxModel(
+                        path,
+                        device=self.cfg.model.device,
+                        threads=self.cfg.model.threads or None,
+                        version=version,
+                    )
                 )
                 if new.metadata.task != "cxr":
                     raise ValueError(f"version {version} is not a CXR model")

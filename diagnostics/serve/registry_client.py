@@ -32,7 +32,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 PROXIED_ROUTE = "/api/2.0/mlflow-artifacts/artifacts"
 SHA256_TAGS = ("onnx_sha256", "sha256")  # on the model version, then on its run
+# The int8 twin of a version (`diagnostics.train.tracking`): a run artefact, with its sha256
+INT8_SHA256_TAG, INT8_PATH_TAG, INT8_GATE_TAG = "onnx_int8_sha256", "onnx_int8_path", "int8_gate"
+INT8_DEFAULT_PATH = "int8/model.int8.onnx"
 
 
 class RegistryError(FileNotFoundError):
@@ -100,6 +103,10 @@ class ResolvedModel:
     version: str
     sha256: str
     offline: bool = False  # served from the cache because the server could not be reached
+    # with resolve(..., int8=True): the version's int8 artefact, sha256-checked, or why not
+    int8_path: Path | None = None
+    int8_sha256: str | None = None
+    int8_note: str = ""
 
 
 def file_sha256(path: Path) -> str:
@@ -360,6 +367,14 @@ class RegistryClient:
     def _download(self, name: str, version: str, expected: str | None) -> tuple[Path, str]:
         root, data = self._onnx_file(name, version)
         what = f"models:/{name}/{version}"
+        return self._download_request(
+            self._artifact(name, version, root, data), what, data, expected
+        )
+
+    def _download_request(
+        self, request: httpx.Request, what: str, data: str, expected: str | None
+    ) -> tuple[Path, str]:
+        """Stream `request` into the cache, checked against `expected`: (file, sha256)."""
         folder = self.cache_dir / "sha256"
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".onnx")
@@ -369,7 +384,7 @@ class RegistryClient:
             with os.fdopen(fd, "wb") as fh:
                 r = None
                 try:
-                    r = self._http.send(self._artifact(name, version, root, data), stream=True)
+                    r = self._http.send(request, stream=True)
                     if r.status_code >= 500:
                         raise RegistryUnreachable(
                             f"{self.base} failed on {what} (HTTP {r.status_code})"
@@ -407,18 +422,95 @@ class RegistryClient:
         finally:
             tmp.unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------ int8
+
+    def _int8_online(self, mv: dict[str, Any]) -> tuple[Path | None, str | None, str]:
+        """The version's int8 artefact: (file, sha256, "") or (None, None, why not). Only a
+        file whose sha256 training recorded (tag onnx_int8_sha256) is ever used."""
+        name, version = mv["name"], str(mv["version"])
+        tags = {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
+        expected = tags.get(INT8_SHA256_TAG, "")
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            return (
+                None,
+                None,
+                f"models:/{name}/{version} has no int8 artefact (no {INT8_SHA256_TAG})",
+            )
+        path = self._cached(expected)
+        if path is not None:
+            return path, expected, ""
+        rel = tags.get(INT8_PATH_TAG) or INT8_DEFAULT_PATH
+        what = f"models:/{name}/{version} (int8)"
+        run_id = mv.get("run_id")
+        if not run_id or ".." in rel.split("/"):
+            return None, None, f"{what}: no run to read the int8 artefact from"
+        run = self._json("/api/2.0/mlflow/runs/get", {"run_id": run_id}, what)
+        root = self._proxied_root(run["run"]["info"].get("artifact_uri", ""))
+        if root is not None:
+            request = self._http.build_request("GET", f"{PROXIED_ROUTE}/{root}/{rel}")
+        else:  # the server reads the run's artefact store itself
+            request = self._http.build_request(
+                "GET", "/get-artifact", params={"path": rel, "run_uuid": run_id}
+            )
+        path, sha = self._download_request(request, what, rel, expected)
+        return path, sha, ""
+
+    def _with_int8(self, found: ResolvedModel, mv: dict[str, Any]) -> ResolvedModel:
+        """`found` with its int8 twin, or the reason there is none (an integrity failure of
+        the int8 file is a reason, logged: the fp32 file still serves)."""
+        try:
+            path, sha, note = self._int8_online(mv)
+        except RegistryUnreachable:
+            raise
+        except RegistryError as exc:
+            log.warning("int8 artefact not used: %s", exc)
+            path, sha, note = None, None, str(exc)
+        return replace(found, int8_path=path, int8_sha256=sha, int8_note=note)
+
     # ------------------------------------------------------------------ public
 
-    def resolve(self, uri: str) -> ResolvedModel:
+    def resolve(self, uri: str, *, int8: bool = False) -> ResolvedModel:
         """The local file and version a registry URI points at now, downloaded once per sha256.
+        With `int8`, also the version's int8 artefact (`int8_path`, checked against its
+        recorded sha256), or why not (`int8_note`).
 
         If the server cannot be reached, the file this URI resolved to last time is returned
         (`offline=True`) with a logged warning; without one, `RegistryUnreachable`."""
         ref = ModelRef.parse(uri)
         try:
-            return self._resolve_online(uri, ref, self.model_version(ref))
+            mv = self.model_version(ref)
+            found = self._resolve_online(uri, ref, mv)
+            if int8:
+                found = self._with_int8(found, mv)
+                if found.int8_sha256:
+                    self._record_int8(uri, found)
+            return found
         except RegistryUnreachable as exc:
-            return self._resolve_offline(uri, exc)
+            found = self._resolve_offline(uri, exc)
+            if not int8:
+                return found
+            sha = self._refs().get(uri, {}).get("int8_sha256")
+            path = self._cached(sha)
+            if path is None:
+                return replace(found, int8_note="the registry cannot be reached; no int8 cached")
+            return replace(found, int8_path=path, int8_sha256=sha)
+
+    def _record_int8(self, uri: str, found: ResolvedModel) -> None:
+        """Keep the int8 sha256 with the ref, for an offline start."""
+        refs = self._refs()
+        changed = False
+        for key in (
+            uri,
+            f"models:/{uri[len('models:/') :].split('@')[0].split('/')[0]}/{found.version}",
+        ):
+            if key in refs and refs[key].get("int8_sha256") != found.int8_sha256:
+                refs[key]["int8_sha256"] = found.int8_sha256
+                changed = True
+        if changed:
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".refs-", suffix=".json")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(refs, fh, indent=2, sort_keys=True)
+            os.replace(tmp, self._refs_path)
 
     def _resolve_online(self, uri: str, ref: ModelRef, mv: dict[str, Any]) -> ResolvedModel:
         version = str(mv["version"])

@@ -66,6 +66,7 @@ class OnnxModel:
         threads: int | None = None,
         expected_sha256: str | None = None,
         version: str | None = None,
+        precision_reason: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -114,6 +115,10 @@ class OnnxModel:
             )
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props)
+        # "int8" for a quantised file, else "fp32"; recorded with every result. The reason is
+        # the loader's (serve/precision.py: why this file and not its twin), or None.
+        self.precision: Literal["int8", "fp32"] = "int8" if self.metadata.quantization else "fp32"
+        self.precision_reason = precision_reason
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         # A named (symbolic) batch dimension means any batch size; a number fixes it.
@@ -146,6 +151,13 @@ class OnnxModel:
             "architecture": self.metadata.architecture,
             "labels": self.labels,
             "provider": self.provider,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "int8_gate": (
+                self.metadata.int8_gate.model_dump(exclude={"auroc_deltas"})
+                if self.metadata.int8_gate is not None
+                else None
+            ),
             "requested_device": self.requested_device,
             "fallback": self.fallback,
             "intra_op_threads": self.threads,  # None: ONNX Runtime's default
@@ -235,6 +247,7 @@ class ScoreResult:
     preprocessing: dict[str, Any] | None = None
     site_profile: int | None = None  # the site profile the input was judged under, if any
     provider: str = ""
+    precision: str = ""  # "int8" or "fp32": the model file that ran
     timing_ms: dict[str, float] = field(default_factory=dict)
     image: dict[str, Any] = field(default_factory=dict)  # format, size, safe DICOM tags
     # Scored, but with no call: e.g. ["outside_intended_population"] where a site flags instead
@@ -261,6 +274,7 @@ class ScoreResult:
             "preprocessing": self.preprocessing,
             "site_profile": self.site_profile,
             "provider": self.provider,
+            "precision": self.precision,
             "timing_ms": self.timing_ms,
             "image": self.image,
         }
@@ -353,6 +367,7 @@ class Scorer:
             preprocess_version=self.spec.version,
             preprocessing=self.spec.model_dump(mode="json"),
             provider=m.provider,
+            precision=m.precision,
         )
 
     def _prepare(self, data: bytes) -> _Pending:
@@ -375,7 +390,7 @@ class Scorer:
         t0 = pending.t0
         res = pending.result
         try:
-            image = decode(data, max_pixels=self.qc.max_pixels)
+            image = decode(data, max_pixels=self.qc.max_pixels, target=self.spec.size)
         except ImageError as exc:
             res.status, res.code, res.message = "failed_qc", exc.code, exc.message
             res.qc = [QCResult(exc.code, False, exc.message, "intake")]
@@ -410,7 +425,7 @@ class Scorer:
                 return
             if by_age.passed:
                 res.qc.append(by_age)
-        pending.pixels = resize_square(image.pixels, self.spec)  # (S, S)
+        pending.pixels = resize_square(image.pixels, self.spec, geometry=image.geometry)
         pending.x = normalize(pending.pixels, self.spec)  # (C, S, S)
         res.timing_ms["preprocess"] = _ms(t2)
 

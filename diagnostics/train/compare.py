@@ -221,3 +221,119 @@ def json_dump(report: dict[str, Any], path: Path) -> None:
     from diagnostics.train.evaluate import json_safe
 
     path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
+
+
+# --------------------------------------------------------------------------- fp32 vs int8
+
+
+def compare_precisions(
+    fp32_path: Path,
+    int8_path: Path,
+    data_cfg: Any,
+    *,
+    split: str = "val",
+    out_dir: Path,
+    label: str = "",
+    timing_images: int = 16,
+) -> dict[str, Any]:
+    """The fp32 file and its int8 variant on the same images (`models compare --int8`): per
+    finding AUROC of each and their difference, the largest probability difference and the
+    agreement of the calls (each at the model's threshold); ms per image at batch 1 for each
+    (median over `timing_images` images, ONNX Runtime on this machine). Written to
+    out_dir/compare.json and compare.md."""
+    import time
+    from datetime import UTC, datetime
+
+    from diagnostics.contract import is_positive
+    from diagnostics.data.cxr import load_dataset
+    from diagnostics.imaging import load_for_model
+    from diagnostics.serve.runner import OnnxModel
+
+    models = {"fp32": OnnxModel(fp32_path), "int8": OnnxModel(int8_path)}
+    meta = models["fp32"].metadata
+    if models["int8"].metadata.labels != meta.labels or models["int8"].precision != "int8":
+        raise ValueError(f"{int8_path.name} is not the int8 variant of {fp32_path.name}")
+    table = load_dataset(data_cfg)
+    frame = table.frame if split == "all" else table.frame[table.frame["split"] == split]
+    if frame.empty:
+        raise ValueError(f"split {split!r} is empty")
+    spec = meta.preprocessing
+    x = np.stack([load_for_model(p, spec) for p in frame["path"]]).astype(np.float32)
+    probs = {
+        k: np.concatenate([m.predict(x[i : i + 16]).probabilities for i in range(0, len(x), 16)])
+        for k, m in models.items()
+    }
+    ms: dict[str, float] = {}
+    sample = x[: max(1, min(timing_images, len(x)))]
+    for k, m in models.items():
+        m.predict(sample[:1])  # warm-up
+        times = []
+        for i in range(len(sample)):
+            t0 = time.perf_counter()
+            m.predict(sample[i : i + 1])
+            times.append((time.perf_counter() - t0) * 1000.0)
+        ms[k] = float(np.median(times))
+    a, b = probs["fp32"], probs["int8"]
+    findings: dict[str, Any] = {}
+    for i, f in enumerate(meta.labels):
+        thr = meta.thresholds[f].value
+        agree = is_positive(a[:, i], thr) == is_positive(b[:, i], thr)
+        row: dict[str, Any] = {
+            "max_prob_diff": float(np.abs(a[:, i] - b[:, i]).max()),
+            "call_agreement": float(agree.mean()),
+            "calls_differ": int((~agree).sum()),
+        }
+        if f in frame:
+            y = frame[f].to_numpy(dtype=float)
+            known = ~np.isnan(y)
+            row["n"] = int(known.sum())
+            row["auroc_fp32"] = auroc(y[known], a[known, i])
+            row["auroc_int8"] = auroc(y[known], b[known, i])
+            row["auroc_diff"] = row["auroc_int8"] - row["auroc_fp32"]
+        findings[f] = row
+    gate = models["int8"].metadata.int8_gate
+    report: dict[str, Any] = {
+        "model": label or str(fp32_path),
+        "fp32": {"path": str(fp32_path), "sha256": models["fp32"].sha256},
+        "int8": {"path": str(int8_path), "sha256": models["int8"].sha256},
+        "gate": gate.model_dump() if gate is not None else None,
+        "dataset": {"name": table.source, "split": split, "images": len(frame)},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "max_prob_diff": float(np.abs(a - b).max()),
+        "call_agreement": float(np.mean([r["call_agreement"] for r in findings.values()])),
+        "ms_per_image": ms,  # batch 1, median
+        "findings": findings,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_dump(report, out_dir / "compare.json")
+    (out_dir / "compare.md").write_text(render_precisions(report))
+    return report
+
+
+def render_precisions(report: dict[str, Any]) -> str:
+    ms, gate = report["ms_per_image"], report["gate"]
+    lines = [
+        f"# fp32 vs int8: {report['model']}",
+        "",
+        f"Dataset: {report['dataset']['name']}, split {report['dataset']['split']}, "
+        f"{report['dataset']['images']} images. fp32 sha256 `{report['fp32']['sha256'][:12]}`, "
+        f"int8 sha256 `{report['int8']['sha256'][:12]}`.",
+        f"Training-time gate: {gate['reason'] if gate else 'none recorded'}.",
+        "",
+        f"Batch-1 latency (median, this machine): fp32 {ms['fp32']:.2f} ms, int8 "
+        f"{ms['int8']:.2f} ms ({ms['fp32'] / max(ms['int8'], 1e-9):.2f}x). "
+        f"Largest probability difference {report['max_prob_diff']:.4f}.",
+        "",
+        "| finding | n | AUROC fp32 | AUROC int8 | diff | max prob diff | calls agree |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f, r in report["findings"].items():
+        if "auroc_fp32" in r:
+            auc = f"{r['auroc_fp32']:.4f} | {r['auroc_int8']:.4f} | {r['auroc_diff']:+.4f}"
+        else:
+            auc = "— | — | —"
+        lines.append(
+            f"| {f} | {r.get('n', '—')} | {auc} | {r['max_prob_diff']:.4f} | "
+            f"{100 * r['call_agreement']:.1f}% ({r['calls_differ']} differ) |"
+        )
+    return "\n".join(lines) + "\n"

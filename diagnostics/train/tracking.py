@@ -154,14 +154,60 @@ def log_onnx_model(
         await_registration_for=60,
     )
     version = getattr(info, "registered_model_version", None)
+    int8_tags = _int8_artifact(onnx_path, proto)
     if registered_model and version is not None:
         # The clinic's registry client checks downloads against this (and, for versions
         # registered before this tag, against the run's onnx_sha256 tag).
         h = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-        mlflow.MlflowClient().set_model_version_tag(
-            registered_model, str(version), "onnx_sha256", h
-        )
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(registered_model, str(version), "onnx_sha256", h)
+        for key, value in int8_tags.items():  # the int8 artefact of the same version
+            client.set_model_version_tag(registered_model, str(version), key, value)
     return info.model_uri, (str(version) if version is not None else None)
+
+
+INT8_ARTIFACT = "int8/model.int8.onnx"  # run-relative; the version tag onnx_int8_path says so
+
+
+def _int8_artifact(onnx_path: Path, proto: Any) -> dict[str, str]:
+    """The int8 twin of `onnx_path` (model.int8.onnx beside it, quantised from this very
+    model), logged to the active run under int8/ if it is not there yet; its tags
+    (onnx_int8_sha256, onnx_int8_path, int8_gate) set on the run and returned for the model
+    version. {} when there is no int8 file of this model."""
+    import mlflow
+    import onnx
+
+    from diagnostics.contract import METADATA_KEY, ModelMetadata
+
+    path = onnx_path.with_name("model.int8.onnx")
+    if not path.is_file():
+        return {}
+    try:
+        fp32 = ModelMetadata.from_json({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+        q8 = onnx.load(str(path), load_external_data=False)
+        meta = ModelMetadata.from_json({p.key: p.value for p in q8.metadata_props}[METADATA_KEY])
+    except (KeyError, ValueError, OSError) as exc:
+        log.warning("%s not registered with the model: unreadable (%s)", path, exc)
+        return {}
+    if (meta.run_id, meta.created, meta.labels) != (fp32.run_id, fp32.created, fp32.labels):
+        log.warning(
+            "%s is not the quantisation of %s (a stale file?): not registered", path, onnx_path
+        )
+        return {}
+    run = mlflow.active_run()
+    if run is None:
+        return {}
+    folder = INT8_ARTIFACT.rsplit("/", 1)[0]
+    present = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, folder)]
+    if INT8_ARTIFACT not in present:
+        mlflow.log_artifact(str(path), artifact_path=folder)
+    tags = {
+        "onnx_int8_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "onnx_int8_path": INT8_ARTIFACT,
+        "int8_gate": meta.int8_gate.reason[:5000] if meta.int8_gate else "failed:no gate recorded",
+    }
+    mlflow.set_tags(tags)
+    return tags
 
 
 # --------------------------------------------------------------------------- trackers
