@@ -5,9 +5,15 @@ against the runner's raw throughput on the same inputs measured in the same run.
 
 The service runs as a real `diagnostics serve` process (SQLite in WAL mode, in-process worker)
 in a temp folder. Each client uploads distinct studies (noise variants of a real NIH PNG, or
-synthetic chests without ../shared) and polls each until it is final. Reported: studies/s,
-p50/p99 acknowledgement latency (upload -> 202), p50/p99 time to result (upload -> final),
+synthetic chests without ../shared) and waits for each until it is final: one long-poll
+(`GET /v1/studies/{id}?wait=30`) by default, or, with `--wait 0`, polling every `--poll`
+seconds as clients did before long-poll existed. Reported: studies/s, p50/p99 acknowledgement
+latency (upload -> 202), p50/p99 time to result (upload -> final), GET requests per study,
 and service throughput / raw runner throughput.
+
+Two runner baselines, on the same bytes in this process, batch 8: the runner alone as the
+issue measured it (no heatmaps, default QC), and the runner doing the per-image work the
+service does (the service's QC config, and a heatmap PNG written per positive finding).
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=160, help="upper bound on uploads")
     parser.add_argument("--duration", type=float, default=120.0, help="upper bound, seconds")
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between status polls")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="long-poll seconds per GET (?wait=); 0: poll every --poll seconds (the old client)",
+    )
     args = parser.parse_args()
     import httpx
 
@@ -83,8 +95,19 @@ def main() -> int:
     t0 = time.perf_counter()
     results = scorer.score_many(sample)
     raw = len(sample) / (time.perf_counter() - t0)
-    outcomes = {r.status if r.status == "scored" else r.code for r in results}
-    print(f"runner alone: {raw:.1f} studies/s (batch 8; outcomes {sorted(outcomes)})")
+    outcomes = sorted({str(r.status if r.status == "scored" else r.code) for r in results})
+    print(f"runner alone: {raw:.1f} studies/s (batch 8; outcomes {outcomes})")
+    from diagnostics.serve.qc import QCConfig
+
+    heat = Path(tempfile.mkdtemp(prefix="service_load_heat_"))
+    same = Scorer(
+        OnnxModel(args.model, device="cpu"), QCConfig(ood=True), heatmap_dir=heat, batch_size=8
+    )
+    same.score_many(payloads[:8], [f"w{i}" for i in range(8)])
+    t0 = time.perf_counter()
+    same.score_many(sample, [f"s{i}" for i in range(len(sample))])
+    raw_same = len(sample) / (time.perf_counter() - t0)
+    print(f"runner with the service's per-image work (QC ood, heatmaps): {raw_same:.1f} studies/s")
 
     work = Path(tempfile.mkdtemp(prefix="service_load_"))
     port = _free_port()
@@ -141,6 +164,7 @@ def main() -> int:
         ack: list[float] = []
         to_result: list[float] = []
         finals: dict[str, int] = {}
+        gets = [0]
         lock = threading.Lock()
         queue = list(payloads)
         stop_at = time.monotonic() + args.duration
@@ -163,15 +187,20 @@ def main() -> int:
                             )
                         continue
                     sid = r.json()["id"]
+                    n = 0
+                    params = {"wait": args.wait} if args.wait > 0 else {}
                     while True:
-                        doc = http.get(f"/v1/studies/{sid}").json()
+                        doc = http.get(f"/v1/studies/{sid}", params=params).json()
+                        n += 1
                         if doc["status"] in ("scored", "failed_qc", "failed"):
                             break
-                        time.sleep(args.poll)
+                        if args.wait <= 0:
+                            time.sleep(args.poll)
                     with lock:
                         ack.append(t_ack * 1000)
                         to_result.append((time.perf_counter() - t0) * 1000)
                         finals[doc["status"]] = finals.get(doc["status"], 0) + 1
+                        gets[0] += n
 
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
         t0 = time.perf_counter()
@@ -186,8 +215,10 @@ def main() -> int:
         log.close()
     done = len(to_result)
     rate = done / wall
+    mode = f"long-poll ?wait={args.wait:g}" if args.wait > 0 else f"polling every {args.poll:g} s"
     print(
-        f"service: {args.clients} clients, {done} studies in {wall:.1f} s -> {rate:.1f} studies/s"
+        f"service: {args.clients} clients ({mode}), {done} studies in {wall:.1f} s -> "
+        f"{rate:.1f} studies/s"
     )
     print(f"  outcomes: {finals}")
     p50, p99 = np.percentile(ack, [50, 99])
@@ -196,7 +227,9 @@ def main() -> int:
         f"  time to result:  p50 {np.percentile(to_result, 50):.0f} ms, "
         f"p99 {np.percentile(to_result, 99):.0f} ms"
     )
+    print(f"  GET requests per study: {gets[0] / max(done, 1):.1f}")
     print(f"  service / runner alone: {rate / raw:.2f}x")
+    print(f"  service / runner with the service's per-image work: {rate / raw_same:.2f}x")
     return 0
 
 

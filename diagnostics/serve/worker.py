@@ -13,6 +13,7 @@ workers may share one database:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -101,6 +102,34 @@ class Worker:
         self.alerts = alerts  # a monitor.AlertLog: checked after each batch and when idle
         self.wake = threading.Event()  # set by the API after an upload
         self.processed = 0
+        # long-polls (GET /v1/studies/{id}?wait=) waiting for a study to be final: woken from
+        # this thread through their event loop once its outcome is committed
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiters_lock = threading.Lock()
+
+    def watch(self, study_id: str) -> asyncio.Event:
+        """An event set (in the calling event loop) when this worker next stores an outcome
+        of `study_id`. Call from a coroutine; `unwatch` when done."""
+        event = asyncio.Event()
+        with self._waiters_lock:
+            self._waiters.setdefault(study_id, set()).add((asyncio.get_running_loop(), event))
+        return event
+
+    def unwatch(self, study_id: str, event: asyncio.Event) -> None:
+        with self._waiters_lock:
+            left = self._waiters.get(study_id)
+            if left is None:
+                return
+            left.difference_update({w for w in left if w[1] is event})
+            if not left:
+                del self._waiters[study_id]
+
+    def _notify(self, study_id: str) -> None:
+        with self._waiters_lock:
+            waiting = list(self._waiters.get(study_id, ()))
+        for loop, event in waiting:
+            with contextlib.suppress(RuntimeError):  # its loop has closed meanwhile
+                loop.call_soon_threadsafe(event.set)
 
     @property
     def scorer(self) -> Scorer:
@@ -115,8 +144,9 @@ class Worker:
         if not claimed:
             return 0
         ready: list[tuple[Any, Any, list[Any], list[bytes]]] = []
+        held = self.store.instances_of([study.id for _, study in claimed])  # one read
         for job, study in claimed:
-            images = [i for i in self.store.study_instances(study.id) if i.status == "received"]
+            images = [i for i in held.get(study.id, []) if i.status == "received"]
             try:
                 data = [self.store.blobs.read(i.content_sha256) for i in images]
             except OSError:
@@ -157,16 +187,52 @@ class Worker:
                     self._retry(job, "worker_error", f"Scoring raised {type(exc).__name__}.")
                 return len(claimed)
             at = 0
+            done: list[tuple[Any, Any, list[tuple[Any, ScoreResult]], Any]] = []
             for job, study, images, _ in ready:
-                mine = results[at : at + len(images)]
+                mine = list(zip(images, results[at : at + len(images)], strict=True))
                 at += len(images)
                 try:
-                    self._store(job, study, list(zip(images, mine, strict=True)))
+                    outcome = self._outcome(job, mine)
+                except Exception:
+                    log.exception("aggregating the result of study %s failed", study.id)
+                    continue
+                if outcome is not None:
+                    done.append((job, study, mine, outcome))
+            self._store_all(done)
+            self._check_alerts(force=False)
+        return len(claimed)
+
+    def _store_all(self, done: list[tuple[Any, Any, list[tuple[Any, ScoreResult]], Any]]) -> None:
+        """Store a batch's outcomes in one transaction (each fenced by its own lease); if that
+        transaction fails, each on its own, so that one study's trouble costs only its own
+        result (its lease expires and it is claimed again)."""
+        if not done:
+            return
+        try:
+            errors = self.store.complete_many(
+                [self._complete_args(job, outcome) for job, _, _, outcome in done]
+            )
+        except Exception:  # StoreBusy and the like
+            log.exception("storing a batch of %d results failed: one by one", len(done))
+            for job, study, images, outcome in done:
+                try:
+                    self.store.complete(**self._complete_args(job, outcome))
+                except LeaseLost:
+                    self._lost(study)
+                    continue
                 except Exception:  # StoreBusy and the like: this job's lease will expire and
                     # it will be claimed again; the other jobs of the batch are still stored
                     log.exception("storing the result of study %s failed", study.id)
-            self._check_alerts(force=False)
-        return len(claimed)
+                    continue
+                self._stored(study, images, outcome)
+            return
+        for (_, study, images, outcome), error in zip(done, errors, strict=True):
+            if isinstance(error, LeaseLost):
+                self._lost(study)
+            elif error is not None:
+                log.error("the result of study %s was not stored: %s", study.id, error)
+            else:
+                self._stored(study, images, outcome)
 
     def _check_alerts(self, force: bool) -> None:
         if self.alerts is None:
@@ -189,43 +255,62 @@ class Worker:
         return profile.population_threshold
 
     def _store(self, job: Any, study: Any, images: list[tuple[Any, ScoreResult]]) -> None:
+        """Store one study's outcome (its own transaction)."""
+        outcome = self._outcome(job, images)
+        if outcome is None:
+            return
+        try:
+            self.store.complete(**self._complete_args(job, outcome))
+        except LeaseLost:
+            self._lost(study)
+            return
+        self._stored(study, images, outcome)
+
+    def _outcome(self, job: Any, images: list[tuple[Any, ScoreResult]]) -> Any:
+        """The study's outcome, aggregated from its images; None when a transient failure of
+        any image sent the study back to the queue (or it failed for good)."""
         for _, result in images:  # a transient failure of any image: the study again, later
             if result.status == "failed" and result.code not in PERMANENT:
                 self._retry(job, result.code or "worker_error", result.message or "")
-                return
+                return None
         rows = [
             [finding_row(f.model_dump(), result) for f in result.findings] for _, result in images
         ]
-        outcome = aggregate(images, rows)
-        try:
-            self.store.complete(
-                job.id,
-                self.owner,
-                job.attempts,
-                status=outcome.status,
-                result=outcome.result,
-                findings=outcome.findings,
-                code=outcome.code,
-                message=outcome.message,
-                flag=outcome.flag if outcome.status == "scored" else None,
-                images=outcome.images,
-            )
-            self.processed += 1
-            total = sum(r.timing_ms.get("total", 0.0) for _, r in images)
-            log.info(
-                "study %s %s%s (%d image%s) in %.0f ms",
-                study.id,
-                outcome.status,
-                f" ({outcome.code})" if outcome.code else "",
-                len(images),
-                "" if len(images) == 1 else "s",
-                total,
-            )
-            if self.on_result is not None:
-                for _, result in images:
-                    self.on_result(result)
-        except LeaseLost:
-            log.warning("lease on study %s lost to another worker: result dropped", study.id)
+        return aggregate(images, rows)
+
+    def _complete_args(self, job: Any, outcome: Any) -> dict[str, Any]:
+        return {
+            "job_id": job.id,
+            "owner": self.owner,
+            "attempt": job.attempts,
+            "status": outcome.status,
+            "result": outcome.result,
+            "findings": outcome.findings,
+            "code": outcome.code,
+            "message": outcome.message,
+            "flag": outcome.flag if outcome.status == "scored" else None,
+            "images": outcome.images,
+        }
+
+    def _lost(self, study: Any) -> None:
+        log.warning("lease on study %s lost to another worker: result dropped", study.id)
+
+    def _stored(self, study: Any, images: list[tuple[Any, ScoreResult]], outcome: Any) -> None:
+        self.processed += 1
+        self._notify(study.id)
+        total = sum(r.timing_ms.get("total", 0.0) for _, r in images)
+        log.info(
+            "study %s %s%s (%d image%s) in %.0f ms",
+            study.id,
+            outcome.status,
+            f" ({outcome.code})" if outcome.code else "",
+            len(images),
+            "" if len(images) == 1 else "s",
+            total,
+        )
+        if self.on_result is not None:
+            for _, result in images:
+                self.on_result(result)
 
     def _retry(self, job: Any, code: str, message: str) -> None:
         try:
@@ -234,23 +319,27 @@ class Worker:
             )
             log.warning("job %s: %s, now %s", job.id, code, state)
         except LeaseLost:
-            pass
+            return
+        if state == "failed":
+            self._notify(job.study_id)
 
     def _finish_failed(self, job: Any, code: str, message: str, images: Any = ()) -> None:
         with contextlib.suppress(LeaseLost):
-            self.store.complete(
-                job.id,
-                self.owner,
-                job.attempts,
-                status="failed",
-                result={"code": code},
-                findings=[],
-                code=code,
-                message=message,
-                images=[
-                    {"id": i.id, "status": "failed", "code": code, "result": {}} for i in images
-                ],
-            )
+            self._complete_failed(job, code, message, images)
+            self._notify(job.study_id)
+
+    def _complete_failed(self, job: Any, code: str, message: str, images: Any) -> None:
+        self.store.complete(
+            job.id,
+            self.owner,
+            job.attempts,
+            status="failed",
+            result={"code": code},
+            findings=[],
+            code=code,
+            message=message,
+            images=[{"id": i.id, "status": "failed", "code": code, "result": {}} for i in images],
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set: work while there is work, then wait for a wake-up."""

@@ -3,10 +3,18 @@
 A study is answered 202 only after its blob is fsynced and renamed and its row committed. A
 clinic's identity comes from its API key, never from the request; another clinic's study
 answers 404. Every refused upload is audited and counted by its code.
+
+GET /v1/studies/{id}?wait=S is a long-poll: it answers once the study is final (scored,
+failed_qc, failed) or after S seconds (at most `MAX_WAIT_S`), whichever comes first, with the
+same body as without `wait`. A client waits with one request per study instead of polling.
+The wait holds no thread: it is woken by the in-process worker when it stores the study's
+outcome, and re-reads the study's status every `RECHECK_S` for a worker in another process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import time
 from datetime import UTC, datetime
@@ -33,7 +41,7 @@ from diagnostics.serve.api.deps import (
 from diagnostics.serve.api.errors import Problem, json_response
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.server import RequestTimedOut
-from diagnostics.serve.store import STATUSES, Store, study_summary
+from diagnostics.serve.store import FINAL, STATUSES, Store, study_summary
 from diagnostics.serve.upload import UploadError, receive_file
 
 router = APIRouter(tags=["studies"])
@@ -165,12 +173,58 @@ async def receive_study(
         temp.unlink(missing_ok=True)
 
 
+MAX_WAIT_S = 30.0  # the longest a long-poll is held
+RECHECK_S = 1.0  # a long-poll re-reads the status this often (a worker in another process)
+
+
 @router.get("/v1/studies/{study_id}")
-def get_study(study_id: str, p: PrincipalDep, store: StoreDep) -> Response:
+async def get_study(
+    study_id: str,
+    p: PrincipalDep,
+    store: StoreDep,
+    worker: WorkerDep,
+    wait: float = Query(
+        0.0,
+        ge=0.0,
+        le=MAX_WAIT_S,
+        description="seconds to wait for the study to be final before answering (long-poll)",
+    ),
+) -> Response:
+    if wait > 0:
+        await _wait_final(study_id, p, store, worker, wait)
+    return await run_in_threadpool(_read_study, study_id, p, store)
+
+
+def _read_study(study_id: str, p: Principal, store: Store) -> Response:
     visible_study(store, p, study_id)
     view = store.study_view(study_id)
     store.log_access(p.key_id, "study.read", "study", study_id)
     return json_response(view)
+
+
+async def _wait_final(study_id: str, p: Principal, store: Store, worker: Any, wait: float) -> None:
+    """Return once `study_id` is final, or after `wait` seconds. 404 (as the read itself
+    would) for a study the caller may not see, before any waiting."""
+    deadline = time.monotonic() + wait
+    watch = getattr(worker, "watch", None)
+    event = watch(study_id) if watch is not None else asyncio.Event()
+    try:
+        study = await run_in_threadpool(visible_study, store, p, study_id)
+        while study.status not in FINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):  # a re-read, for a worker elsewhere
+                await asyncio.wait_for(event.wait(), timeout=min(left, RECHECK_S))
+            event.clear()
+            got = await run_in_threadpool(store.get_study, study_id)
+            if got is None:
+                return
+            study = got
+    finally:
+        unwatch = getattr(worker, "unwatch", None)
+        if unwatch is not None:
+            unwatch(study_id, event)
 
 
 @router.get("/v1/studies")

@@ -3,6 +3,7 @@ transaction IMMEDIATE), read sessions, retried write transactions, and the blob 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +39,14 @@ class StoreBase:
         self.write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self.blobs = BlobStore(blob_root)
         self.full_at: float | None = None  # when a write last found the database full
+        # SQLite has one writer at a time. Its busy handler sleeps and polls (1, 2, 5, ... up
+        # to 100 ms between tries), so a writer that waits for another thread of this process
+        # would wake long after the lock is free. Writers of this process queue on this lock
+        # instead, woken the moment the previous commit ends; the busy handler is left to
+        # other processes. PostgreSQL: no lock (row locks, SKIP LOCKED).
+        self._write_lock: threading.RLock | None = (
+            threading.RLock() if url.startswith("sqlite") else None
+        )
 
     @property
     def full(self) -> bool:
@@ -69,7 +78,10 @@ class StoreBase:
         """Run `fn` in one write transaction, retried on a locked database."""
 
         def attempt() -> T:
-            with self.write_sessions.begin() as s:
+            if self._write_lock is None:
+                with self.write_sessions.begin() as s:
+                    return fn(s)
+            with self._write_lock, self.write_sessions.begin() as s:
                 return fn(s)
 
         try:

@@ -4,6 +4,7 @@ fsynced and renamed (and its directory fsynced) before its study row commits."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,12 @@ class BlobStore:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        # folders whose own entry (in their parent) this process has made durable: they need
+        # no fsync of their parent again. Started empty, so a folder a crashed process made
+        # (and perhaps never synced) is synced again by the next one.
+        self._durable: set[Path] = set()
+        self._lock = threading.Lock()
+        self.dir_fsyncs = 0  # for tests and profiling
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
@@ -26,15 +33,28 @@ class BlobStore:
         return self.tmp / f"{uuid.uuid4().hex}.part"
 
     def commit(self, temp: Path, sha256: str) -> Path:
-        """fsync `temp`, rename it to its address, fsync the directory. Idempotent."""
+        """fsync `temp`, rename it to its address, fsync the directory. Idempotent.
+
+        The file's own folder is fsynced every time (its new entry); the entries of the
+        folders above it only until this process has made them durable once (a folder, once
+        its entry is synced, stays), so a commit costs two fsyncs, not four."""
         final = self.path(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(temp, final)
-        # The file's directory entry, and those of folders this commit may have created.
-        for folder in (final.parent, final.parent.parent, self.root):
-            _fsync_dir(folder)
+        _fsync_dir(final.parent)  # the file's directory entry
+        self.dir_fsyncs += 1
+        # the entries of the folders above it, which this commit (or a crashed one) may have made
+        for folder in (final.parent, final.parent.parent):
+            with self._lock:
+                known = folder in self._durable
+            if known:
+                continue
+            _fsync_dir(folder.parent)
+            self.dir_fsyncs += 1
+            with self._lock:
+                self._durable.add(folder)
         return final
 
     def read(self, sha256: str) -> bytes:

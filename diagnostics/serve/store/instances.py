@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from diagnostics.serve.store.keys import ClinicsMixin
 from diagnostics.serve.store.studies import Conflict
-from diagnostics.serve.store.tables import Instance, Job, Study, now
+from diagnostics.serve.store.tables import Clinic, Instance, Job, Study, now
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,16 @@ class InstancesMixin(ClinicsMixin):
 
         `complete`: True makes the study available to workers at once; False or None waits for
         the quiet period. A race with the same image (or another image of a new study) from a
-        concurrent sender is retried once and resolves to the first."""
-        self.ensure_clinic(clinic)
+        concurrent sender is retried once and resolves to the first.
+
+        One write transaction in all (the clinic's row too, when it is new): no read
+        transaction before it."""
 
         def tx(s: Session) -> Added:
             t = now()
+            if s.get(Clinic, clinic) is None:  # a concurrent creation: IntegrityError, retried
+                s.add(Clinic(id=clinic, name=clinic))
+                s.flush()
             if self.dialect == "postgresql":  # SQLite: the write lock does all this
                 # one study per UID (concurrent senders queue up), and a blob is never removed
                 # by a refused upload while this one commits rows that need it
@@ -116,6 +121,8 @@ class InstancesMixin(ClinicsMixin):
                 )
                 if taken is not None:
                     raise Conflict("idempotency_key_reused")
+            job: Job | None = None
+            new = study is None
             if study is None:
                 study = Study(
                     id=uuid.uuid4().hex,
@@ -137,14 +144,13 @@ class InstancesMixin(ClinicsMixin):
                 )
                 s.add(study)
                 s.flush()
-                s.add(
-                    Job(
-                        study_id=study.id,
-                        status="queued",
-                        max_attempts=max_attempts,
-                        available_at=t + timedelta(seconds=quiet_s),
-                    )
+                job = Job(
+                    study_id=study.id,
+                    status="queued",
+                    max_attempts=max_attempts,
+                    available_at=t + timedelta(seconds=quiet_s),
                 )
+                s.add(job)
                 self.audit(s, actor, "study.upload", "study", study.id, source=source)
             elif study.instance_count >= max_instances:
                 raise Conflict("too_many_instances")
@@ -154,13 +160,17 @@ class InstancesMixin(ClinicsMixin):
                 self._reopen(s, study, actor, t, quiet_s)
             elif study.status not in ("received", "queued"):  # scored (or being scored)
                 late = True
-            position = int(
-                s.scalar(
-                    select(func.coalesce(func.max(Instance.position), 0)).where(
-                        Instance.study_id == study.id
+            position = (
+                0  # a new study holds no image yet
+                if new
+                else int(
+                    s.scalar(
+                        select(func.coalesce(func.max(Instance.position), 0)).where(
+                            Instance.study_id == study.id
+                        )
                     )
+                    or 0
                 )
-                or 0
             )
             instance = Instance(
                 id=uuid.uuid4().hex,
@@ -187,7 +197,8 @@ class InstancesMixin(ClinicsMixin):
                 self.audit(s, actor, "instance.late", "study", study.id, size=image.size)
                 return Added(study, instance, True, late=True)
             study.last_instance_at = t
-            job = s.scalar(select(Job).where(Job.study_id == study.id))
+            if job is None:
+                job = s.scalar(select(Job).where(Job.study_id == study.id))
             if job is not None and job.status == "queued":
                 if complete:
                     job.available_at = t
@@ -306,6 +317,20 @@ class InstancesMixin(ClinicsMixin):
                     .order_by(Instance.position)
                 )
             )
+
+    def instances_of(self, study_ids: list[str]) -> dict[str, list[Instance]]:
+        """The images of several studies, in position order, in one read."""
+        if not study_ids:
+            return {}
+        out: dict[str, list[Instance]] = {sid: [] for sid in study_ids}
+        with self.session() as s:
+            for inst in s.scalars(
+                select(Instance)
+                .where(Instance.study_id.in_(study_ids))
+                .order_by(Instance.study_id, Instance.position)
+            ):
+                out[inst.study_id].append(inst)
+        return out
 
     def dicom_uids(self, study_id: str) -> list[tuple[str, str]]:
         """("study", its Study Instance UID), then ("instance", SOP Instance UID) of each of its

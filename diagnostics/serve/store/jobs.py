@@ -123,37 +123,90 @@ class JobsMixin(AuditMixin):
         `flag`: why a scored study carries no call (its findings have `positive` None).
         `images`: each scored image's own outcome ({id, status, code, result}). Images of the
         study that arrived while it was being scored are marked `late`."""
-        if status not in FINAL:
-            raise ValueError(status)
-        for f in findings:  # SQLite would store NaN as NULL, PostgreSQL as NaN: neither, ever
-            if not math.isfinite(f["probability"]) or not math.isfinite(f["threshold"]):
-                raise ValueError(f"non-finite score for {f['label']}: not stored")
+        _check_outcome(status, findings)
 
         def tx(s: Session) -> None:
-            job, study = self._owned(s, job_id, owner, attempt)
-            t = now()
-            for f in findings:
-                s.add(FindingRow(study_id=study.id, **f))
-            job.status = study.status = status
-            job.last_error_code, job.last_error = code, message
-            job.lease_owner, job.lease_expires_at = None, None
-            job.updated_at = study.updated_at = t
-            study.result = result
-            study.flag = flag
-            outcomes = {u["id"]: u for u in images or []}
-            for inst in s.scalars(select(Instance).where(Instance.study_id == study.id)):
-                if inst.id in outcomes:
-                    u = outcomes[inst.id]
-                    inst.status, inst.code, inst.result = u["status"], u["code"], u["result"]
-                elif inst.status == "received":
-                    inst.status = "late"
-            action = {"scored": "study.scored", "failed_qc": "study.qc_refused"}.get(
-                status, "study.failed"
+            self._store_outcome(
+                s, job_id, owner, attempt, status, result, findings, code, message, flag, images
             )
-            detail = {"flag": flag} if flag else {}
-            self.audit(s, f"worker:{owner}", action, "study", study.id, code=code, **detail)
 
         self.write(tx)
+
+    def complete_many(self, outcomes: list[dict[str, Any]]) -> list[BaseException | None]:
+        """Several `complete` calls (each a dict of its keyword arguments, with `job_id`,
+        `owner` and `attempt`) in one transaction: a worker's whole batch costs one commit
+        instead of one per study. Each outcome is still fenced by its own lease: a lost lease
+        (LeaseLost) or a non-finite score (ValueError) drops that outcome alone, and is
+        returned in its place; None where stored. A failure of the transaction itself raises
+        (nothing is stored; the caller may store the outcomes one by one)."""
+        errors: list[BaseException | None] = [None] * len(outcomes)
+        for i, o in enumerate(outcomes):
+            try:
+                _check_outcome(o["status"], o["findings"])
+            except ValueError as exc:
+                errors[i] = exc
+
+        def tx(s: Session) -> list[BaseException | None]:
+            out = list(errors)
+            for i, o in enumerate(outcomes):
+                if out[i] is not None:
+                    continue
+                try:  # _owned checks the lease before this outcome writes anything
+                    self._store_outcome(
+                        s,
+                        o["job_id"],
+                        o["owner"],
+                        o["attempt"],
+                        o["status"],
+                        o["result"],
+                        o["findings"],
+                        o.get("code"),
+                        o.get("message"),
+                        o.get("flag"),
+                        o.get("images"),
+                    )
+                except LeaseLost as exc:
+                    out[i] = exc
+            return out
+
+        return self.write(tx)
+
+    def _store_outcome(
+        self,
+        s: Session,
+        job_id: int,
+        owner: str,
+        attempt: int,
+        status: str,
+        result: dict[str, Any],
+        findings: list[dict[str, Any]],
+        code: str | None,
+        message: str | None,
+        flag: str | None,
+        images: list[dict[str, Any]] | None,
+    ) -> None:
+        job, study = self._owned(s, job_id, owner, attempt)
+        t = now()
+        for f in findings:
+            s.add(FindingRow(study_id=study.id, **f))
+        job.status = study.status = status
+        job.last_error_code, job.last_error = code, message
+        job.lease_owner, job.lease_expires_at = None, None
+        job.updated_at = study.updated_at = t
+        study.result = result
+        study.flag = flag
+        outcomes = {u["id"]: u for u in images or []}
+        for inst in s.scalars(select(Instance).where(Instance.study_id == study.id)):
+            if inst.id in outcomes:
+                u = outcomes[inst.id]
+                inst.status, inst.code, inst.result = u["status"], u["code"], u["result"]
+            elif inst.status == "received":
+                inst.status = "late"
+        action = {"scored": "study.scored", "failed_qc": "study.qc_refused"}.get(
+            status, "study.failed"
+        )
+        detail = {"flag": flag} if flag else {}
+        self.audit(s, f"worker:{owner}", action, "study", study.id, code=code, **detail)
 
     def retry_later(
         self, job_id: int, owner: str, attempt: int, code: str, message: str, delay_s: float
@@ -176,3 +229,11 @@ class JobsMixin(AuditMixin):
             return job.status
 
         return self.write(tx)
+
+
+def _check_outcome(status: str, findings: list[dict[str, Any]]) -> None:
+    if status not in FINAL:
+        raise ValueError(status)
+    for f in findings:  # SQLite would store NaN as NULL, PostgreSQL as NaN: neither, ever
+        if not math.isfinite(f["probability"]) or not math.isfinite(f["threshold"]):
+            raise ValueError(f"non-finite score for {f['label']}: not stored")
