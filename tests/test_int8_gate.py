@@ -194,7 +194,7 @@ def test_health_and_findings_say_the_precision(local_pair, tmp_path, monkeypatch
     """`serve`'s loader with faked VNNI flags: /health/ready's model check and every result
     say int8; with model.precision fp32 they say fp32."""
     from fastapi.testclient import TestClient
-    from service_support import png_bytes, serve_config, synth_pixels
+    from service_support import ingest_direct, png_bytes, serve_config, synth_pixels
 
     from diagnostics.cli.serve import _load_service_model
     from diagnostics.serve import precision
@@ -224,6 +224,11 @@ def test_health_and_findings_say_the_precision(local_pair, tmp_path, monkeypatch
         try:
             app = create_app(cfg, model, store, data_dir, None, {})
             ready = TestClient(app).get("/health/ready").json()
+            # every stored finding says the precision it was scored in
+            study = ingest_direct(cfg, store, image).study
+            app.state.worker.run_once()
+            findings = store.study_view(study.id)["findings"]
+            assert findings and {f["precision"] for f in findings} == {expected}
         finally:
             store.close()
         check = ready["checks"]["model"]

@@ -391,6 +391,7 @@ def finding_row(f: dict[str, Any], result: ScoreResult) -> dict[str, Any]:
         "model_version": result.model_version,
         "preprocess_version": result.preprocess_version,
         "provider": result.provider,
+        "precision": result.precision or None,  # int8 | fp32: the file that ran
     }
 
 

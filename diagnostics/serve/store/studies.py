@@ -179,6 +179,7 @@ class StudiesMixin(ClinicsMixin):
                     "model_version": f.model_version,
                     "preprocess_version": f.preprocess_version,
                     "provider": f.provider,
+                    "precision": f.precision,
                     "site_profile": f.profile_id,
                     # each scored image's part (absent for rows stored before revision 0006)
                     "images": f.images or [],

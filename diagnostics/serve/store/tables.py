@@ -225,6 +225,9 @@ class FindingRow(Base):
     # Revision 0006: each scored image's part in this study-level finding (contract:
     # store.aggregate_findings): [{instance_id, position, probability, positive, heatmap}]
     images: Mapped[list[Any] | None] = mapped_column(nullable=True)
+    # Revision 0008: the model file's precision that made it, "int8" or "fp32" (the clinic runs
+    # a version's int8 twin where its accuracy gate passed). NULL in rows stored before.
+    precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
 
 class SiteProfile(Base):

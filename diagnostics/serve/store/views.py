@@ -68,6 +68,7 @@ class FindingView(TypedDict):
     model_version: str | None
     preprocess_version: str | None
     provider: str
+    precision: str | None  # int8 | fp32; None: stored before it was recorded
     site_profile: int | None
     images: list[dict[str, Any]]  # each scored image's part: instance_id, probability, ...
     operating_point: OperatingPointView
