@@ -62,8 +62,7 @@ def admit(
             "upload_too_large",
             f"The upload is larger than the limit of {cfg.limits.max_upload_mb:g} MB.",
         )
-    if shutil.disk_usage(store.blobs.root).free < disk_reserve_bytes(cfg):
-        raise Problem(507, "insufficient_storage", "The service is low on disk space; try later.")
+    check_disk(cfg, store)
     known = idem is not None and store.has_idempotency_key(clinic, idem)
     if not known and store.queue_depth() >= cfg.limits.max_queue:
         raise Problem(
@@ -72,6 +71,17 @@ def admit(
             "Too many studies are waiting; retry later.",
             {"Retry-After": "30"},
         )
+    check_rate(cfg, limiter, clinic)
+
+
+def check_disk(cfg: ServeConfig, store: Store) -> None:
+    """507 below the configured free-space reserve: nothing more is written."""
+    if shutil.disk_usage(store.blobs.root).free < disk_reserve_bytes(cfg):
+        raise Problem(507, "insufficient_storage", "The service is low on disk space; try later.")
+
+
+def check_rate(cfg: ServeConfig, limiter: RateLimiter, clinic: str) -> None:
+    """429 past the clinic's requests a minute (an upload, or a request of risk records)."""
     wait = limiter.check(clinic)
     if wait is not None:
         raise Problem(

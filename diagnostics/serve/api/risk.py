@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import shutil
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,7 +32,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from diagnostics.serve.api.admission import RateLimiter, disk_reserve_bytes
+from diagnostics.serve.api.admission import RateLimiter, check_disk, check_rate
 from diagnostics.serve.api.deps import (
     ConfigDep,
     LimiterDep,
@@ -269,16 +268,8 @@ async def _read_body(request: Request) -> tuple[bool, Any]:
 def _admit(cfg: ServeConfig, store: Store, limiter: RateLimiter, clinic: str) -> None:
     """The image API's refusals that apply here: low disk (507) and the clinic's rate (429:
     a request of records counts as one upload)."""
-    if shutil.disk_usage(store.blobs.root).free < disk_reserve_bytes(cfg):
-        raise Problem(507, "insufficient_storage", "The service is low on disk space; try later.")
-    wait = limiter.check(clinic)
-    if wait is not None:
-        raise Problem(
-            429,
-            "rate_limited",
-            f"More than {cfg.limits.rate_per_minute} requests a minute from this clinic.",
-            {"Retry-After": str(int(wait) + 1)},
-        )
+    check_disk(cfg, store)
+    check_rate(cfg, limiter, clinic)
 
 
 def _score_and_store(
