@@ -368,7 +368,10 @@ def decode_dicom(
     factor = reduction_factor(rows, cols, target)
     geometry: Geometry | None = None
     reduced = None
-    if factor > 1:
+    # Decoding at a reduced level averages the stored values: exact only where the grey-level
+    # mapping up to the window is linear (no VOI LUT, sigmoid or range stretch, which would see
+    # averaged values; no padding value, which blended borders no longer match).
+    if factor > 1 and _affine_until_window(ds) and "PixelPaddingValue" not in ds:
         reduced = _decode_j2k_reduced(ds, rows, cols, factor) or _decode_jpeg_reduced(
             ds, rows, cols, factor
         )
@@ -420,6 +423,15 @@ def _dicom_pixel_array(ds: Any, rows: int, cols: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- reduced decoding
+
+
+def _exif_orientation(img: Any) -> int | None:
+    """A JPEG's EXIF orientation tag (0x0112), None when absent or unreadable."""
+    try:
+        value = img.getexif().get(0x0112)
+        return int(value) if value is not None else None
+    except Exception:  # a damaged EXIF block: reported by the transpose below
+        return -1
 
 
 def _affine_until_window(ds: Any) -> bool:
@@ -575,6 +587,8 @@ def _decode_jpeg_reduced(
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if tsyntax != JPEG_BASELINE or _int_tag(ds, "BitsStored") != 8:
         return None
+    if int(ds.get("PixelRepresentation", 0) or 0) != 0:
+        return None  # signed samples: the full decode handles them
     try:
         from pydicom.encaps import generate_frames
 
@@ -1061,7 +1075,9 @@ def decode_bitmap(
     fmt = img.format.lower()
     full_w, full_h = img.size
     scale = 1
-    if fmt == "jpeg" and target is not None:
+    # DCT scaling only without an EXIF rotation: after a transpose the partial last block would
+    # come first and shift the image; a rotated photo is decoded in full and box-averaged.
+    if fmt == "jpeg" and target is not None and _exif_orientation(img) in (None, 1):
         p = reduction_factor(full_h, full_w, target, power_of_two=True)
         if p > 1:
             img.draft(img.mode, (full_w // p, full_h // p))  # Pillow: min(full // asked)

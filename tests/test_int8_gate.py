@@ -364,6 +364,31 @@ def test_gate_uses_the_worst_finding_and_the_cam_sample():
     moved = evaluate_gate(y, p, p, ["A", "B"], cam, rng.random(cam.shape))
     assert not moved.passed and "cam_correlation" in moved.reason and "same_peak" in moved.reason
     assert evaluate_gate(y, p, p, ["A", "B"], None, None).reason == "failed:no_cam"
+    broken = cam.copy()
+    broken[0, 0, 0, 0] = np.nan  # a non-finite CAM: undefined fails, never passes
+    undefined = evaluate_gate(y, p, p, ["A", "B"], cam, broken)
+    assert not undefined.passed and undefined.cam_correlation is None
+    json.loads(undefined.model_dump_json())  # no NaN in what the file and MLflow record
+
+
+def test_a_local_int8_twin_runs_only_as_pinned_as_its_fp32_file(local_pair):
+    from diagnostics.cli.serve import load_clinic_model
+    from diagnostics.contract import file_sha256
+
+    fp32_sha = file_sha256(local_pair)
+    int8_sha = file_sha256(local_pair.with_name("model.int8.onnx"))
+
+    def load(**pins):
+        return load_clinic_model(
+            str(local_pair), local_pair, None, device="cpu", threads=1, flags=VNNI, **pins
+        )
+
+    assert load().precision == "int8"  # neither pinned: the folder is trusted alike
+    pinned = load(expected_sha256=fp32_sha)
+    assert pinned.precision == "fp32" and "model.int8_sha256" in pinned.precision_reason
+    assert load(expected_sha256=fp32_sha, expected_int8_sha256=int8_sha).precision == "int8"
+    wrong = load(expected_sha256=fp32_sha, expected_int8_sha256="0" * 64)
+    assert wrong.precision == "fp32" and "not the pinned" in wrong.precision_reason
 
 
 def test_score_command_says_the_precision_it_ran(local_pair, tmp_path):

@@ -136,7 +136,9 @@ def test_png_and_jpeg_reduced_match_the_full_path():
             _compare(full, reduced, spec)
 
 
-def test_jpeg_draft_applies_exif_rotation_to_the_geometry():
+def test_a_rotated_jpeg_is_decoded_in_full_then_averaged():
+    """DCT scaling would put a partial block first after the EXIF transpose (shifting the
+    image): a JPEG with a rotation tag is decoded in full, rotated, then box-averaged."""
     from PIL import Image
 
     phantom = _phantom()[:, :800]  # 1024 rows x 800 cols
@@ -146,6 +148,7 @@ def test_jpeg_draft_applies_exif_rotation_to_the_geometry():
     Image.fromarray(phantom).save(buf, format="JPEG", quality=95, exif=exif)
     full, reduced = I.decode(buf.getvalue()), I.decode(buf.getvalue(), target=128)
     assert full.shape == reduced.shape == (800, 1024)
+    assert reduced.geometry is not None and reduced.geometry.scale == (3.0, 3.0)  # box, not DCT
     _compare(full, reduced, PreprocessSpec(size=128))
 
 

@@ -52,6 +52,7 @@ def load_clinic_model(
     device: str = "auto",
     threads: int | None = None,
     expected_sha256: str | None = None,
+    expected_int8_sha256: str | None = None,
     cache_dir: Path | None = None,
     flags: set[str] | None = None,
 ) -> Any:
@@ -77,6 +78,10 @@ def load_clinic_model(
         choice = prec.choose("fp32", path, None)
     else:
         twin, note = registry.resolve_int8(ref, path, version, cache_dir)
+        if twin is not None and not ref.startswith("models:/"):
+            # a local twin: the registry's sha256 tag does not vouch for it, so it runs only as
+            # pinned as the fp32 file is (a pinned fp32 file needs a pinned twin)
+            twin, note = _pinned_local_twin(twin, expected_sha256, expected_int8_sha256, note)
         meta8 = None
         if twin is not None:
             try:
@@ -107,6 +112,26 @@ def load_clinic_model(
     return model
 
 
+def _pinned_local_twin(
+    twin: Path, fp32_pin: str | None, int8_pin: str | None, note: str | None
+) -> tuple[Path | None, str | None]:
+    """The local int8 twin, if it may run: checked against `int8_pin` when given; refused
+    (None, why) when the fp32 file is pinned and the twin is not, or when it does not match."""
+    from diagnostics.contract import file_sha256
+
+    if int8_pin:
+        got = file_sha256(twin)
+        if got != int8_pin.strip().lower():
+            return None, f"{twin.name} has sha256 {got[:12]}, not the pinned {int8_pin[:12]}"
+        return twin, note
+    if fp32_pin:
+        return None, (
+            f"the fp32 file is pinned by sha256 and {twin.name} is not "
+            "(set model.int8_sha256 to run it)"
+        )
+    return twin, note
+
+
 def _load_service_model(cfg: Any) -> Any:
     from diagnostics.serve.precision import PrecisionError
     from diagnostics.serve.runner import ModelIntegrityError
@@ -123,6 +148,7 @@ def _load_service_model(cfg: Any) -> Any:
             device=cfg.model.device,
             threads=cfg.model.threads or None,
             expected_sha256=cfg.model.sha256,
+            expected_int8_sha256=cfg.model.int8_sha256,
             cache_dir=cache,
         )
     except PrecisionError as exc:

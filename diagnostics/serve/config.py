@@ -22,6 +22,9 @@ class ModelSection(_Strict):
     # tracking server's REST API (serve/registry_client.py), or with mlflow for a local store.
     path: str = "models:/cxr-demo/latest"
     sha256: str | None = Field(None, description="refuse to start unless the file has this hash")
+    # A local model.int8.onnx runs only as pinned as the fp32 file: with `sha256` set, only when
+    # this pins it (a registry twin is checked against the version's onnx_int8_sha256 tag).
+    int8_sha256: str | None = Field(None, description="the int8 twin's sha256, for a local file")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = ORT default")
     batch_size: int = Field(8, ge=1)

@@ -91,25 +91,30 @@ def evaluate_gate(
     )
     if cam32 is not None and cam8 is not None and cam32.size:
         corr, same = cam_agreement(cam32, cam8)
-        gate.cam_correlation = float(corr.mean())
-        gate.cam_correlation_min = float(corr.min())
-        gate.same_peak = float(same.mean())
+        gate.cam_correlation = _finite_or_none(corr.mean())  # NaN (a flat map): undefined
+        gate.cam_correlation_min = _finite_or_none(corr.min())
+        gate.same_peak = _finite_or_none(same.mean())
         gate.n_cam = len(corr)
     failures = []
     if worst is None:
         failures.append("auroc_undefined")
-    elif gate.auroc_delta is not None and gate.auroc_delta > max_auroc_delta:
+    elif gate.auroc_delta is not None and not gate.auroc_delta <= max_auroc_delta:
         failures.append(f"auroc_delta {gate.auroc_delta:.4f} > {max_auroc_delta} ({worst})")
+    # `not x >= limit`: a NaN or missing figure fails, it never passes by comparison
     if gate.cam_correlation is None:
-        failures.append("no_cam")
+        failures.append("no_cam" if cam32 is None or cam8 is None else "cam_undefined")
     else:
-        if gate.cam_correlation < min_cam_correlation:
+        if not gate.cam_correlation >= min_cam_correlation:
             failures.append(f"cam_correlation {gate.cam_correlation:.3f} < {min_cam_correlation}")
-        if gate.same_peak is not None and gate.same_peak < min_same_peak:
-            failures.append(f"same_peak {gate.same_peak:.3f} < {min_same_peak}")
+        if gate.same_peak is None or not gate.same_peak >= min_same_peak:
+            failures.append(f"same_peak {gate.same_peak} < {min_same_peak}")
     gate.passed = not failures
     gate.reason = "passed" if gate.passed else "failed:" + "; ".join(failures)
     return gate
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def run_gate(

@@ -25,6 +25,9 @@ from diagnostics.serve.store.engine import (
     retrying,
 )
 
+# How long a writer of this process waits for the others of this process (SQLite)
+WRITE_LOCK_WAIT_S = 20.0
+
 
 class StoreBase:
     """What every part of `Store` builds on: `session()` to read, `write(fn)` to write."""
@@ -81,8 +84,15 @@ class StoreBase:
             if self._write_lock is None:
                 with self.write_sessions.begin() as s:
                     return fn(s)
-            with self._write_lock, self.write_sessions.begin() as s:
-                return fn(s)
+            # bounded: behind another process's long write, a queue of this process's writers
+            # must still end in StoreBusy (503) in about the time one would, never pile up
+            if not self._write_lock.acquire(timeout=WRITE_LOCK_WAIT_S):
+                raise StoreBusy("the database is busy")
+            try:
+                with self.write_sessions.begin() as s:
+                    return fn(s)
+            finally:
+                self._write_lock.release()
 
         try:
             return retrying(attempt)
