@@ -138,19 +138,8 @@ def _load_service_model(cfg: Any) -> Any:
 
     _apply_thread_rule(cfg)
     try:
-        cache = _service_model_cache(cfg)
-        path, version = registry.resolve(cfg.model.path, cache)
-        return load_clinic_model(
-            cfg.model.path,
-            path,
-            version,
-            precision=cfg.model.precision,
-            device=cfg.model.device,
-            threads=cfg.model.threads or None,
-            expected_sha256=cfg.model.sha256,
-            expected_int8_sha256=cfg.model.int8_sha256,
-            cache_dir=cache,
-        )
+        path, version = registry.resolve(cfg.model.path, _service_model_cache(cfg))
+        return _model_loader(cfg, pinned=True)(path, version)
     except PrecisionError as exc:
         raise _fail(f"model {cfg.model.path}: {exc}") from None
     except FileNotFoundError as exc:
@@ -163,9 +152,11 @@ def _load_service_model(cfg: Any) -> Any:
         raise _fail(f"model {cfg.model.path}: {exc}") from None
 
 
-def _model_loader(cfg: Any) -> Any:
-    """For a model switch (the alias moved): the new version, loaded by the same rule as at
-    start (its int8 twin where it passed its gate, `model.precision`)."""
+def _model_loader(cfg: Any, *, pinned: bool = False) -> Any:
+    """Loads a resolved (file, version) as the clinic runs it: its int8 twin where it passed
+    its gate (`model.precision`). `pinned`: the configured file, checked against
+    `model.sha256` / `model.int8_sha256`; a model switch (the alias moved) loads a new version,
+    which those pins cannot name."""
     cache = _service_model_cache(cfg)
 
     def load(path: Path, version: str | None) -> Any:
@@ -176,6 +167,8 @@ def _model_loader(cfg: Any) -> Any:
             precision=cfg.model.precision,
             device=cfg.model.device,
             threads=cfg.model.threads or None,
+            expected_sha256=cfg.model.sha256 if pinned else None,
+            expected_int8_sha256=cfg.model.int8_sha256 if pinned else None,
             cache_dir=cache,
         )
 
