@@ -426,7 +426,7 @@ def _dicom_pixel_array(ds: Any, rows: int, cols: int) -> np.ndarray:
 
 
 def _exif_orientation(img: Any) -> int | None:
-    """A JPEG's EXIF orientation tag (0x0112), None when absent or unreadable."""
+    """A JPEG's EXIF orientation tag (0x0112): None when absent, -1 when unreadable."""
     try:
         value = img.getexif().get(0x0112)
         return int(value) if value is not None else None

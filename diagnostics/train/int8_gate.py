@@ -107,7 +107,8 @@ def evaluate_gate(
         if not gate.cam_correlation >= min_cam_correlation:
             failures.append(f"cam_correlation {gate.cam_correlation:.3f} < {min_cam_correlation}")
         if gate.same_peak is None or not gate.same_peak >= min_same_peak:
-            failures.append(f"same_peak {gate.same_peak} < {min_same_peak}")
+            shown = "undefined" if gate.same_peak is None else f"{gate.same_peak:.3f}"
+            failures.append(f"same_peak {shown} < {min_same_peak}")
     gate.passed = not failures
     gate.reason = "passed" if gate.passed else "failed:" + "; ".join(failures)
     return gate
