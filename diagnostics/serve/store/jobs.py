@@ -119,18 +119,28 @@ class JobsMixin(AuditMixin):
         flag: str | None = None,
         images: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Store the outcome, findings and audit in one transaction, fenced by the lease.
-        `flag`: why a scored study carries no call (its findings have `positive` None).
-        `images`: each scored image's own outcome ({id, status, code, result}). Images of the
-        study that arrived while it was being scored are marked `late`."""
-        _check_outcome(status, findings)
-
-        def tx(s: Session) -> None:
-            self._store_outcome(
-                s, job_id, owner, attempt, status, result, findings, code, message, flag, images
-            )
-
-        self.write(tx)
+        """Store the outcome, findings and audit in one transaction, fenced by the lease
+        (LeaseLost). `flag`: why a scored study carries no call (its findings have `positive`
+        None). `images`: each scored image's own outcome ({id, status, code, result}). Images of
+        the study that arrived while it was being scored are marked `late`."""
+        (error,) = self.complete_many(
+            [
+                {
+                    "job_id": job_id,
+                    "owner": owner,
+                    "attempt": attempt,
+                    "status": status,
+                    "result": result,
+                    "findings": findings,
+                    "code": code,
+                    "message": message,
+                    "flag": flag,
+                    "images": images,
+                }
+            ]
+        )
+        if error is not None:
+            raise error
 
     def complete_many(self, outcomes: list[dict[str, Any]]) -> list[BaseException | None]:
         """Several `complete` calls (each a dict of its keyword arguments, with `job_id`,
@@ -152,19 +162,7 @@ class JobsMixin(AuditMixin):
                 if out[i] is not None:
                     continue
                 try:  # _owned checks the lease before this outcome writes anything
-                    self._store_outcome(
-                        s,
-                        o["job_id"],
-                        o["owner"],
-                        o["attempt"],
-                        o["status"],
-                        o["result"],
-                        o["findings"],
-                        o.get("code"),
-                        o.get("message"),
-                        o.get("flag"),
-                        o.get("images"),
-                    )
+                    self._store_outcome(s, **o)
                 except LeaseLost as exc:
                     out[i] = exc
             return out
@@ -177,13 +175,14 @@ class JobsMixin(AuditMixin):
         job_id: int,
         owner: str,
         attempt: int,
+        *,
         status: str,
         result: dict[str, Any],
         findings: list[dict[str, Any]],
-        code: str | None,
-        message: str | None,
-        flag: str | None,
-        images: list[dict[str, Any]] | None,
+        code: str | None = None,
+        message: str | None = None,
+        flag: str | None = None,
+        images: list[dict[str, Any]] | None = None,
     ) -> None:
         job, study = self._owned(s, job_id, owner, attempt)
         t = now()
