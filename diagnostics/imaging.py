@@ -378,7 +378,9 @@ def decode_dicom(
     if reduced is not None:
         stored, geometry = reduced
     else:
-        stored = _dicom_pixel_array(ds, rows, cols)
+        stored = _native_pixels(ds, rows, cols)
+        if stored is None:
+            stored = _dicom_pixel_array(ds, rows, cols)
         if factor > 1 and _affine_until_window(ds):
             # Averaging commutes with the rescale and the window's linear part: average the
             # stored values (16x fewer to map). Only boxes straddling the window's ends differ.
@@ -401,6 +403,38 @@ def decode_dicom(
         age_source=age_source,
         geometry=geometry,
     )
+
+
+NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR
+
+
+def _native_pixels(ds: Any, rows: int, cols: int) -> np.ndarray | None:
+    """Stored values of uncompressed little-endian 8- or 16-bit pixel data, read in place (a
+    read-only view of the file's bytes, no copy), as `ds.pixel_array` gives them: bits above
+    BitsStored cleared (unsigned) or filled with the sign (signed). None for anything else
+    (big endian, deflated, 1- or 32-bit, several samples): pydicom then decodes it."""
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    allocated = _int_tag(ds, "BitsAllocated")
+    if tsyntax not in NATIVE_LITTLE_ENDIAN or allocated not in (8, 16):
+        return None
+    if _int_tag(ds, "SamplesPerPixel", default=1) != 1:
+        return None
+    signed = _int_tag(ds, "PixelRepresentation", default=0) == 1
+    stored_bits = _int_tag(ds, "BitsStored")
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    data = ds.PixelData  # its length was checked against rows x cols by read_dicom_header
+    values = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    unused = allocated - stored_bits
+    if unused == 0:
+        return values
+    if not signed:
+        top = (1 << stored_bits) - 1
+        # Most files leave the unused high bits at 0: one max() pass instead of a masked copy.
+        return values if int(values.max()) <= top else values & values.dtype.type(top)
+    low, high = -(1 << (stored_bits - 1)), (1 << (stored_bits - 1)) - 1
+    if low <= int(values.min()) and int(values.max()) <= high:
+        return values  # already sign-extended
+    return (values << unused) >> unused  # arithmetic shift: the sign bit fills the unused bits
 
 
 def _dicom_pixel_array(ds: Any, rows: int, cols: int) -> np.ndarray:
@@ -478,13 +512,57 @@ def reduction_factor(
     return f
 
 
+# --------------------------------------------------------------------------- decode threads
+
+_decode_threads = 1
+_decode_pool: Any = None
+_pool_size = 0
+_POOL_LOCK = threading.Lock()
+_OPJ_THREADS_FROM_ENV = "OPJ_NUM_THREADS" in os.environ  # the operator's choice wins
+# Below this many pixels a second thread costs more than it saves.
+_SPLIT_PIXELS = 1_000_000
+
+
+def set_decode_threads(n: int) -> None:
+    """Threads one decode may use: for the block average of a large image (split by rows), and
+    for OpenJPEG's JPEG 2000 decoder (its OPJ_NUM_THREADS, read when a decoder is created; left
+    alone when the environment already sets it). The scoring process sets this to its ONNX
+    Runtime intra-op threads: decoding and the model take turns on the same cores."""
+    global _decode_threads
+    _decode_threads = max(1, int(n))
+    if not _OPJ_THREADS_FROM_ENV:
+        os.environ["OPJ_NUM_THREADS"] = str(_decode_threads)
+
+
+def _pool() -> Any:
+    global _decode_pool, _pool_size
+    with _POOL_LOCK:
+        if _decode_pool is None or _pool_size != _decode_threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _decode_pool = ThreadPoolExecutor(_decode_threads, thread_name_prefix="decode")
+            _pool_size = _decode_threads
+        return _decode_pool
+
+
 def box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
     """(H, W) -> (ceil(H/f), ceil(W/f)) float32: the mean of each f x f block; a last, partial
     block is the mean of the pixels it holds. Integer input is summed exactly (in 32 or 64-bit
-    integers), so the result depends on nothing but the pixels. Deterministic."""
+    integers), so the result depends on nothing but the pixels. Deterministic: a large image is
+    split by whole block rows over the decode threads (`set_decode_threads`), which changes no
+    sum."""
     a = np.asarray(pixels)
     if factor <= 1:
         return a.astype(np.float32, copy=False)
+    n = min(_decode_threads, a.shape[0] // factor)
+    if n > 1 and a.size >= _SPLIT_PIXELS:
+        step = -(-(a.shape[0] // factor) // n) * factor  # whole block rows per part
+        parts = [a[i : i + step] for i in range(0, a.shape[0], step)]
+        return np.concatenate(list(_pool().map(lambda p: _box_reduce(p, factor), parts)))
+    return _box_reduce(a, factor)
+
+
+def _box_reduce(a: np.ndarray, factor: int) -> np.ndarray:
     if a.dtype.kind in "ui":
         acc: Any = np.int64 if a.dtype.itemsize > 2 or factor > 64 else np.int32
     else:

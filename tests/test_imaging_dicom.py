@@ -326,3 +326,95 @@ def test_window_functions_are_monotone_and_bounded(function):
     out = I.window(values, 0.0, 100.0, function)
     assert out.min() >= 0 and out.max() <= 1 and np.all(np.diff(out) >= 0)
     assert out[100] == pytest.approx(0.5, abs=0.01)
+
+
+# --------------------------------------------------------------------------- native pixels in place
+
+
+def _native_case(allocated: int, stored_bits: int, signed: bool, garbage: bool, tsyntax: str):
+    rng = np.random.default_rng(allocated * 100 + stored_bits + 7 * signed + 3 * garbage)
+    lo, hi = (
+        (-(1 << (stored_bits - 1)), 1 << (stored_bits - 1)) if signed else (0, 1 << stored_bits)
+    )
+    values = rng.integers(lo, hi, size=(37, 29))
+    raw = values.astype(np.int64) & ((1 << allocated) - 1)  # two's complement in `allocated` bits
+    if garbage:  # overlay bits or noise above BitsStored, which readers must ignore
+        noise = rng.integers(0, 1 << (allocated - stored_bits), size=values.shape)
+        raw = (raw & ((1 << stored_bits) - 1)) | (noise << stored_bits)
+    ds = _synthetic(Rows=37, Columns=29)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored_bits, stored_bits - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = raw.astype(f"<u{allocated // 8}").tobytes()
+    ds.file_meta.TransferSyntaxUID = tsyntax
+    return ds, values
+
+
+@pytest.mark.parametrize("tsyntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+@pytest.mark.parametrize(
+    "allocated,stored_bits,signed,garbage",
+    [
+        (a, b, signed, garbage)
+        for a, b, signed in [
+            (8, 8, False),
+            (8, 6, False),
+            (16, 16, False),
+            (16, 12, False),
+            (16, 15, False),
+            (16, 16, True),
+            (16, 12, True),
+            (8, 7, True),
+        ]
+        for garbage in ([False, True] if b < a else [False])  # garbage: in the unused bits
+    ],
+)
+def test_native_pixels_read_in_place_equal_pydicom(
+    tsyntax, allocated, stored_bits, signed, garbage
+):
+    ds, values = _native_case(allocated, stored_bits, signed, garbage, tsyntax)
+    parsed = I.read_dicom_header(_bytes(ds))
+    ours = I._native_pixels(parsed, 37, 29)
+    assert ours is not None
+    theirs = pydicom.dcmread(io.BytesIO(_bytes(ds))).pixel_array
+    assert ours.dtype == theirs.dtype
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours, values)
+
+
+def test_native_pixels_leave_other_encodings_to_pydicom():
+    ds, _ = _native_case(16, 12, False, False, "1.2.840.10008.1.2.2")  # big endian
+    assert I._native_pixels(ds, 37, 29) is None
+    ds, _ = _native_case(16, 12, False, False, "1.2.840.10008.1.2.1")
+    ds.BitsAllocated = 32
+    assert I._native_pixels(ds, 37, 29) is None
+
+
+def test_real_uncompressed_files_read_in_place_equal_pydicom():
+    checked = 0
+    for path in sorted(shared("dicom").glob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            ds = I.read_dicom_header(data)
+        except I.ImageError:
+            continue  # the refusal cases
+        ours = I._native_pixels(ds, int(ds.Rows), int(ds.Columns))
+        if ours is None:
+            continue
+        np.testing.assert_array_equal(ours, pydicom.dcmread(path).pixel_array)
+        checked += 1
+    assert checked >= 2
+
+
+def test_box_average_split_over_threads_is_identical():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 1 << 15, size=(1203, 1001)).astype(np.uint16)  # over the split size
+    try:
+        I.set_decode_threads(1)
+        one = I.box_reduce(a, 4)
+        I.set_decode_threads(3)
+        three = I.box_reduce(a, 4)
+        odd = I.box_reduce(a, 7)
+    finally:
+        I.set_decode_threads(1)
+    np.testing.assert_array_equal(one, three)
+    np.testing.assert_array_equal(odd, I.box_reduce(a, 7))
+    assert one.shape == (301, 251)
