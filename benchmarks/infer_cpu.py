@@ -33,7 +33,11 @@ from diagnostics.serve.runner import OnnxModel
 from diagnostics.train.export import export_onnx
 
 
-def random_export(arch: str, size: int, labels: list[str], out: Path) -> Path:
+def random_export(arch: str, size: int, labels: list[str], out: Path, seed: int = 0) -> Path:
+    """A random-weight export (seeded: the same weights, so the same calls, every run)."""
+    import torch
+
+    torch.manual_seed(seed)
     model = create_model(arch, in_channels=1, num_classes=len(labels)).eval()
     meta = ModelMetadata(
         task="cxr",

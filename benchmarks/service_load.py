@@ -57,6 +57,35 @@ def _payloads(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of a process, the main one named (Linux /proc; else empty)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = "main" if tid == str(pid) else f"thread {tid}"
+        fields = stat.rsplit(")", 1)[1].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tck
+        out["(system time)"] = out.get("(system time)", 0.0) + int(fields[12]) / tck
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,6 +96,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="an exported .onnx (default: random ResNet-18)")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="the service's model.batch_size")
+    parser.add_argument(
+        "--model-threads", type=int, default=0, help="the service's model.threads (0: its rule)"
+    )
     parser.add_argument("--studies", type=int, default=160, help="upper bound on uploads")
     parser.add_argument("--duration", type=float, default=120.0, help="upper bound, seconds")
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between status polls")
@@ -92,11 +125,15 @@ def main() -> int:
     scorer = Scorer(OnnxModel(args.model, device="cpu"), batch_size=8)
     scorer.score_many(payloads[:8])  # warm-up
     sample = payloads[: min(64, len(payloads))]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = scorer.score_many(sample)
     raw = len(sample) / (time.perf_counter() - t0)
+    runner_cpu = (time.process_time() - c0) / len(sample) * 1000
     outcomes = sorted({str(r.status if r.status == "scored" else r.code) for r in results})
-    print(f"runner alone: {raw:.1f} studies/s (batch 8; outcomes {outcomes})")
+    print(
+        f"runner alone: {raw:.1f} studies/s, {runner_cpu:.1f} ms CPU per study "
+        f"(batch 8; outcomes {outcomes})"
+    )
     from diagnostics.serve.qc import QCConfig
 
     heat = Path(tempfile.mkdtemp(prefix="service_load_heat_"))
@@ -115,7 +152,12 @@ def main() -> int:
         "host": "127.0.0.1",
         "port": port,
         "data_dir": str(work / "serve"),
-        "model": {"path": str(args.model), "device": "cpu", "batch_size": 8},
+        "model": {
+            "path": str(args.model),
+            "device": "cpu",
+            "batch_size": args.batch,
+            "threads": args.model_threads,
+        },
         "limits": {"rate_per_minute": 100000, "max_queue": 100000, "disk_reserve_mb": 100},
         "worker": {"poll_s": 0.05},
         "qc": {"ood": True},
@@ -203,12 +245,16 @@ def main() -> int:
                         gets[0] += n
 
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        cpu0 = (_cpu_seconds(server.pid), time.process_time())
+        threads0 = _thread_cpu(server.pid)
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        cpu = (_cpu_seconds(server.pid) - cpu0[0], time.process_time() - cpu0[1])
+        by_thread = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu(server.pid).items()}
     finally:
         server.terminate()
         server.wait(30)
@@ -228,6 +274,16 @@ def main() -> int:
         f"p99 {np.percentile(to_result, 99):.0f} ms"
     )
     print(f"  GET requests per study: {gets[0] / max(done, 1):.1f}")
+    n = max(done, 1)
+    print(
+        f"  CPU per study: service {cpu[0] / n * 1000:.1f} ms, clients {cpu[1] / n * 1000:.1f} ms "
+        f"(of {os.cpu_count()} cores x {wall / n * 1000:.1f} ms wall per study)"
+    )
+    busy = sorted(by_thread.items(), key=lambda kv: -kv[1])
+    print(
+        "  service CPU per study by thread: "
+        + ", ".join(f"{k} {v / n * 1000:.1f} ms" for k, v in busy if v / n * 1000 >= 0.5)
+    )
     print(f"  service / runner alone: {rate / raw:.2f}x")
     print(f"  service / runner with the service's per-image work: {rate / raw_same:.2f}x")
     return 0

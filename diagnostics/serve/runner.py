@@ -644,22 +644,26 @@ def write_overlay(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
     heat_img = Image.fromarray(heat, mode="F").resize(size, Image.Resampling.BILINEAR)
     level = np.clip(np.asarray(heat_img), 0, 1)  # (S, S)
-    alpha = level[..., None] * 0.5  # (S, S, 1)
-    grey = np.clip(pixels, 0, 1)[..., None].repeat(3, axis=-1)
-    red = np.zeros_like(grey)
-    red[..., 0] = 1.0
-    rgb = (grey * (1 - alpha) + red * alpha) * 255.0
+    alpha = level * np.float32(0.5)
+    # overlay = grey * (1 - alpha) + red * alpha, in 0..255: G = B = the darkened grey
+    dark = np.clip(pixels, 0, 1).astype(np.float32) * (1 - alpha) * np.float32(255.0)
+    rgb = np.empty((*level.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = np.rint(dark + alpha * np.float32(255.0))
+    rgb[..., 1] = rgb[..., 2] = np.rint(dark)
     # the layer: red to yellow as the evidence rises, transparent where there is none
-    layer = np.zeros((*level.shape, 4), dtype=np.float32)
-    layer[..., 0] = 1.0
-    layer[..., 1] = np.clip(level * 1.5 - 0.5, 0, 1)
-    layer[..., 3] = level**2  # faint where the evidence is middling, solid at its peak
+    layer = np.empty((*level.shape, 4), dtype=np.uint8)
+    layer[..., 0] = 255
+    layer[..., 1] = np.rint(np.clip(level * 1.5 - 0.5, 0, 1) * np.float32(255.0))
+    layer[..., 2] = 0
+    layer[..., 3] = np.rint(level * level * np.float32(255.0))  # faint where middling
     path.parent.mkdir(parents=True, exist_ok=True)
     for image, target in (
-        (Image.fromarray(rgb.round().astype(np.uint8), mode="RGB"), path),
-        (Image.fromarray((layer * 255).round().astype(np.uint8), mode="RGBA"), layer_path(path)),
+        (Image.fromarray(rgb, mode="RGB"), path),
+        (Image.fromarray(layer, mode="RGBA"), layer_path(path)),
     ):
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")  # no clash
-        image.save(tmp, format="PNG")
+        # zlib level 1: a quarter of the default's encoding time (2 ms, not 8, per image at
+        # 224 px) for files up to 40% larger (about 40 and 30 KB)
+        image.save(tmp, format="PNG", compress_level=1)
         tmp.replace(target)
     return path
