@@ -102,6 +102,12 @@ def test_the_gate_is_recorded_in_the_file_and_in_mlflow(trained):
             f"models:/{NAME}/{result.model_version}", result.onnx_path, result.model_version
         )
         assert note == "" and path is not None and file_sha256(path) == file_sha256(int8_path)
+        # copied once into the cache, not a temporary folder; found there the next time
+        assert "registry-int8" in path.parts and result.model_version in path.parts
+        again, _ = resolve_int8(
+            f"models:/{NAME}/{result.model_version}", result.onnx_path, result.model_version
+        )
+        assert again == path
 
 
 def test_int8_accuracy_is_within_the_gate(trained):

@@ -126,7 +126,7 @@ def resolve_int8(
         if found.version != version or found.sha256 != _sha256(path):
             return None, "the registry moved while resolving; int8 not looked up"
         return found.int8_path, found.int8_note
-    return _local_store_int8(model, version)
+    return _local_store_int8(model, version, cache_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -135,10 +135,13 @@ def _sha256(path: Path) -> str:
     return file_sha256(path)
 
 
-def _local_store_int8(model: str, version: str | None) -> tuple[Path | None, str]:
-    """The int8 artefact of a version in a local tracking store (read with mlflow)."""
+def _local_store_int8(
+    model: str, version: str | None, cache_dir: Path | None = None
+) -> tuple[Path | None, str]:
+    """The int8 artefact of a version in a local tracking store (read with mlflow), copied once
+    into the cache (`cache_dir`, else DIAGNOSTICS_HOME/cache) under registry-int8/NAME/VERSION:
+    a restart or a model switch finds it there, and no temporary folder is left behind."""
     import re
-    import tempfile
 
     if version is None:
         return None, "no registry version known"
@@ -159,10 +162,15 @@ def _local_store_int8(model: str, version: str | None) -> tuple[Path | None, str
     if not re.fullmatch(r"[0-9a-f]{64}", expected):
         return None, f"models:/{name}/{version} has no int8 artefact (no {INT8_SHA256_TAG})"
     rel = (mv.tags or {}).get(INT8_PATH_TAG) or INT8_DEFAULT_PATH
+    folder = (cache_dir or get_settings().cache_dir) / "registry-int8" / name / str(version)
+    for cached in (folder / Path(rel).name, folder / rel):  # where download_artifacts put it
+        if cached.is_file() and _sha256(cached) == expected:
+            return cached, ""
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path=rel, dst_path=tempfile.mkdtemp(prefix="int8-")
+                run_id=mv.run_id, artifact_path=rel, dst_path=str(folder)
             )
         )
     except mlflow.exceptions.MlflowException as exc:

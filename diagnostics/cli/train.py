@@ -296,10 +296,11 @@ def _summary_table(result: Any) -> str:
     lines.append(f"ONNX   {result.onnx_path}")
     lines.append(f"sha256 {result.sha256}")
     if result.int8:
-        deltas = [v for k, v in result.int8.items() if k.endswith("auroc_delta") and v == v]
+        worst = result.int8.get("gate_auroc_delta")  # the largest |change| over the findings
+        change = f"{worst:.4f}" if isinstance(worst, float) and worst == worst else "n/a"
         lines.append(
             f"int8   {result.int8['path']} (max |dp| vs fp32 {result.int8['max_prob_diff']:.3f}, "
-            f"val AUROC change {min(deltas, default=0.0):+.4f})"
+            f"largest val AUROC |change| {change}; gate {result.int8.get('gate', 'n/a')})"
         )
         lines.append(f"sha256 {result.int8['sha256']}")
     if result.run_id:
