@@ -5,7 +5,9 @@ alone (batch 1, preprocessed input), before and after decoding at the model's re
     .venv/bin/python benchmarks/score_cpu.py --model .diagnostics/runs/kermany-*/model.onnx
     .venv/bin/python benchmarks/score_cpu.py            # a random ResNet-18 at 224 px
 
-"before": the Scorer with the full-resolution decode (`decode(data)`, as it was); "after": the
+"before": the Scorer with the full-resolution decode (`decode(data)`, as before `target=`
+existed; the rest of the Scorer is as it is now, so "before" is not the old code's figure, which
+the issue and the closing notes give); "after": the
 Scorer as it is, decoding with `target=` the model's input side (JPEG 2000 at a reduced
 resolution level, everything else box-averaged to about twice the input side). "before" runs
 first, on its own (its full-resolution arrays would otherwise evict the caches of the path as it
@@ -108,8 +110,8 @@ def main() -> int:
     print(
         f"model {args.model.name} ({model.metadata.architecture}, {spec.size} px, "
         f"{model.metadata.quantization or 'fp32'}), sha256 {model.sha256[:12]}, "
-        f"{model.provider}; medians of {args.repeat} interleaved runs "
-        f"({args.slow_repeat} for a path over 200 ms)"
+        f"{model.provider}; medians of {args.repeat} runs ({args.slow_repeat} of 'before' for a "
+        "path over 200 ms); 'before' alone, 'after' interleaved with the model alone"
     )
     header = (
         f"{'input':<38}{'path':<8}{'total ms':>9}{'x model':>8}{'min ms':>8}{'x (min)':>8}"

@@ -11,7 +11,8 @@ seconds as clients did before long-poll existed. Reported: studies/s, p50/p99 ac
 latency (upload -> 202), p50/p99 time to result (upload -> final), GET requests per study,
 and service throughput / raw runner throughput.
 
-Two runner baselines, on the same bytes in this process, batch 8: the runner alone as the
+Two runner baselines, on the same bytes in this process, with the service's batch size and
+model threads (`--batch`, `--model-threads`): the runner alone as the
 issue measured it (no heatmaps, default QC), and the runner doing the per-image work the
 service does (the service's QC config, and a heatmap PNG written per positive finding).
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from diagnostics.serve.runner import OnnxModel, Scorer
+from diagnostics.serve.runner import OnnxModel, Scorer, available_cores
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -67,7 +68,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of a process, the main one named (Linux /proc; else empty)."""
+    """CPU seconds (user + system) per live thread of a process, the main one named (Linux
+    /proc; else empty). Threads that ended between two readings are missing from the later one:
+    the per-thread figures are a lower bound, the process total (`_cpu_seconds`) is not."""
     out: dict[str, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -82,7 +85,6 @@ def _thread_cpu(pid: int) -> dict[str, float]:
         fields = stat.rsplit(")", 1)[1].split()
         tck = os.sysconf("SC_CLK_TCK")
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tck
-        out["(system time)"] = out.get("(system time)", 0.0) + int(fields[12]) / tck
     return out
 
 
@@ -121,8 +123,11 @@ def main() -> int:
     payloads = _payloads(args.studies)
     print(f"{len(payloads)} distinct studies of {len(payloads[0]) / 1e6:.1f} MB each")
 
-    # Baseline: the runner alone, in this process, batch 8, on the same bytes.
-    scorer = Scorer(OnnxModel(args.model, device="cpu"), batch_size=8)
+    # Baseline: the runner alone, in this process, on the same bytes.
+    model_threads = args.model_threads or None  # as the service's rule picks for one worker
+    scorer = Scorer(
+        OnnxModel(args.model, device="cpu", threads=model_threads), batch_size=args.batch
+    )
     scorer.score_many(payloads[:8])  # warm-up
     sample = payloads[: min(64, len(payloads))]
     t0, c0 = time.perf_counter(), time.process_time()
@@ -132,13 +137,16 @@ def main() -> int:
     outcomes = sorted({str(r.status if r.status == "scored" else r.code) for r in results})
     print(
         f"runner alone: {raw:.1f} studies/s, {runner_cpu:.1f} ms CPU per study "
-        f"(batch 8; outcomes {outcomes})"
+        f"(batch {args.batch}; outcomes {outcomes})"
     )
     from diagnostics.serve.qc import QCConfig
 
     heat = Path(tempfile.mkdtemp(prefix="service_load_heat_"))
     same = Scorer(
-        OnnxModel(args.model, device="cpu"), QCConfig(ood=True), heatmap_dir=heat, batch_size=8
+        OnnxModel(args.model, device="cpu", threads=model_threads),
+        QCConfig(ood=True),
+        heatmap_dir=heat,
+        batch_size=args.batch,
     )
     same.score_many(payloads[:8], [f"w{i}" for i in range(8)])
     t0 = time.perf_counter()
@@ -277,7 +285,7 @@ def main() -> int:
     n = max(done, 1)
     print(
         f"  CPU per study: service {cpu[0] / n * 1000:.1f} ms, clients {cpu[1] / n * 1000:.1f} ms "
-        f"(of {os.cpu_count()} cores x {wall / n * 1000:.1f} ms wall per study)"
+        f"(of {available_cores()} cores x {wall / n * 1000:.1f} ms wall per study)"
     )
     busy = sorted(by_thread.items(), key=lambda kv: -kv[1])
     print(

@@ -409,10 +409,11 @@ NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit,
 
 
 def _native_pixels(ds: Any, rows: int, cols: int) -> np.ndarray | None:
-    """Stored values of uncompressed little-endian 8- or 16-bit pixel data, read in place (a
-    read-only view of the file's bytes, no copy), as `ds.pixel_array` gives them: bits above
-    BitsStored cleared (unsigned) or filled with the sign (signed). None for anything else
-    (big endian, deflated, 1- or 32-bit, several samples): pydicom then decodes it."""
+    """Stored values of uncompressed little-endian 8- or 16-bit pixel data, as `ds.pixel_array`
+    gives them (bits above BitsStored cleared, unsigned, or filled with the sign, signed), but
+    without its copy and pass: a read-only view of the PixelData bytes when no unused bit is
+    set, a new array only where one is. None for anything else (big endian, deflated, 1- or
+    32-bit, several samples): pydicom then decodes it."""
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     allocated = _int_tag(ds, "BitsAllocated")
     if tsyntax not in NATIVE_LITTLE_ENDIAN or allocated not in (8, 16):
@@ -518,7 +519,9 @@ _decode_threads = 1
 _decode_pool: Any = None
 _pool_size = 0
 _POOL_LOCK = threading.Lock()
-_OPJ_THREADS_FROM_ENV = "OPJ_NUM_THREADS" in os.environ  # the operator's choice wins
+# OPJ_NUM_THREADS that this package set records its value here too, so that a child process
+# (which inherits both) knows the value is not the operator's and may set its own.
+_OPJ_MARK = "DIAGNOSTICS_OPJ_NUM_THREADS"
 # Below this many pixels a second thread costs more than it saves.
 _SPLIT_PIXELS = 1_000_000
 
@@ -526,12 +529,23 @@ _SPLIT_PIXELS = 1_000_000
 def set_decode_threads(n: int) -> None:
     """Threads one decode may use: for the block average of a large image (split by rows), and
     for OpenJPEG's JPEG 2000 decoder (its OPJ_NUM_THREADS, read when a decoder is created; left
-    alone when the environment already sets it). The scoring process sets this to its ONNX
-    Runtime intra-op threads: decoding and the model take turns on the same cores."""
+    alone when the operator set it). A Scorer sets this when it is built: decoding and its
+    model take turns on the same cores. The environment is written only when the value changes
+    (in practice once, at start, before any decoding thread runs)."""
     global _decode_threads
     _decode_threads = max(1, int(n))
-    if not _OPJ_THREADS_FROM_ENV:
-        os.environ["OPJ_NUM_THREADS"] = str(_decode_threads)
+    current, mark = os.environ.get("OPJ_NUM_THREADS"), os.environ.get(_OPJ_MARK)
+    if current is not None and current != mark:
+        return  # the operator's choice
+    # One thread: no OpenJPEG thread pool at all (the calling thread decodes).
+    wanted = str(_decode_threads) if _decode_threads > 1 else None
+    if wanted == current:
+        return
+    if wanted is None:
+        os.environ.pop("OPJ_NUM_THREADS", None)
+        os.environ.pop(_OPJ_MARK, None)
+    else:
+        os.environ["OPJ_NUM_THREADS"] = os.environ[_OPJ_MARK] = wanted
 
 
 def _pool() -> Any:
@@ -540,6 +554,8 @@ def _pool() -> Any:
         if _decode_pool is None or _pool_size != _decode_threads:
             from concurrent.futures import ThreadPoolExecutor
 
+            if _decode_pool is not None:
+                _decode_pool.shutdown(wait=False)  # its running tasks still finish
             _decode_pool = ThreadPoolExecutor(_decode_threads, thread_name_prefix="decode")
             _pool_size = _decode_threads
         return _decode_pool
@@ -556,7 +572,8 @@ def box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
         return a.astype(np.float32, copy=False)
     n = min(_decode_threads, a.shape[0] // factor)
     if n > 1 and a.size >= _SPLIT_PIXELS:
-        step = -(-(a.shape[0] // factor) // n) * factor  # whole block rows per part
+        blocks = -(-a.shape[0] // factor)  # block rows, a partial last one included
+        step = -(-blocks // n) * factor  # whole block rows per part; the last holds the rest
         parts = [a[i : i + step] for i in range(0, a.shape[0], step)]
         return np.concatenate(list(_pool().map(lambda p: _box_reduce(p, factor), parts)))
     return _box_reduce(a, factor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -374,6 +375,10 @@ def test_native_pixels_read_in_place_equal_pydicom(
     parsed = I.read_dicom_header(_bytes(ds))
     ours = I._native_pixels(parsed, 37, 29)
     assert ours is not None
+    if not garbage:  # nothing to clear: the PixelData bytes themselves, not a copy
+        assert not ours.flags.writeable and np.shares_memory(
+            ours, np.frombuffer(parsed.PixelData, np.uint8)
+        )
     theirs = pydicom.dcmread(io.BytesIO(_bytes(ds))).pixel_array
     assert ours.dtype == theirs.dtype
     np.testing.assert_array_equal(ours, theirs)
@@ -404,17 +409,32 @@ def test_real_uncompressed_files_read_in_place_equal_pydicom():
     assert checked >= 2
 
 
-def test_box_average_split_over_threads_is_identical():
+def test_box_average_split_over_threads_is_identical(monkeypatch):
     rng = np.random.default_rng(1)
-    a = rng.integers(0, 1 << 15, size=(1203, 1001)).astype(np.uint16)  # over the split size
-    try:
-        I.set_decode_threads(1)
-        one = I.box_reduce(a, 4)
-        I.set_decode_threads(3)
-        three = I.box_reduce(a, 4)
-        odd = I.box_reduce(a, 7)
-    finally:
-        I.set_decode_threads(1)
+    a = rng.integers(0, 1 << 15, size=(1203, 1001)).astype(np.uint16)
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    monkeypatch.setattr(I, "_SPLIT_PIXELS", 1000)  # split whatever the default
+    one = I._box_reduce(a, 4)  # unsplit
+    parts = []
+    real = I._box_reduce
+    monkeypatch.setattr(I, "_box_reduce", lambda p, f: parts.append(p.shape) or real(p, f))
+    monkeypatch.setattr(I, "_decode_threads", 3)
+    three = I.box_reduce(a, 4)
+    assert len(parts) == 3 and sum(rows for rows, _ in parts) == 1203  # the split path ran
+    assert all(rows % 4 == 0 for rows, _ in parts[:-1])  # whole block rows but the last
     np.testing.assert_array_equal(one, three)
-    np.testing.assert_array_equal(odd, I.box_reduce(a, 7))
+    np.testing.assert_array_equal(I.box_reduce(a, 7), real(a, 7))
     assert one.shape == (301, 251)
+
+
+def test_decode_threads_set_openjpeg_threads_unless_the_operator_did(monkeypatch):
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    monkeypatch.delenv(I._OPJ_MARK, raising=False)
+    monkeypatch.setattr(I, "_decode_threads", 1)
+    I.set_decode_threads(2)
+    assert os.environ["OPJ_NUM_THREADS"] == "2"
+    I.set_decode_threads(1)  # one thread: no OpenJPEG pool at all
+    assert "OPJ_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OPJ_NUM_THREADS", "4")  # the operator's
+    I.set_decode_threads(2)
+    assert os.environ["OPJ_NUM_THREADS"] == "4"

@@ -222,6 +222,28 @@ def test_real_qc_decisions_unchanged():
         assert a == b, path.name
 
 
+def test_real_qc_contrast_on_a_subsample_is_within_0_02_of_all_pixels():
+    """QC's 1st-99th percentile range is taken on a regular subsample of about 62,500 pixels
+    (`qc.check_image`): on the real chests, reduced and full, it stays within 0.02 of the range
+    over every pixel (measured: 0.013), so only an image that close to `min_dynamic_range`
+    could change verdict.
+    """
+    shared("dicom")
+    worst = 0.0
+    for path in [*_dicoms(), *_pngs()]:
+        data = path.read_bytes()
+        for target in (None, 224):
+            try:
+                px = I.decode(data, target=target).pixels
+            except I.ImageError:
+                break
+            step = max(1, int(np.ceil(np.sqrt(px.size / 62_500))))
+            every = np.subtract(*np.percentile(px, [99, 1]))
+            sample = np.subtract(*np.percentile(px[::step, ::step], [99, 1]))
+            worst = max(worst, abs(every - sample))
+    assert worst <= 0.02, worst
+
+
 def _probabilities(model, images: list[I.DecodedImage]) -> np.ndarray:
     spec = model.metadata.preprocessing
     x = np.stack([I.preprocess(im.pixels, spec, geometry=im.geometry) for im in images])

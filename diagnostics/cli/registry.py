@@ -163,18 +163,26 @@ def _local_store_int8(
         return None, f"models:/{name}/{version} has no int8 artefact (no {INT8_SHA256_TAG})"
     rel = (mv.tags or {}).get(INT8_PATH_TAG) or INT8_DEFAULT_PATH
     folder = (cache_dir or get_settings().cache_dir) / "registry-int8" / name / str(version)
-    for cached in (folder / Path(rel).name, folder / rel):  # where download_artifacts put it
-        if cached.is_file() and _sha256(cached) == expected:
-            return cached, ""
+    cached = folder / Path(rel).name
+    if cached.is_file() and _sha256(cached) == expected:
+        return cached, ""
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path=rel, dst_path=str(folder)
+    import tempfile
+
+    # Downloaded beside, then renamed into place: another process never sees half a file.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        try:
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=mv.run_id, artifact_path=rel, dst_path=tmp
+                )
             )
-        )
-    except mlflow.exceptions.MlflowException as exc:
-        return None, f"models:/{name}/{version}: int8 artefact unreadable ({exc.message[:200]})"
+        except mlflow.exceptions.MlflowException as exc:
+            return None, (
+                f"models:/{name}/{version}: int8 artefact unreadable ({exc.message[:200]})"
+            )
+        local = folder / Path(rel).name
+        got.replace(local)  # the same file system: an atomic rename
     sha = _sha256(local)
     if sha != expected:
         return None, (

@@ -169,8 +169,9 @@ def check_image(image: DecodedImage, cfg: QCConfig) -> list[QCResult]:
     else:
         out.append(_ok("size", "image", f"{w}x{h}"))
     px = image.pixels
-    # A regular subsample of about 62,500 pixels is enough for the 1st and 99th percentiles
-    # (within 0.002 of all pixels' on the real chests; tests/test_reduced_decode.py).
+    # A regular subsample of about 62,500 pixels is enough for the 1st and 99th percentiles:
+    # the range stays within 0.02 (measured 0.013) of all pixels' on the real chests
+    # (tests/test_reduced_decode.py), where their ranges are 0.3 to 0.9.
     step = max(1, int(np.ceil(np.sqrt(px.size / 62_500))))
     lo, hi = np.percentile(px[::step, ::step], [1, 99])
     if not np.isfinite(px).all():

@@ -325,8 +325,9 @@ class Scorer:
         self.heatmap_dir = Path(heatmap_dir) if heatmap_dir is not None else None
         self.batch_size = max(1, batch_size)
         self.points = self.operating_points(None)  # the model's own
-        # Decoding and the model take turns on the same cores: the same number of threads.
-        set_decode_threads(model.threads or _cores())
+        # Decoding and the model take turns on the same cores: the model's intra-op threads,
+        # or (ORT's default, a thread per physical core) the CPUs this process may use.
+        set_decode_threads(model.threads or available_cores())
 
     def operating_points(self, profile: Any = None) -> dict[str, OperatingPoint]:
         """The operating point of each finding, label -> OperatingPoint.
@@ -609,12 +610,14 @@ def _number(value: Any) -> float | None:
 _REPORTED_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation")
 
 
-def _cores() -> int:
-    """CPU cores this process may run on."""
+def available_cores() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS keeps one (taskset,
+    cpusets), else every CPU of the machine. (A container's CPU quota is not seen: set
+    `model.threads` there.)"""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _ms(t0: float, t1: float | None = None) -> float:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from diagnostics.serve.aggregate import aggregate
-from diagnostics.serve.runner import Scorer, ScoreResult
+from diagnostics.serve.runner import Scorer, ScoreResult, available_cores
 from diagnostics.serve.store import LeaseLost, Store, StoreBusy
 
 if TYPE_CHECKING:
@@ -40,16 +40,6 @@ PERMANENT = {"non_finite_output", "blob_missing", "processing_error"}
 
 def worker_id() -> str:
     return f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def available_cores() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS keeps one (taskset,
-    cpusets), else every CPU of the machine. (A container's CPU quota is not seen: set
-    `model.threads` there.)"""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def scoring_threads(configured: int, per_host: int, cores: int | None = None) -> int:
