@@ -20,7 +20,6 @@ service does (the service's QC config, and a heatmap PNG written per positive fi
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from timing import noisy_pngs  # benchmarks/timing.py (scripts run from this folder)
 
 from diagnostics.serve.runner import OnnxModel, Scorer, available_cores
 
@@ -39,6 +39,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _payloads(n: int, seed: int = 0) -> list[bytes]:
+    """n distinct PNGs: noise variants of a real NIH chest (a synthetic one without it)."""
     from PIL import Image
 
     nih = SHARED / "cxr" / "nih_sample" / "images" / "00000211_013.png"
@@ -48,14 +49,7 @@ def _payloads(n: int, seed: int = 0) -> list[bytes]:
         from diagnostics.data.synthetic import SynthSpec, generate
 
         base = generate(1, SynthSpec(size=512), seed)[0][1].pixels
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        noisy = np.clip(base + rng.normal(0, 0.004, base.shape), 0, 1)
-        buf = io.BytesIO()
-        Image.fromarray(np.round(noisy * 255).astype(np.uint8)).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return noisy_pngs(base, n, 0.004, seed)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import statistics
 import subprocess
@@ -36,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import yaml
 from sqlalchemy import func, select, update
+from timing import noisy_pngs  # benchmarks/timing.py (scripts run from this folder)
 
 from diagnostics.serve.config import ServeConfig
 from diagnostics.serve.intake import ingest
@@ -53,19 +52,10 @@ FINAL = ("scored", "failed_qc", "failed")
 
 def _payloads(n: int, size: int, seed: int = 0) -> list[bytes]:
     """n distinct PNGs: noise variants of one synthetic chest."""
-    from PIL import Image
-
     from diagnostics.data.synthetic import SynthSpec, generate
 
     base = generate(1, SynthSpec(size=max(size, 64)), seed)[0][1].pixels
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        noisy = np.clip(base + rng.normal(0, 0.005, base.shape), 0, 1)
-        buf = io.BytesIO()
-        Image.fromarray(np.round(noisy * 255).astype(np.uint8)).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return noisy_pngs(base, n, 0.005, seed)
 
 
 def _pg_schema(url: str) -> tuple[str, str]:

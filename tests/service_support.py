@@ -203,17 +203,24 @@ def running_service(
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def pg_schema_url() -> Iterator[str]:
-    """A fresh schema in the local PostgreSQL `test` database, dropped afterwards; skip if the
-    server is not reachable."""
+PG_ADMIN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+
+
+def pg_connect_or_skip() -> Any:
+    """An autocommit psycopg connection to the local PostgreSQL `test` database; skip the test
+    with the reason where the server is not reachable."""
     try:
         import psycopg
 
-        conn = psycopg.connect(
-            "host=127.0.0.1 port=5432 dbname=test user=postgres", autocommit=True, connect_timeout=3
-        )
+        return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
     except Exception as exc:
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 (db test) is not reachable: {exc}")
+
+
+def pg_schema_url() -> Iterator[str]:
+    """A fresh schema in the local PostgreSQL `test` database, dropped afterwards; skip if the
+    server is not reachable."""
+    conn = pg_connect_or_skip()
     schema = f"t_{uuid.uuid4().hex[:10]}"
     conn.execute(f"CREATE SCHEMA {schema}")
     try:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_support import pg_connect_or_skip
 
-PG_ADMIN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 PASSWORD = f"pw-{uuid.uuid4().hex[:12]}"  # must never appear in any output
 DIAGNOSTICS = Path(sys.executable).with_name("diagnostics")
 
@@ -37,12 +37,7 @@ def free_port() -> int:
 @contextmanager
 def fresh_database() -> Iterator[str]:
     """A new, empty PostgreSQL database: its SQLAlchemy URI (with a password); dropped after."""
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 (db test) is not reachable: {exc}")
+    admin = pg_connect_or_skip()
     name = f"mlflow_{uuid.uuid4().hex[:10]}"
     admin.execute(f"CREATE DATABASE {name}")
     try:
