@@ -378,9 +378,8 @@ def decode_dicom(
     if reduced is not None:
         stored, geometry = reduced
     else:
-        stored = _native_pixels(ds, rows, cols)
-        if stored is None:
-            stored = _dicom_pixel_array(ds, rows, cols)
+        native = _native_pixels(ds, rows, cols)
+        stored = native if native is not None else _dicom_pixel_array(ds, rows, cols)
         if factor > 1 and _affine_until_window(ds):
             # Averaging commutes with the rescale and the window's linear part: average the
             # stored values (16x fewer to map). Only boxes straddling the window's ends differ.
