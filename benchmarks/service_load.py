@@ -11,10 +11,11 @@ seconds as clients did before long-poll existed. Reported: studies/s, p50/p99 ac
 latency (upload -> 202), p50/p99 time to result (upload -> final), GET requests per study,
 and service throughput / raw runner throughput.
 
-Two runner baselines, on the same bytes in this process, with the service's batch size and
-model threads (`--batch`, `--model-threads`): the runner alone as the
-issue measured it (no heatmaps, default QC), and the runner doing the per-image work the
-service does (the service's QC config, and a heatmap PNG written per positive finding).
+Runner baselines, on the same bytes in this process, with the service's batch size and model
+threads (`--batch`, `--model-threads`): the runner alone as the issue measured it (no
+heatmaps, default QC), decoding one image at a time as the service does and side by side as
+`diagnostics score` does; and the runner doing the per-image work the service does (the
+service's QC config, and a heatmap PNG written per positive finding).
 """
 
 from __future__ import annotations
@@ -119,20 +120,28 @@ def main() -> int:
 
     # Baseline: the runner alone, in this process, on the same bytes.
     model_threads = args.model_threads or None  # as the service's rule picks for one worker
-    scorer = Scorer(
-        OnnxModel(args.model, device="cpu", threads=model_threads), batch_size=args.batch
-    )
-    scorer.score_many(payloads[:8])  # warm-up
+    # One image decoded at a time, as the service's worker does (models.ModelHolder); and
+    # side by side, as `diagnostics score` does (a batch runner with nothing else to serve).
     sample = payloads[: min(64, len(payloads))]
-    t0, c0 = time.perf_counter(), time.process_time()
-    results = scorer.score_many(sample)
-    raw = len(sample) / (time.perf_counter() - t0)
-    runner_cpu = (time.process_time() - c0) / len(sample) * 1000
-    outcomes = sorted({str(r.status if r.status == "scored" else r.code) for r in results})
-    print(
-        f"runner alone: {raw:.1f} studies/s, {runner_cpu:.1f} ms CPU per study "
-        f"(batch {args.batch}; outcomes {outcomes})"
-    )
+    raw = raw_side = 0.0
+    for parallel in (False, True):
+        scorer = Scorer(
+            OnnxModel(args.model, device="cpu", threads=model_threads),
+            batch_size=args.batch,
+            parallel_decode=parallel,
+        )
+        scorer.score_many(payloads[:8])  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = scorer.score_many(sample)
+        rate = len(sample) / (time.perf_counter() - t0)
+        runner_cpu = (time.process_time() - c0) / len(sample) * 1000
+        outcomes = sorted({str(r.status if r.status == "scored" else r.code) for r in results})
+        how = "images side by side, as `score`" if parallel else "one image at a time, as served"
+        print(
+            f"runner alone ({how}): {rate:.1f} studies/s, {runner_cpu:.1f} ms CPU per study "
+            f"(batch {args.batch}; outcomes {outcomes})"
+        )
+        raw, raw_side = (raw, rate) if parallel else (rate, raw_side)
     from diagnostics.serve.qc import QCConfig
 
     heat = Path(tempfile.mkdtemp(prefix="service_load_heat_"))
@@ -141,6 +150,7 @@ def main() -> int:
         QCConfig(ood=True),
         heatmap_dir=heat,
         batch_size=args.batch,
+        parallel_decode=False,
     )
     same.score_many(payloads[:8], [f"w{i}" for i in range(8)])
     t0 = time.perf_counter()
@@ -287,6 +297,7 @@ def main() -> int:
         + ", ".join(f"{k} {v / n * 1000:.1f} ms" for k, v in busy if v / n * 1000 >= 0.5)
     )
     print(f"  service / runner alone: {rate / raw:.2f}x")
+    print(f"  service / runner alone, images side by side: {rate / raw_side:.2f}x")
     print(f"  service / runner with the service's per-image work: {rate / raw_same:.2f}x")
     return 0
 

@@ -136,6 +136,24 @@ def test_integrity_check_and_batching(cxr_model):
             assert fa.probability == pytest.approx(fb.probability, abs=1e-6)
 
 
+def test_side_by_side_decode_gives_the_same_results_in_order(cxr_model):
+    """A batch runner decodes a call's images on the decode threads: every result, a refused
+    colour photo and an unreadable file among them, equals one-at-a-time decoding, in order."""
+    m = OnnxModel(cxr_model, threads=2)
+    data = [png_bytes(p) for p in synth_pixels(5, seed=7)]
+    data[1:1] = [colour_photo(), b"\x89PNG\r\n\x1a\n not a png"]
+    serial = Scorer(m, batch_size=3, parallel_decode=False)
+    side = Scorer(m, batch_size=3)
+    assert side.parallel_decode and side.decode_threads == 2
+    a, b = serial.score_many(data), side.score_many(data)
+    assert side._prepare_pool is not None  # the pool did the decoding
+    assert [r.status for r in a] == [r.status for r in b]
+    assert [r.code for r in a] == [r.code for r in b] and a[1].code and a[2].code
+    for ra, rb in zip(a, b, strict=True):
+        assert [f.probability for f in ra.findings] == [f.probability for f in rb.findings]
+        assert [q.code for q in ra.qc] == [q.code for q in rb.qc]
+
+
 def test_heatmaps_for_positive_findings(cxr_model, tmp_path):
     from PIL import Image
 

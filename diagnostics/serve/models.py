@@ -46,8 +46,13 @@ class ModelHolder:
         self.switches = 0
 
     def _scorer(self, model: OnnxModel) -> Scorer:
+        # one image at a time: the request threads use the other cores (runner.Scorer)
         return Scorer(
-            model, self.cfg.qc, heatmap_dir=self.heatmap_dir, batch_size=self.cfg.model.batch_size
+            model,
+            self.cfg.qc,
+            heatmap_dir=self.heatmap_dir,
+            batch_size=self.cfg.model.batch_size,
+            parallel_decode=False,
         )
 
     def refresh(self) -> bool:

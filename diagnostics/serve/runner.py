@@ -307,6 +307,7 @@ class Scorer:
         *,
         heatmap_dir: str | Path | None = None,
         batch_size: int = 8,
+        parallel_decode: bool = True,
     ) -> None:
         if model.metadata.task != "cxr" or model.metadata.preprocessing is None:
             raise ValueError(f"{model.path.name} is not a CXR model (task {model.metadata.task})")
@@ -327,7 +328,13 @@ class Scorer:
         self.points = self.operating_points(None)  # the model's own
         # Decoding and the model take turns on the same cores: the model's intra-op threads,
         # or (ORT's default, a thread per physical core) the CPUs this process may use.
-        set_decode_threads(model.threads or available_cores())
+        self.decode_threads = model.threads or available_cores()
+        set_decode_threads(self.decode_threads)
+        # The images of one call decoded side by side: for a batch runner, whose cores are
+        # otherwise idle while it decodes. Not for the service, whose request threads use them
+        # (measured: 23.3 -> 21.7 studies/s, 6 ms more CPU per study, `service_load.py`).
+        self.parallel_decode = parallel_decode
+        self._prepare_pool: Any = None  # made at first use
 
     def operating_points(self, profile: Any = None) -> dict[str, OperatingPoint]:
         """The operating point of each finding, label -> OperatingPoint.
@@ -377,6 +384,20 @@ class Scorer:
             provider=m.provider,
             precision=m.precision,
         )
+
+    def _prepare_all(self, items: list[bytes]) -> list[_Pending]:
+        """`_prepare` each input, in order. Several inputs are prepared side by side on the
+        decode threads: Pillow, zlib, OpenJPEG and numpy release the GIL, so a batch's decodes
+        fill the cores between model runs instead of leaving all but one idle."""
+        if len(items) < 2 or self.decode_threads < 2 or not self.parallel_decode:
+            return [self._prepare(d) for d in items]
+        if self._prepare_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prepare_pool = ThreadPoolExecutor(
+                self.decode_threads, thread_name_prefix="prepare"
+            )
+        return list(self._prepare_pool.map(self._prepare, items))
 
     def _prepare(self, data: bytes) -> _Pending:
         """Decode, QC and preprocess one input. Never raises: a failure is the result."""
@@ -465,7 +486,7 @@ class Scorer:
         (see `operating_points`), or None: each finding's call, and so its heatmap, is made
         at the operating point the input's site uses."""
         names = names or [str(i) for i in range(len(items))]
-        pendings = [self._prepare(d) for d in items]
+        pendings = self._prepare_all(items)
         for p, limit in zip(pendings, population_limits or [], strict=False):
             p.population_limit = limit
         for i, p in enumerate(pendings):
