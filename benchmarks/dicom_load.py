@@ -161,6 +161,7 @@ def _runner_rate(
         QCConfig(ood=ood),
         heatmap_dir=tmp / "runner-heatmaps",
         batch_size=BATCH,
+        parallel_decode=False,  # one image at a time, as the service's worker decodes
     )
     scorer.score_many([f.read_bytes() for s in studies[:BATCH] for f in s.files])  # warm-up
     outcomes: Counter[str] = Counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -136,22 +137,52 @@ def test_integrity_check_and_batching(cxr_model):
             assert fa.probability == pytest.approx(fb.probability, abs=1e-6)
 
 
-def test_side_by_side_decode_gives_the_same_results_in_order(cxr_model):
-    """A batch runner decodes a call's images on the decode threads: every result, a refused
-    colour photo and an unreadable file among them, equals one-at-a-time decoding, in order."""
-    m = OnnxModel(cxr_model, threads=2)
-    data = [png_bytes(p) for p in synth_pixels(5, seed=7)]
-    data[1:1] = [colour_photo(), b"\x89PNG\r\n\x1a\n not a png"]
-    serial = Scorer(m, batch_size=3, parallel_decode=False)
-    side = Scorer(m, batch_size=3)
+def _same_results(model, data: list[bytes]) -> list:
+    """Side by side and one at a time give equal results, in order."""
+    serial = Scorer(model, batch_size=3, parallel_decode=False)
+    side = Scorer(model, batch_size=3)
     assert side.parallel_decode and side.decode_threads == 2
+    started: set[str] = set()
+    prepare = side._prepare
+
+    def spy(item: bytes):  # records which threads prepared an input
+        started.add(threading.current_thread().name)
+        return prepare(item)
+
+    side._prepare = spy  # type: ignore[method-assign]
     a, b = serial.score_many(data), side.score_many(data)
-    assert side._prepare_pool is not None  # the pool did the decoding
+    assert started and all(name.startswith("prepare") for name in started)
     assert [r.status for r in a] == [r.status for r in b]
-    assert [r.code for r in a] == [r.code for r in b] and a[1].code and a[2].code
+    assert [r.code for r in a] == [r.code for r in b]
     for ra, rb in zip(a, b, strict=True):
         assert [f.probability for f in ra.findings] == [f.probability for f in rb.findings]
         assert [q.code for q in ra.qc] == [q.code for q in rb.qc]
+        assert ra.image == rb.image
+    return a
+
+
+def test_side_by_side_decode_gives_the_same_results_in_order(cxr_model):
+    """A batch runner decodes a call's images on the decode threads: every result (a refused
+    colour photo, an unreadable file, and inputs over 1 Mpx, whose block average is itself
+    split over the decode threads, among them) equals one-at-a-time decoding, in order."""
+    m = OnnxModel(cxr_model, threads=2)
+    data = [png_bytes(p) for p in synth_pixels(4, seed=7)]
+    big = synth_pixels(2, seed=8, size=1100)
+    data[1:1] = [colour_photo(), b"\x89PNG\r\n\x1a\n not a png", png_bytes(big[0])]
+    data.append(dicom_bytes(big[1]))
+    a = _same_results(m, data)
+    assert a[1].code and a[2].code  # refused and unreadable, in their places
+    assert a[3].image["rows"] == 1100 and a[-1].image["format"] == "dicom"
+
+
+def test_side_by_side_decode_of_real_files(cxr_model):
+    """The same on the real JPEG 2000, uncompressed and JPEG-LS chests and NIH PNGs."""
+    dicoms = [
+        shared("dicom", n) for n in ("pydicom-data_RG1_J2KR.dcm", "pydicom-data_RG1_UNCR.dcm")
+    ]
+    pngs = sorted((shared("cxr") / "nih_sample" / "images").glob("*.png"))[:3]
+    data = [p.read_bytes() for p in [*dicoms, *pngs, shared("dicom", "WG04_RG1_JLSN.dcm")]]
+    _same_results(OnnxModel(cxr_model, threads=2), data)
 
 
 def test_heatmaps_for_positive_findings(cxr_model, tmp_path):

@@ -37,7 +37,8 @@ def service(cxr_model, tmp_path_factory):
     cfg = serve_config(
         cxr_model,
         tmp_path_factory.mktemp("studies") / "serve",
-        studies={"quiet_period_s": 1.0, "max_instances": 3},
+        # 3 s: an open study must still be open after a POST and a GET on a loaded 2-core machine
+        studies={"quiet_period_s": 3.0, "max_instances": 3},
         triage={"max_wait_minutes": 240, "clinics": {"clinic-a": 30}},
     )
     with running_service(cfg) as svc:
@@ -101,7 +102,7 @@ def test_dicom_images_of_one_study_are_grouped_and_scored_after_the_quiet_period
     sid = results[0].study.id
     assert service.store.get_study(sid).status == "received"
     service.app.state.worker.wake.set()
-    doc = service.wait(sid, timeout=30)  # the quiet period (1 s) ends, then it is scored
+    doc = service.wait(sid, timeout=30)  # the quiet period (3 s) ends, then it is scored
     assert doc["status"] == "scored" and doc["instance_count"] == 2
     by_id = {i["id"]: i for i in doc["images"]}
     assert all(i["status"] == "scored" for i in by_id.values())

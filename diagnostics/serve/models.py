@@ -34,8 +34,15 @@ class ModelHolder:
         heatmap_dir: Path,
         source: ModelSource | None = None,
         loader: ModelLoader | None = None,
+        *,
+        parallel_decode: bool = False,
     ) -> None:
         self.cfg = cfg
+        # One image at a time by default: in the API process the request threads use the other
+        # cores (measured with `benchmarks/service_load.py`, 2 cores, 8 clients: 23.3 studies/s
+        # one at a time, 21.7 side by side, with 6 ms more CPU per study). `diagnostics worker`
+        # keeps it off too: side by side was not measured for a worker alone on a machine.
+        self.parallel_decode = parallel_decode
         self.loader = loader
         self.heatmap_dir = heatmap_dir
         self.source = source
@@ -46,13 +53,12 @@ class ModelHolder:
         self.switches = 0
 
     def _scorer(self, model: OnnxModel) -> Scorer:
-        # one image at a time: the request threads use the other cores (runner.Scorer)
         return Scorer(
             model,
             self.cfg.qc,
             heatmap_dir=self.heatmap_dir,
             batch_size=self.cfg.model.batch_size,
-            parallel_decode=False,
+            parallel_decode=self.parallel_decode,
         )
 
     def refresh(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -297,6 +298,12 @@ class _Pending:
     points: dict[str, OperatingPoint] = field(default_factory=dict)
 
 
+# At most this many images decoded side by side: each holds its full-resolution pixels while it
+# decodes (up to ~6 bytes a pixel, 50 Mpx at most), and each JPEG 2000 decode starts OpenJPEG's
+# own threads (OPJ_NUM_THREADS, `imaging.set_decode_threads`).
+MAX_SIDE_BY_SIDE = 4
+
+
 class Scorer:
     """decode -> QC -> preprocess -> model -> OOD -> findings (+ CAM overlays), batched."""
 
@@ -331,10 +338,10 @@ class Scorer:
         self.decode_threads = model.threads or available_cores()
         set_decode_threads(self.decode_threads)
         # The images of one call decoded side by side: for a batch runner, whose cores are
-        # otherwise idle while it decodes. Not for the service, whose request threads use them
-        # (measured: 23.3 -> 21.7 studies/s, 6 ms more CPU per study, `service_load.py`).
+        # otherwise idle while it decodes; the service turns it off (`ModelHolder`).
         self.parallel_decode = parallel_decode
         self._prepare_pool: Any = None  # made at first use
+        self._pool_lock = threading.Lock()
 
     def operating_points(self, profile: Any = None) -> dict[str, OperatingPoint]:
         """The operating point of each finding, label -> OperatingPoint.
@@ -388,15 +395,16 @@ class Scorer:
     def _prepare_all(self, items: list[bytes]) -> list[_Pending]:
         """`_prepare` each input, in order. Several inputs are prepared side by side on the
         decode threads: Pillow, zlib, OpenJPEG and numpy release the GIL, so a batch's decodes
-        fill the cores between model runs instead of leaving all but one idle."""
+        fill the cores between model runs instead of leaving all but one idle. Each input's
+        `timing_ms["decode"]` is then its own wall time, the others' decodes running beside."""
         if len(items) < 2 or self.decode_threads < 2 or not self.parallel_decode:
             return [self._prepare(d) for d in items]
-        if self._prepare_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._pool_lock:
+            if self._prepare_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._prepare_pool = ThreadPoolExecutor(
-                self.decode_threads, thread_name_prefix="prepare"
-            )
+                workers = min(self.decode_threads, MAX_SIDE_BY_SIDE)
+                self._prepare_pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
         return list(self._prepare_pool.map(self._prepare, items))
 
     def _prepare(self, data: bytes) -> _Pending:
