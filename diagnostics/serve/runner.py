@@ -393,8 +393,9 @@ class Scorer:
         )
 
     def _prepare_all(self, items: list[bytes]) -> list[_Pending]:
-        """`_prepare` each input, in order. Several inputs are prepared side by side on the
-        decode threads: Pillow, zlib, OpenJPEG and numpy release the GIL, so a batch's decodes
+        """`_prepare` each input, in order. Several inputs are prepared side by side, on as
+        many threads as decoding may use (at most `MAX_SIDE_BY_SIDE`): Pillow, zlib, OpenJPEG
+        and numpy release the GIL, so a batch's decodes
         fill the cores between model runs instead of leaving all but one idle. Each input's
         `timing_ms["decode"]` is then its own wall time, the others' decodes running beside."""
         if len(items) < 2 or self.decode_threads < 2 or not self.parallel_decode:
