@@ -263,7 +263,7 @@ def main() -> int:
         model = args.model
         if model is None:
             sys.path.insert(0, str(Path(__file__).parent))
-            from infer_cpu import random_export  # benchmarks/infer_cpu.py
+            from diagnostics.train.export import random_export
 
             model = random_export("resnet18", 224, ["Pneumonia"], tmp / "resnet18.onnx")
         print(f"\nmodel {model.name}, {model.stat().st_size / 2**20:.0f} MB")

@@ -19,39 +19,15 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from timing import median_ms  # benchmarks/timing.py (scripts run from this folder)
 
-from diagnostics import __version__
-from diagnostics.contract import InputSpec, ModelMetadata, PreprocessSpec, Threshold
 from diagnostics.models.registry import create_model
 from diagnostics.serve.runner import OnnxModel
-from diagnostics.train.export import export_onnx
-
-
-def random_export(arch: str, size: int, labels: list[str], out: Path, seed: int = 0) -> Path:
-    """A random-weight export (seeded: the same weights, so the same calls, every run)."""
-    import torch
-
-    torch.manual_seed(seed)
-    model = create_model(arch, in_channels=1, num_classes=len(labels)).eval()
-    meta = ModelMetadata(
-        task="cxr",
-        name="bench",
-        architecture=arch,
-        labels=labels,
-        temperature=[1.0] * len(labels),
-        thresholds={f: Threshold(value=0.5, policy="fixed") for f in labels},
-        preprocessing=PreprocessSpec(size=size),
-        input=InputSpec(shape=["batch", 1, size, size]),
-        created=datetime.now(UTC).isoformat(),
-        package_version=__version__,
-    )
-    return export_onnx(model, meta, out)
+from diagnostics.train.export import random_export
 
 
 def random_int8(fp32_path: Path, n: int = 32) -> Path:

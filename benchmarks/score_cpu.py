@@ -96,7 +96,7 @@ def main() -> int:
         print(f"skipped: needs {SHARED} (real DICOM and NIH images)")
         return 0
     if args.model is None:
-        from infer_cpu import random_export  # benchmarks/infer_cpu.py
+        from diagnostics.train.export import random_export
 
         args.model = random_export(
             "resnet18", 224, ["Pneumonia"], Path(tempfile.mkdtemp()) / "resnet18.onnx"

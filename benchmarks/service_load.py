@@ -110,7 +110,7 @@ def main() -> int:
     import httpx
 
     if args.model is None:
-        from infer_cpu import random_export  # benchmarks/infer_cpu.py
+        from diagnostics.train.export import random_export
 
         args.model = random_export(
             "resnet18", 224, ["Pneumonia"], Path(tempfile.mkdtemp()) / "resnet18.onnx"

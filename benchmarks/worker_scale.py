@@ -218,7 +218,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.model is None:
-        from infer_cpu import random_export  # benchmarks/infer_cpu.py
+        from diagnostics.train.export import random_export
 
         args.model = random_export(
             args.arch, args.size, ["Pneumonia"], Path(tempfile.mkdtemp()) / f"{args.arch}.onnx"

@@ -286,32 +286,12 @@ def test_real_model_probabilities_unchanged(cxr_model):
 
 def test_real_probabilities_of_a_224_model(tmp_path):
     pytest.importorskip("torch")
-    from datetime import UTC, datetime
-
-    import torch
-
-    from diagnostics import __version__
-    from diagnostics.contract import InputSpec, ModelMetadata, Threshold
-    from diagnostics.models.registry import create_model
     from diagnostics.serve.runner import OnnxModel
-    from diagnostics.train.export import export_onnx
+    from diagnostics.train.export import random_export
 
     shared("dicom")
-    torch.manual_seed(0)
-    net = create_model("resnet18", in_channels=1, num_classes=1).eval()
-    meta = ModelMetadata(
-        task="cxr",
-        name="reduced-decode-224",
-        architecture="resnet18",
-        labels=["Pneumonia"],
-        temperature=[1.0],
-        thresholds={"Pneumonia": Threshold(value=0.5, policy="fixed")},
-        preprocessing=PreprocessSpec(size=224),
-        input=InputSpec(shape=["batch", 1, 224, 224]),
-        created=datetime.now(UTC).isoformat(),
-        package_version=__version__,
-    )
-    model = OnnxModel(export_onnx(net, meta, tmp_path / "m.onnx"), device="cpu")
+    path = random_export("resnet18", 224, ["Pneumonia"], tmp_path / "m.onnx", name="reduced-224")
+    model = OnnxModel(path, device="cpu")
     inputs = _real_inputs()
     full = _probabilities(model, [I.decode(d) for d in inputs])
     reduced = _probabilities(model, [I.decode(d, target=224) for d in inputs])

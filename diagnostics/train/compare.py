@@ -158,14 +158,21 @@ def _withheld_lines(dataset: dict[str, Any]) -> list[str]:
     ]
 
 
+def _dataset_line(dataset: dict[str, Any], models: list[tuple[str, str]]) -> str:
+    """'Dataset: NAME, split S, N images. A sha256 `..`, B sha256 `..`.' for a report's
+    header; `models`: (who, sha256) pairs."""
+    shas = ", ".join(f"{who} sha256 `{sha[:12]}`" for who, sha in models)
+    return (
+        f"Dataset: {dataset['name']}, split {dataset['split']}, {dataset['images']} images. {shas}."
+    )
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     c, b = report["candidate"], report["baseline"]
     lines = [
         f"# Compare: {c['label']} vs {b['label']}",
         "",
-        f"Dataset: {report['dataset']['name']}, split {report['dataset']['split']}, "
-        f"{report['dataset']['images']} images. Candidate sha256 `{c['sha256'][:12]}`, "
-        f"baseline sha256 `{b['sha256'][:12]}`.",
+        _dataset_line(report["dataset"], [("Candidate", c["sha256"]), ("baseline", b["sha256"])]),
         *_withheld_lines(report["dataset"]),
         "",
         "| finding | n (pos) | AUROC cand | AUROC base | diff [95% CI] | DeLong p | "
@@ -315,9 +322,10 @@ def render_precisions(report: dict[str, Any]) -> str:
     lines = [
         f"# fp32 vs int8: {report['model']}",
         "",
-        f"Dataset: {report['dataset']['name']}, split {report['dataset']['split']}, "
-        f"{report['dataset']['images']} images. fp32 sha256 `{report['fp32']['sha256'][:12]}`, "
-        f"int8 sha256 `{report['int8']['sha256'][:12]}`.",
+        _dataset_line(
+            report["dataset"],
+            [("fp32", report["fp32"]["sha256"]), ("int8", report["int8"]["sha256"])],
+        ),
         f"Training-time gate: {gate['reason'] if gate else 'none recorded'}.",
         "",
         f"Batch-1 latency (median, this machine): fp32 {ms['fp32']:.2f} ms, int8 "

@@ -28,6 +28,8 @@ from diagnostics.contract import (
     InputSpec,
     Int8Gate,
     ModelMetadata,
+    PreprocessSpec,
+    Threshold,
     calibrated_probability,
 )
 from diagnostics.data.cache import from_uint16
@@ -83,6 +85,31 @@ def export_onnx(
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return path
+
+
+def random_export(
+    arch: str, size: int, labels: list[str], out: str | Path, seed: int = 0, name: str = "random"
+) -> Path:
+    """An untrained export of a registry architecture (1 channel, `size` px, fixed 0.5
+    thresholds), for benchmarks and tests: seeded, so the same weights, and the same calls,
+    every run. Its probabilities mean nothing clinically."""
+    from diagnostics.models.registry import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(arch, in_channels=1, num_classes=len(labels)).eval()
+    meta = ModelMetadata(
+        task="cxr",
+        name=name,
+        architecture=arch,
+        labels=labels,
+        temperature=[1.0] * len(labels),
+        thresholds={f: Threshold(value=0.5, policy="fixed") for f in labels},
+        preprocessing=PreprocessSpec(size=size),
+        input=InputSpec(shape=["batch", 1, size, size]),
+        created=datetime.now(UTC).isoformat(),
+        package_version=__version__,
+    )
+    return export_onnx(model, meta, out)
 
 
 def check_parity(model: CAMClassifier, onnx_path: str | Path, inputs: np.ndarray) -> float:
